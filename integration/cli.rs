@@ -1,0 +1,147 @@
+//! The command line: config errors, `setup --print-sql`, and `check` against a real server.
+
+mod harness;
+
+use std::process::{Command, Output};
+
+use harness::*;
+
+fn walstream(args: &[&str], config: &std::path::Path) -> anyhow::Result<Output> {
+    Ok(Command::new(walstream_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("WALSTREAM_CONFIG")
+        .output()?)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn config_mistakes_are_named_and_never_panic() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("walstream.toml");
+    let base =
+        "[database]\nurl = 'postgres://u@127.0.0.1:1/db'\n[replication]\ntables = ['public.t']\n";
+    let cases = [
+        ("", "missing field `database`"),
+        ("[database\n", "not valid TOML"),
+        (
+            &format!("{base}[nats]\nstream_nam = 'x'\n") as &str,
+            "stream_nam",
+        ),
+        (&format!("{base}[replication2]\n"), "replication2"),
+        (&base.replace("public.t", "t"), "public.t"),
+        (
+            &format!("{base}[nats.jetstream]\nmax_age_days = 'week'\n"),
+            "nats.jetstream.max_age_days",
+        ),
+        (
+            &format!("{base}[[routes]]\ntable='t'\nevent='UPSERT'\nsubject='a'\n"),
+            "UPSERT",
+        ),
+        (
+            &base.replace("postgres://u@", "postgres://u:${WALSTREAM_TEST_UNSET}@"),
+            "WALSTREAM_TEST_UNSET",
+        ),
+    ];
+    for (config, expected) in cases {
+        std::fs::write(&path, config)?;
+        let output = walstream(&["check"], &path)?;
+        let all = text(&output);
+        assert!(!output.status.success(), "{config:?} was accepted");
+        assert!(
+            all.contains(expected),
+            "{config:?}: expected {expected:?} in {all}"
+        );
+        assert!(!all.contains("panicked"), "{config:?}: {all}");
+    }
+    let missing = walstream(&["check"], &dir.path().join("nope.toml"))?;
+    assert!(text(&missing).contains("cannot read config file"));
+    Ok(())
+}
+
+#[test]
+fn print_sql_shows_publication_slot_and_role_and_executes_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("walstream.toml");
+    // Nothing listens on port 1: printing must not connect.
+    std::fs::write(
+        &path,
+        "[database]\nurl = 'postgres://u@127.0.0.1:1/db'\n[replication]\nslot = 'orders_cdc'\n\
+         publication = 'orders_pub'\ntables = ['public.tb_order', 'sales.tb_invoice']\n",
+    )?;
+    let output = walstream(&["setup", "--print-sql", "--role", "cdc_reader"], &path)?;
+    assert!(output.status.success(), "{}", text(&output));
+    let sql = String::from_utf8(output.stdout)?;
+    for expected in [
+        "CREATE PUBLICATION \"orders_pub\" FOR TABLE \"public\".\"tb_order\", \"sales\".\"tb_invoice\";",
+        "pg_create_logical_replication_slot('orders_cdc', 'pgoutput')",
+        "CREATE ROLE \"cdc_reader\" WITH LOGIN REPLICATION",
+        "GRANT USAGE ON SCHEMA \"sales\" TO \"cdc_reader\"",
+    ] {
+        assert!(sql.contains(expected), "missing {expected:?} in\n{sql}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_each_problem_with_its_fix() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql(
+            "CREATE TABLE t_ok (id INT PRIMARY KEY);
+             CREATE TABLE t_nokey (v TEXT);
+             CREATE TABLE t_nothing (id INT PRIMARY KEY);
+             ALTER TABLE t_nothing REPLICA IDENTITY NOTHING;
+             CREATE PUBLICATION walstream FOR TABLE t_ok;",
+        )
+        .await?;
+    let config = cluster.config(
+        &[
+            "public.t_ok",
+            "public.t_nokey",
+            "public.t_nothing",
+            "public.t_missing",
+        ],
+        "",
+    )?;
+    let text_of = |output: &Output| text(output);
+    // create_publication is on by default: missing tables are reported as to be added.
+    let output = walstream(&["check"], &config)?;
+    let report = text_of(&output);
+    assert!(!output.status.success(), "{report}");
+    for expected in [
+        "ok   wal_level is logical",
+        "ok   NATS reachable",
+        "ok   JetStream enabled",
+        "FAIL public.t_nokey has no primary key and REPLICA IDENTITY DEFAULT",
+        "FAIL public.t_nothing has REPLICA IDENTITY NOTHING",
+        "FAIL table public.t_missing does not exist",
+        "ok   public.t_ok has a usable replica identity",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in\n{report}"
+        );
+    }
+
+    // A slot in use by another consumer, a slot with another plugin.
+    let client = cluster.client().await?;
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('walstream', 'test_decoding')")
+        .await?;
+    let output = walstream(&["check"], &config)?;
+    assert!(
+        text_of(&output).contains("not a logical pgoutput slot"),
+        "{}",
+        text_of(&output)
+    );
+    Ok(())
+}

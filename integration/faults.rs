@@ -1,0 +1,314 @@
+//! The streamer under faults: kill -9, NATS down, PostgreSQL restarted, SIGTERM, a large
+//! transaction, an idle publication. After each, the stream holds every committed change
+//! exactly once and in commit order.
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::*;
+
+const TABLE: &str = "CREATE TABLE t_load (id BIGINT PRIMARY KEY, payload TEXT NOT NULL);";
+
+/// Commits `transactions` transactions of `rows_per_tx` inserts each, numbered from `first_id`,
+/// reconnecting when PostgreSQL restarts. Returns the ids it committed.
+async fn write_load(
+    url: String,
+    first_id: i64,
+    transactions: i64,
+    rows_per_tx: i64,
+    pause: Duration,
+) -> anyhow::Result<BTreeSet<i64>> {
+    let mut committed = BTreeSet::new();
+    let mut client = None;
+    let mut tx = 0;
+    while tx < transactions {
+        if client.is_none() {
+            client = walstream::postgres::connect(&url).await.ok();
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        let Some(connected) = &client else { continue };
+        let start = first_id + tx * rows_per_tx;
+        let sql = format!(
+            "INSERT INTO t_load SELECT g, 'row ' || g FROM generate_series({start}, {}) g",
+            start + rows_per_tx - 1
+        );
+        match connected.batch_execute(&sql).await {
+            Ok(()) => {
+                committed.extend(start..start + rows_per_tx);
+                tx += 1;
+            }
+            // A failed commit is unknown only if the connection broke mid-commit; the row ids
+            // are then checked against the table at the end rather than assumed.
+            Err(_) => client = None,
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Ok(committed)
+}
+
+/// Ids actually in the table: the truth the stream is checked against.
+async fn table_ids(cluster: &Cluster) -> anyhow::Result<BTreeSet<i64>> {
+    let client = cluster.client().await?;
+    let rows = client.query("SELECT id FROM t_load", &[]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Waits until the stream holds one INSERT per row of the table, then checks the invariants.
+async fn assert_stream_matches_table(cluster: &Cluster) -> anyhow::Result<Vec<Stored>> {
+    let expected = table_ids(cluster).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, expected.len() as u64, Duration::from_secs(120))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    // Give a duplicate, if any were coming, the chance to land before reading.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = read_stream(&js).await?;
+    assert_exactly_once_in_order(&messages);
+    let streamed: Vec<i64> = messages
+        .iter()
+        .map(|m| m.body["data"]["id"].as_i64().expect("id"))
+        .collect();
+    let streamed_set: BTreeSet<i64> = streamed.iter().copied().collect();
+    assert_eq!(
+        streamed.len(),
+        streamed_set.len(),
+        "a row was streamed twice"
+    );
+    assert_eq!(streamed_set, expected, "the stream and the table differ");
+    Ok(messages)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    let writer = tokio::spawn(write_load(
+        cluster.db_url(),
+        1,
+        400,
+        25,
+        Duration::from_millis(5),
+    ));
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
+        walstream.kill();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        walstream = Walstream::start(&config, &cluster.log_path())?;
+    }
+    let committed = writer.await??;
+    assert_eq!(committed.len(), 400 * 25);
+    let messages = assert_stream_matches_table(&cluster).await?;
+    assert_eq!(messages.len(), 10_000);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_down_for_ten_seconds_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    let writer = tokio::spawn(write_load(
+        cluster.db_url(),
+        1,
+        600,
+        10,
+        Duration::from_millis(20),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.nats.kill();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    cluster.nats.start()?;
+    writer.await??;
+    assert_stream_matches_table(&cluster).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarts_lose_and_duplicate_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    drop(client);
+    let writer = tokio::spawn(write_load(
+        cluster.db_url(),
+        1,
+        500,
+        10,
+        Duration::from_millis(10),
+    ));
+    for mode in ["fast", "immediate"] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.postgres.stop(mode)?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.postgres.start()?;
+    }
+    writer.await??;
+    assert_stream_matches_table(&cluster).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_checkpoints_and_exits_zero() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    write_load(cluster.db_url(), 1, 50, 100, Duration::ZERO).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 5000, Duration::from_secs(60)).await?;
+    let status = walstream.terminate(Duration::from_secs(30))?;
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(log.contains("stopped"), "no clean stop in the log");
+    // The slot is confirmed at the end of the last transaction: nothing is re-read at restart.
+    let slot = walstream::postgres::slot_info(&client, "walstream")
+        .await?
+        .expect("slot");
+    let last_end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let confirmed = slot.confirmed_flush_lsn.expect("confirmed");
+    let current = walstream::lsn::parse_lsn(&last_end).map_err(anyhow::Error::msg)?;
+    assert!(confirmed.0 > 0 && confirmed <= current);
+    let messages = assert_stream_matches_table(&cluster).await?;
+    let last_commit =
+        walstream::lsn::parse_lsn(&messages.last().unwrap().lsn).map_err(anyhow::Error::msg)?;
+    assert!(
+        confirmed > last_commit,
+        "slot confirmed {confirmed}, last commit {last_commit}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_100k_row_transaction_streams_through() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    cluster
+        .sql("INSERT INTO t_load SELECT g, md5(g::text) FROM generate_series(1, 100000) g")
+        .await?;
+    let messages = assert_stream_matches_table(&cluster).await?;
+    assert_eq!(messages.len(), 100_000);
+    assert!(
+        messages.iter().all(|m| m.lsn == messages[0].lsn),
+        "one transaction, one commit LSN"
+    );
+    assert_eq!(messages.last().unwrap().seq, 99_999);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_publication_does_not_hold_wal_back() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql(&format!(
+            "{TABLE} CREATE TABLE t_other (id INT PRIMARY KEY, v TEXT);"
+        ))
+        .await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    let before = walstream::postgres::slot_info(&client, "walstream")
+        .await?
+        .and_then(|s| s.confirmed_flush_lsn)
+        .expect("confirmed");
+    // Busy database, quiet publication: t_other is not published.
+    let busy = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let busy = busy.clone();
+        let url = cluster.db_url();
+        tokio::spawn(async move {
+            let client = walstream::postgres::connect(&url).await?;
+            let mut n = 0;
+            while busy.load(Ordering::Relaxed) {
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO t_other VALUES ({n}, repeat('x', 1000))"
+                    ))
+                    .await?;
+                n += 1;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let advanced = eventually(Duration::from_secs(40), "the slot to advance", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.confirmed_flush_lsn)
+            .is_some_and(|now| now.0 > before.0 + 1_000_000)
+    })
+    .await;
+    busy.store(false, Ordering::Relaxed);
+    writer.await??;
+    advanced.inspect_err(|_| dump_log(&cluster.log_path()))?;
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! Test harness: a real PostgreSQL and a real nats-server per test, walstream as a child process,
+//! and readers that check the stream against what was committed.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use serde_json::Value;
+use walstream::local::{free_port, LocalNats, LocalPostgres};
+
+pub const DATABASE: &str = "walstream_test";
+pub const STREAM: &str = "fraiseql_events";
+
+/// One test's servers, in a temporary directory removed at the end.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub postgres: LocalPostgres,
+    pub nats: LocalNats,
+}
+
+impl Cluster {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_nats_args(&[]).await
+    }
+
+    pub async fn start_with_nats_args(nats_args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("walstream-it-").tempdir()?;
+        let postgres = LocalPostgres::init(dir.path(), free_port()?)?;
+        postgres.start()?;
+        postgres
+            .execute("postgres", &format!("CREATE DATABASE {DATABASE}"))
+            .await?;
+        let mut nats = LocalNats::new(dir.path(), free_port()?, nats_args)?;
+        nats.start()?;
+        Ok(Self {
+            dir,
+            postgres,
+            nats,
+        })
+    }
+
+    pub fn db_url(&self) -> String {
+        self.postgres.url(DATABASE)
+    }
+
+    pub async fn sql(&self, sql: &str) -> anyhow::Result<()> {
+        self.postgres.execute(DATABASE, sql).await
+    }
+
+    pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {
+        walstream::postgres::connect(&self.db_url()).await
+    }
+
+    pub async fn jetstream(&self) -> anyhow::Result<jetstream::Context> {
+        let client = async_nats::connect(self.nats.url()).await?;
+        Ok(jetstream::new(client))
+    }
+
+    /// Writes a config for `tables` (plus `extra` TOML) and returns its path.
+    pub fn config(&self, tables: &[&str], extra: &str) -> anyhow::Result<PathBuf> {
+        let tables = tables
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            r#"[database]
+url = "{url}"
+
+[replication]
+tables = [{tables}]
+status_interval_secs = 1
+heartbeat_secs = 0
+receive_timeout_secs = 30
+
+[checkpoint]
+path = "{checkpoint}"
+
+[nats]
+url = "{nats}"
+ack_timeout_secs = 2
+
+[http]
+listen = "127.0.0.1:{http}"
+
+{extra}
+"#,
+            url = self.db_url(),
+            checkpoint = self.dir.path().join("checkpoint").display(),
+            nats = self.nats.url(),
+            http = free_port()?,
+        );
+        let path = self.dir.path().join("walstream.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("walstream.log")
+    }
+}
+
+/// The walstream binary built by cargo for these tests.
+pub fn walstream_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walstream"))
+}
+
+/// A running `walstream stream`.
+pub struct Walstream {
+    child: Child,
+}
+
+impl Walstream {
+    pub fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = Command::new(walstream_binary())
+            .args(["stream", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "walstream=debug,info")
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("cannot start walstream")?;
+        Ok(Self { child })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!("walstream did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Walstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One message read back from the stream.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub sequence: u64,
+    pub subject: String,
+    pub message_id: String,
+    pub lsn: String,
+    pub seq: u64,
+    pub body: Value,
+}
+
+impl Stored {
+    pub fn position(&self) -> (u64, u64) {
+        let lsn = walstream::lsn::parse_lsn(&self.lsn)
+            .map(|l| l.0)
+            .unwrap_or(0);
+        (lsn, self.seq)
+    }
+}
+
+/// Reads every message of the stream in order.
+pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>> {
+    let mut stream = js.get_stream(STREAM).await?;
+    let last = stream.info().await?.state.last_sequence;
+    if last == 0 {
+        return Ok(Vec::new());
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .context("timed out reading the stream")?
+    {
+        let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sequence = info.stream_sequence;
+        let headers = message.headers.clone().unwrap_or_default();
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        out.push(Stored {
+            sequence,
+            subject: message.subject.to_string(),
+            message_id: header("Nats-Msg-Id"),
+            lsn: header("Walstream-Lsn"),
+            seq: header("Walstream-Seq").parse().unwrap_or(u64::MAX),
+            body: serde_json::from_slice(&message.payload)
+                .with_context(|| format!("message {sequence} is not JSON"))?,
+        });
+        if sequence >= last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until the stream holds at least `count` messages.
+pub async fn wait_for_messages(
+    js: &jetstream::Context,
+    count: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = 0;
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = js.get_stream(STREAM).await {
+            if let Ok(info) = stream.info().await {
+                seen = info.state.messages;
+                if seen >= count {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("stream holds {seen} messages after {timeout:?}, expected {count}")
+}
+
+/// Checks the stream-wide invariants: unique message ids, positions strictly increasing, and
+/// each message's headers agreeing with its body.
+pub fn assert_exactly_once_in_order(messages: &[Stored]) {
+    let mut ids = HashSet::new();
+    let mut previous: Option<(u64, u64)> = None;
+    for message in messages {
+        assert!(
+            ids.insert(message.message_id.clone()),
+            "duplicate Nats-Msg-Id {} at sequence {}",
+            message.message_id,
+            message.sequence
+        );
+        let position = message.position();
+        if let Some(previous) = previous {
+            assert!(
+                position > previous,
+                "out of order at sequence {}: {position:?} after {previous:?}",
+                message.sequence
+            );
+        }
+        previous = Some(position);
+        assert_eq!(
+            message.body["lsn"], message.lsn,
+            "body and header LSN differ"
+        );
+        assert_eq!(
+            message.body["seq"], message.seq,
+            "body and header seq differ"
+        );
+    }
+}
+
+/// Prints the walstream log, for a failing test.
+pub fn dump_log(path: &Path) {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let tail: Vec<&str> = text.lines().rev().take(80).collect();
+        eprintln!("--- walstream log (last lines) ---");
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Polls `condition` until true or the timeout.
+pub async fn eventually<F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut condition: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}

@@ -1,0 +1,298 @@
+//! The streamer against a real PostgreSQL and NATS: what reaches the stream, and in what shape.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::*;
+use serde_json::{json, Value};
+
+const ORDERS: &str = "
+    CREATE TABLE tb_order (
+        pk_order BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        identifier TEXT NOT NULL,
+        total NUMERIC(10, 2) NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+    );
+    CREATE TABLE tb_order_item (
+        pk_order_item BIGINT PRIMARY KEY,
+        fk_order BIGINT NOT NULL,
+        quantity INTEGER NOT NULL
+    );";
+
+fn setup(config: &std::path::Path) -> anyhow::Result<()> {
+    let output = Command::new(walstream_binary())
+        .args(["setup", "--config"])
+        .arg(config)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "walstream setup failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+fn events<'a>(messages: &'a [Stored], table: &str) -> Vec<&'a Value> {
+    messages
+        .iter()
+        .map(|m| &m.body)
+        .filter(|b| b["table"] == table)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn row_changes_reach_the_stream_in_commit_order() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(ORDERS).await?;
+    let config = cluster.config(
+        &["public.tb_order", "public.tb_order_item"],
+        "[[routes]]\ntable = \"tb_order\"\nevent = \"INSERT\"\nsubject = \"events.order.created\"\n",
+    )?;
+    setup(&config)?;
+    // Committed while walstream is not running: the slot keeps them.
+    cluster
+        .sql(
+            "INSERT INTO tb_order (identifier, total) VALUES ('o-1', 10.50), ('o-2', 2.50);
+             UPDATE tb_order SET status = 'paid' WHERE identifier = 'o-1';
+             DELETE FROM tb_order WHERE identifier = 'o-2';
+             BEGIN;
+             INSERT INTO tb_order (identifier, total) VALUES ('o-3', 99.99);
+             INSERT INTO tb_order_item VALUES (1, 3, 2), (2, 3, 5);
+             SELECT pg_logical_emit_message(true, 'audit', '{\"who\": \"alice\"}');
+             COMMIT;
+             TRUNCATE tb_order_item;",
+        )
+        .await?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let js = cluster.jetstream().await?;
+    let result = async {
+        wait_for_messages(&js, 9, Duration::from_secs(30)).await?;
+        read_stream(&js).await
+    }
+    .await;
+    let messages = result.inspect_err(|_| dump_log(&cluster.log_path()))?;
+    assert_eq!(messages.len(), 9, "{messages:#?}");
+    assert_exactly_once_in_order(&messages);
+
+    let orders = events(&messages, "public.tb_order");
+    let ops: Vec<&str> = orders
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["INSERT", "INSERT", "UPDATE", "DELETE", "INSERT"]);
+    let first = orders[0];
+    assert_eq!(first["entity"], "Order");
+    assert_eq!(first["subject"], "events.order.created");
+    assert_eq!(first["data"]["identifier"], "o-1");
+    assert_eq!(
+        first["data"]["total"], "10.50",
+        "numeric stays an exact string"
+    );
+    assert_eq!(first["data"]["pk_order"], 1);
+    assert_eq!(first["old"], Value::Null);
+    assert_eq!(first["unchanged_toast"], json!([]));
+    assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+    // Both rows of the first INSERT statement share a transaction: same xid and LSN, seq 0 and 1.
+    assert_eq!(orders[0]["xid"], orders[1]["xid"]);
+    assert_eq!(orders[0]["lsn"], orders[1]["lsn"]);
+    assert_eq!(
+        (orders[0]["seq"].as_u64(), orders[1]["seq"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    let update = orders[2];
+    assert_eq!(update["subject"], "fraiseql.mutation.Order.UPDATE");
+    assert_eq!(update["data"]["status"], "paid");
+    let delete = orders[3];
+    assert_eq!(delete["subject"], "fraiseql.mutation.Order.DELETE");
+    assert_eq!(
+        delete["data"],
+        json!({"pk_order": 2}),
+        "a key-only image reports only the key"
+    );
+
+    // The multi-table transaction: order, two items, then the message, in one transaction.
+    let tx_lsn = &orders[4]["lsn"];
+    let in_tx: Vec<&Value> = messages
+        .iter()
+        .map(|m| &m.body)
+        .filter(|b| &b["lsn"] == tx_lsn)
+        .collect();
+    assert_eq!(in_tx.len(), 4);
+    assert_eq!(in_tx[1]["entity"], "OrderItem");
+    assert_eq!(
+        in_tx[2]["data"],
+        json!({"pk_order_item": 2, "fk_order": 3, "quantity": 5})
+    );
+    assert_eq!(in_tx[3]["event"], "MESSAGE");
+    assert_eq!(in_tx[3]["subject"], "fraiseql.mutation._message.audit");
+    assert_eq!(in_tx[3]["data"], json!({"who": "alice"}));
+
+    let truncate = messages.last().unwrap();
+    assert_eq!(truncate.subject, "fraiseql.mutation.OrderItem.TRUNCATE");
+    assert_eq!(truncate.body["data"], Value::Null);
+
+    let first_id = &messages[0].message_id;
+    let parts: Vec<&str> = first_id.split(':').collect();
+    assert_eq!(parts[0], "walstream");
+    assert_eq!(parts[1], first["xid"].to_string());
+    assert_eq!(parts[2], first["lsn"].as_str().unwrap());
+    assert_eq!(parts[3], "0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_become_typed_json() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql(
+            "CREATE TYPE mood AS ENUM ('happy', 'sad');
+             CREATE TABLE t_types (
+                id INT PRIMARY KEY, i2 SMALLINT, i8 BIGINT, f4 REAL, f8 DOUBLE PRECISION,
+                fnan DOUBLE PRECISION, finf DOUBLE PRECISION, n NUMERIC, b BOOLEAN, t TEXT,
+                vc VARCHAR(10), c CHAR(3), u UUID, j JSON, jb JSONB, ba BYTEA, d DATE,
+                tm TIME, ts TIMESTAMP, tstz TIMESTAMPTZ, iv INTERVAL, ia INT[], ta TEXT[],
+                na NUMERIC[], nested INT[][], ja JSONB[], m mood, ma mood[], ip INET
+             );",
+        )
+        .await?;
+    let config = cluster.config(&["public.t_types"], "")?;
+    setup(&config)?;
+    cluster
+        .sql(
+            "SET TIME ZONE 'Asia/Tehran';
+             INSERT INTO t_types VALUES (
+                1, -32768, 9223372036854775807, 1.5, 1e308, 'NaN', '-Infinity',
+                12345678901234567890.123456789, true, 'a \"quoted\" line\nbreak', 'vc', 'ab',
+                'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"k\": [1, 2.50, null]}',
+                '{\"k\": [1, 2.50, null]}', '\\xdeadbeef', '2024-02-29', '13:45:00',
+                '2024-02-29 11:04:56.789', '2024-02-29 11:04:56.789+03:30', '1 day 2 hours 3 minutes 4 seconds',
+                '{1,2,NULL}', '{\"a,b\",\"c\\\"d\",NULL,\"NULL\"}', '{1.10,NULL}', '{{1,2},{3,4}}',
+                ARRAY['{\"x\": 1.0}'::jsonb], 'happy', '{happy,sad}', '10.0.0.1/8'
+             );",
+        )
+        .await?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 1, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let messages = read_stream(&js).await?;
+    let data = &messages[0].body["data"];
+    let expected = json!({
+        "id": 1, "i2": -32768, "i8": 9223372036854775807_i64, "f4": 1.5, "f8": 1e308,
+        "fnan": "NaN", "finf": "-Infinity", "n": "12345678901234567890.123456789", "b": true,
+        "t": "a \"quoted\" line\nbreak", "vc": "vc", "c": "ab ",
+        "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "j": {"k": [1, 2.5, null]}, "jb": {"k": [1, 2.5, null]}, "ba": "\\xdeadbeef",
+        "d": "2024-02-29", "tm": "13:45:00", "ts": "2024-02-29 11:04:56.789",
+        "tstz": "2024-02-29 07:34:56.789+00", "iv": "P1DT2H3M4S", "ia": [1, 2, null],
+        "ta": ["a,b", "c\"d", null, "NULL"], "na": ["1.10", null], "nested": [[1, 2], [3, 4]],
+        "ja": [{"x": 1.0}], "m": "happy", "ma": ["happy", "sad"], "ip": "10.0.0.1/8"
+    });
+    assert_eq!(data, &expected);
+    // Numbers inside JSON keep their exact text: 2.50 stays 2.50, 1.0 stays 1.0.
+    let raw = String::from_utf8(serde_json::to_vec(&messages[0].body)?)?;
+    let _ = raw;
+    let js_payload = read_raw_payload(&js, messages[0].sequence).await?;
+    assert!(
+        js_payload.contains(r#""jb":{"k": [1, 2.50, null]}"#),
+        "{js_payload}"
+    );
+    assert!(js_payload.contains(r#""ja":[{"x": 1.0}]"#), "{js_payload}");
+    Ok(())
+}
+
+async fn read_raw_payload(
+    js: &async_nats::jetstream::Context,
+    sequence: u64,
+) -> anyhow::Result<String> {
+    let stream = js.get_stream(STREAM).await?;
+    let message = stream.get_raw_message(sequence).await?;
+    Ok(String::from_utf8(message.payload.to_vec())?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unchanged_toast_columns_are_never_invented() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql(
+            "CREATE TABLE t_doc (id INT PRIMARY KEY, title TEXT, body TEXT);
+             ALTER TABLE t_doc ALTER COLUMN body SET STORAGE EXTERNAL;
+             CREATE TABLE t_full (id INT PRIMARY KEY, title TEXT, body TEXT);
+             ALTER TABLE t_full ALTER COLUMN body SET STORAGE EXTERNAL;
+             ALTER TABLE t_full REPLICA IDENTITY FULL;",
+        )
+        .await?;
+    let config = cluster.config(&["public.t_doc", "public.t_full"], "")?;
+    setup(&config)?;
+    cluster
+        .sql(
+            "INSERT INTO t_doc VALUES (1, 'a', repeat('x', 100000));
+             UPDATE t_doc SET title = 'b' WHERE id = 1;
+             INSERT INTO t_full VALUES (1, 'a', repeat('y', 100000));
+             UPDATE t_full SET title = 'b' WHERE id = 1;",
+        )
+        .await?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 4, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let messages = read_stream(&js).await?;
+    let update = &messages[1].body;
+    assert_eq!(update["data"], json!({"id": 1, "title": "b"}));
+    assert_eq!(update["unchanged_toast"], json!(["body"]));
+    // Under REPLICA IDENTITY FULL the old row has the value, so the new row is complete.
+    let full = &messages[3].body;
+    assert_eq!(full["data"]["body"].as_str().map(str::len), Some(100000));
+    assert_eq!(full["unchanged_toast"], json!([]));
+    assert_eq!(full["old"]["title"], "a");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alter_table_mid_stream_is_followed() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql("CREATE TABLE t_evolve (id INT PRIMARY KEY, a TEXT);")
+        .await?;
+    let config = cluster.config(&["public.t_evolve"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the slot to exist", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await
+    .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    cluster
+        .sql(
+            "INSERT INTO t_evolve VALUES (1, 'one');
+             ALTER TABLE t_evolve ADD COLUMN b INT DEFAULT 7;
+             INSERT INTO t_evolve VALUES (2, 'two', 8);
+             ALTER TABLE t_evolve DROP COLUMN a;
+             INSERT INTO t_evolve VALUES (3, 9);",
+        )
+        .await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 3, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let messages = read_stream(&js).await?;
+    let rows: Vec<&Value> = messages.iter().map(|m| &m.body["data"]).collect();
+    assert_eq!(
+        rows,
+        [
+            &json!({"id": 1, "a": "one"}),
+            &json!({"id": 2, "a": "two", "b": 8}),
+            &json!({"id": 3, "b": 9})
+        ]
+    );
+    Ok(())
+}

@@ -1,0 +1,155 @@
+-- The order example from FraiseQL's NATS pages, completed so that it runs: the seeds use
+-- tb_user, tb_product, tb_inventory, tb_payment and tb_shipping without defining them.
+-- walstream streams the tb_* tables; the views and functions serve the GraphQL front end.
+
+CREATE EXTENSION IF NOT EXISTS pgcrypto;  -- gen_random_uuid() on PostgreSQL < 13
+
+CREATE TYPE mutation_response AS (
+    status          TEXT,
+    message         TEXT,
+    entity_id       UUID,
+    entity_type     TEXT,
+    entity          JSONB,
+    updated_fields  TEXT[],
+    cascade         JSONB,
+    metadata        JSONB
+);
+
+CREATE TABLE tb_user (
+    pk_user     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    identifier  TEXT UNIQUE NOT NULL,
+    email       TEXT UNIQUE NOT NULL,
+    name        TEXT NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE tb_product (
+    pk_product  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    identifier  TEXT UNIQUE NOT NULL,
+    name        TEXT NOT NULL,
+    price       NUMERIC(10, 2) NOT NULL CHECK (price >= 0)
+);
+
+CREATE TABLE tb_order (
+    pk_order    BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    identifier  TEXT UNIQUE NOT NULL,
+    fk_user     BIGINT NOT NULL REFERENCES tb_user(pk_user),
+    total       NUMERIC(10, 2) NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'pending',
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX idx_tb_order_fk_user ON tb_order(fk_user);
+CREATE INDEX idx_tb_order_status ON tb_order(status);
+
+CREATE TABLE tb_order_item (
+    pk_order_item BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id            UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    identifier    TEXT UNIQUE NOT NULL,
+    fk_order      BIGINT NOT NULL REFERENCES tb_order(pk_order),
+    fk_product    BIGINT NOT NULL REFERENCES tb_product(pk_product),
+    quantity      INTEGER NOT NULL CHECK (quantity > 0),
+    unit_price    NUMERIC(10, 2) NOT NULL
+);
+CREATE INDEX idx_tb_order_item_fk_order ON tb_order_item(fk_order);
+
+CREATE TABLE tb_inventory (
+    pk_inventory BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    fk_product   BIGINT UNIQUE NOT NULL REFERENCES tb_product(pk_product),
+    quantity     INTEGER NOT NULL CHECK (quantity >= 0),
+    reserved     INTEGER NOT NULL DEFAULT 0 CHECK (reserved >= 0)
+);
+
+CREATE TABLE tb_payment (
+    pk_payment  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    fk_order    BIGINT UNIQUE NOT NULL REFERENCES tb_order(pk_order),
+    amount      NUMERIC(10, 2) NOT NULL,
+    status      TEXT NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE tb_shipping (
+    pk_shipping     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id              UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    fk_order        BIGINT UNIQUE NOT NULL REFERENCES tb_order(pk_order),
+    tracking_number TEXT NOT NULL,
+    label_url       TEXT NOT NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE tb_event_log (
+    pk_event_log BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           UUID DEFAULT gen_random_uuid() UNIQUE NOT NULL,
+    identifier   TEXT UNIQUE NOT NULL,
+    event_type   TEXT NOT NULL,
+    fk_order     BIGINT REFERENCES tb_order(pk_order),
+    data         JSONB NOT NULL DEFAULT '{}',
+    recorded_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX idx_tb_event_log_fk_order ON tb_event_log(fk_order);
+
+-- Read view: the JSONB `data` column is what GraphQL queries return.
+CREATE VIEW v_order AS
+SELECT
+    o.id,
+    o.fk_user,
+    jsonb_build_object(
+        'id', o.id::text,
+        'identifier', o.identifier,
+        'total', o.total,
+        'status', o.status,
+        'created_at', o.created_at
+    ) AS data
+FROM tb_order o;
+
+CREATE FUNCTION fn_create_order(
+    p_identifier TEXT,
+    p_fk_user BIGINT,
+    p_total NUMERIC
+) RETURNS mutation_response
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id UUID;
+    v_result mutation_response;
+BEGIN
+    INSERT INTO tb_order (identifier, fk_user, total, status)
+    VALUES (p_identifier, p_fk_user, p_total, 'pending')
+    RETURNING id INTO v_id;
+    v_result.status := 'success';
+    v_result.entity_id := v_id;
+    v_result.entity_type := 'Order';
+    RETURN v_result;
+END;
+$$;
+
+CREATE FUNCTION fn_update_order_status(
+    p_order_id UUID,
+    p_status TEXT
+) RETURNS mutation_response
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_result mutation_response;
+BEGIN
+    UPDATE tb_order SET status = p_status WHERE id = p_order_id;
+    IF NOT FOUND THEN
+        v_result.status := 'not_found:order';
+        v_result.message := 'no order with this id';
+        RETURN v_result;
+    END IF;
+    v_result.status := 'success';
+    v_result.entity_id := p_order_id;
+    v_result.entity_type := 'Order';
+    RETURN v_result;
+END;
+$$;
+
+-- Sample data: one user, two products with stock.
+INSERT INTO tb_user (identifier, email, name) VALUES ('alice', 'alice@example.com', 'Alice');
+INSERT INTO tb_product (identifier, name, price) VALUES
+    ('widget', 'Widget', 9.99),
+    ('gadget', 'Gadget', 24.50);
+INSERT INTO tb_inventory (fk_product, quantity)
+SELECT pk_product, 100 FROM tb_product;

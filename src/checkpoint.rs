@@ -1,0 +1,120 @@
+//! The durable checkpoint in RocksDB: the LSN up to which every event is in JetStream.
+
+use std::path::{Path, PathBuf};
+
+use crate::lsn::Lsn;
+
+const KEY_CONFIRMED_LSN: &[u8] = b"confirmed_lsn";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot open the checkpoint store at {path}: {source} (is another walstream using it, or is the directory unwritable?)")]
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("cannot read the checkpoint at {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("cannot write the checkpoint at {path}: {source} (is the disk full?)")]
+    Write {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("the checkpoint at {path} is corrupt: key `{key}` holds {len} bytes, expected 8")]
+    Corrupt {
+        path: PathBuf,
+        key: &'static str,
+        len: usize,
+    },
+}
+
+/// The checkpoint store. Writes are synced to disk before they return.
+pub struct Checkpoint {
+    db: rocksdb::DB,
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        // A checkpoint store holds a handful of keys: keep RocksDB's footprint small.
+        options.set_max_open_files(64);
+        options.set_keep_log_file_num(2);
+        options.set_write_buffer_size(1 << 20);
+        let db = rocksdb::DB::open(&options, path).map_err(|source| CheckpointError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            db,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last LSN stored, if any.
+    pub fn confirmed_lsn(&self) -> Result<Option<Lsn>, CheckpointError> {
+        let value = self
+            .db
+            .get(KEY_CONFIRMED_LSN)
+            .map_err(|source| CheckpointError::Read {
+                path: self.path.clone(),
+                source,
+            })?;
+        value
+            .map(|bytes| {
+                <[u8; 8]>::try_from(bytes.as_slice())
+                    .map(|raw| Lsn(u64::from_be_bytes(raw)))
+                    .map_err(|_| CheckpointError::Corrupt {
+                        path: self.path.clone(),
+                        key: "confirmed_lsn",
+                        len: bytes.len(),
+                    })
+            })
+            .transpose()
+    }
+
+    /// Stores `lsn` and syncs it to disk.
+    pub fn store_confirmed_lsn(&self, lsn: Lsn) -> Result<(), CheckpointError> {
+        let mut write_options = rocksdb::WriteOptions::default();
+        write_options.set_sync(true);
+        self.db
+            .put_opt(KEY_CONFIRMED_LSN, lsn.0.to_be_bytes(), &write_options)
+            .map_err(|source| CheckpointError::Write {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let checkpoint = Checkpoint::open(dir.path()).unwrap();
+            assert_eq!(checkpoint.confirmed_lsn().unwrap(), None);
+            checkpoint.store_confirmed_lsn(Lsn(0x16B3748)).unwrap();
+        }
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(checkpoint.confirmed_lsn().unwrap(), Some(Lsn(0x16B3748)));
+    }
+
+    #[test]
+    fn a_second_opener_gets_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Checkpoint::open(dir.path()).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("another walstream"), "{err}");
+    }
+}

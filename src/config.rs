@@ -1,0 +1,656 @@
+//! `walstream.toml`: parsing, `${VAR}` interpolation and validation. Every key is used; an
+//! unknown key is an error that names it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::event::Op;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Key {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub nats: NatsConfig,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Table → entity name overrides, e.g. `tb_order_item = "LineItem"`.
+    #[serde(default)]
+    pub entities: BTreeMap<String, String>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/dbname?sslmode=…`
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    #[serde(default = "defaults::slot")]
+    pub slot: String,
+    #[serde(default = "defaults::publication")]
+    pub publication: String,
+    /// Schema-qualified tables to stream (`public.tb_order`).
+    pub tables: Vec<String>,
+    #[serde(default = "defaults::yes")]
+    pub create_slot: bool,
+    #[serde(default = "defaults::yes")]
+    pub create_publication: bool,
+    /// How often the confirmed position is reported to PostgreSQL.
+    #[serde(default = "defaults::status_interval_secs")]
+    pub status_interval_secs: u64,
+    /// Emit a heartbeat logical message this often so the slot advances on a quiet database
+    /// (0 turns it off).
+    #[serde(default = "defaults::heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Reconnect when nothing at all (not even a keepalive) arrives for this long.
+    #[serde(default = "defaults::receive_timeout_secs")]
+    pub receive_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    #[serde(default = "defaults::checkpoint_path")]
+    pub path: PathBuf,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            path: defaults::checkpoint_path(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// One URL or a comma-separated list.
+    #[serde(default = "defaults::nats_url")]
+    pub url: String,
+    #[serde(default = "defaults::stream_name")]
+    pub stream_name: String,
+    #[serde(default = "defaults::subject_prefix")]
+    pub subject_prefix: String,
+    pub credentials_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub nkey_seed: Option<String>,
+    #[serde(default)]
+    pub tls_required: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_client_cert: Option<PathBuf>,
+    pub tls_client_key: Option<PathBuf>,
+    /// Publishes awaiting their JetStream ack at once.
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: usize,
+    /// How long to wait for one ack before the publish is retried.
+    #[serde(default = "defaults::ack_timeout_secs")]
+    pub ack_timeout_secs: u64,
+    #[serde(default)]
+    pub jetstream: JetStreamConfig,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every NATS key has a default"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    #[serde(default = "defaults::dedup_window_minutes")]
+    pub dedup_window_minutes: u64,
+    #[serde(default = "defaults::max_age_days")]
+    pub max_age_days: u64,
+    #[serde(default = "defaults::max_msgs")]
+    pub max_msgs: i64,
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: i64,
+    #[serde(default = "defaults::replicas")]
+    pub replicas: usize,
+    #[serde(default)]
+    pub storage: StorageKind,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every JetStream key has a default"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    #[default]
+    File,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub table: String,
+    pub event: String,
+    pub subject: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the `/health` and `/metrics` listener; empty turns it off.
+    #[serde(default = "defaults::http_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::http_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `walstream=debug`; `RUST_LOG` overrides it.
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    pub fn slot() -> String {
+        "walstream".into()
+    }
+    pub fn publication() -> String {
+        "walstream".into()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn status_interval_secs() -> u64 {
+        1
+    }
+    pub fn heartbeat_secs() -> u64 {
+        30
+    }
+    pub fn receive_timeout_secs() -> u64 {
+        90
+    }
+    pub fn checkpoint_path() -> PathBuf {
+        PathBuf::from("walstream-data")
+    }
+    pub fn nats_url() -> String {
+        "nats://127.0.0.1:4222".into()
+    }
+    pub fn stream_name() -> String {
+        "fraiseql_events".into()
+    }
+    pub fn subject_prefix() -> String {
+        "fraiseql.mutation".into()
+    }
+    pub fn max_inflight() -> usize {
+        1024
+    }
+    pub fn ack_timeout_secs() -> u64 {
+        5
+    }
+    pub fn dedup_window_minutes() -> u64 {
+        5
+    }
+    pub fn max_age_days() -> u64 {
+        7
+    }
+    pub fn max_msgs() -> i64 {
+        10_000_000
+    }
+    pub fn max_bytes() -> i64 {
+        10_737_418_240
+    }
+    pub fn replicas() -> usize {
+        1
+    }
+    pub fn http_listen() -> String {
+        "127.0.0.1:9187".into()
+    }
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses config text; `env` looks up variables for `${VAR}` interpolation.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let key_error = |key: String, message: String| ConfigError::Key {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        for (key, value) in table.iter_mut() {
+            interpolate_value(value, key, env).map_err(|(key, message)| key_error(key, message))?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| key_error(e.path().to_string(), e.into_inner().to_string()))?;
+        config
+            .validate()
+            .map_err(|(key, message)| key_error(key.into(), message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let repl = &self.replication;
+        check_identifier(&repl.slot).map_err(|m| ("replication.slot", m))?;
+        check_identifier(&repl.publication).map_err(|m| ("replication.publication", m))?;
+        if repl.tables.is_empty() {
+            return Err((
+                "replication.tables",
+                "lists no table; name the tables to stream, e.g. [\"public.tb_order\"]".into(),
+            ));
+        }
+        for table in &repl.tables {
+            parse_qualified_table(table).map_err(|m| ("replication.tables", m))?;
+        }
+        if repl.status_interval_secs == 0 {
+            return Err((
+                "replication.status_interval_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if repl.receive_timeout_secs < 5 {
+            return Err((
+                "replication.receive_timeout_secs",
+                "must be at least 5".into(),
+            ));
+        }
+        check_subject(&self.nats.subject_prefix, false).map_err(|m| ("nats.subject_prefix", m))?;
+        check_stream_name(&self.nats.stream_name).map_err(|m| ("nats.stream_name", m))?;
+        if self.nats.max_inflight == 0 {
+            return Err(("nats.max_inflight", "must be at least 1".into()));
+        }
+        if self.nats.ack_timeout_secs == 0 {
+            return Err(("nats.ack_timeout_secs", "must be at least 1".into()));
+        }
+        let js = &self.nats.jetstream;
+        if !(1..=1440).contains(&js.dedup_window_minutes) {
+            return Err((
+                "nats.jetstream.dedup_window_minutes",
+                format!("{} is outside 1..=1440", js.dedup_window_minutes),
+            ));
+        }
+        if !(1..=5).contains(&js.replicas) {
+            return Err((
+                "nats.jetstream.replicas",
+                format!("{} is outside 1..=5 (JetStream's limit)", js.replicas),
+            ));
+        }
+        if js.max_msgs == 0 || js.max_bytes == 0 {
+            return Err((
+                "nats.jetstream.max_msgs",
+                "max_msgs and max_bytes must be positive, or -1 for unlimited".into(),
+            ));
+        }
+        for route in &self.routes {
+            route.event.parse::<Op>().map_err(|m| ("routes.event", m))?;
+            check_subject(&route.subject, false).map_err(|m| ("routes.subject", m))?;
+            self.resolve_table(&route.table)
+                .map_err(|m| ("routes.table", m))?;
+        }
+        for (table, entity) in &self.entities {
+            self.resolve_table(table).map_err(|m| ("entities", m))?;
+            check_subject(entity, false).map_err(|m| ("entities", format!("{table}: {m}")))?;
+            if entity.contains('.') {
+                return Err((
+                    "entities",
+                    format!("{table}: entity `{entity}` contains a `.`"),
+                ));
+            }
+        }
+        if !self.http.listen.is_empty() {
+            self.http
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| ("http.listen", format!("`{}`: {e}", self.http.listen)))?;
+        }
+        Ok(())
+    }
+
+    /// Resolves a table as written in a route or entity override (`tb_order` or `public.tb_order`)
+    /// to one of the watched tables.
+    pub fn resolve_table(&self, name: &str) -> Result<String, String> {
+        let watched = &self.replication.tables;
+        if name.contains('.') {
+            return watched
+                .iter()
+                .find(|t| t.as_str() == name)
+                .cloned()
+                .ok_or_else(|| format!("`{name}` is not in replication.tables"));
+        }
+        let matches: Vec<&String> = watched
+            .iter()
+            .filter(|t| t.rsplit('.').next() == Some(name))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("`{name}` is not in replication.tables")),
+            _ => Err(format!(
+                "`{name}` is ambiguous: it is in several schemas; write it schema-qualified"
+            )),
+        }
+    }
+
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_secs(self.nats.ack_timeout_secs)
+    }
+}
+
+/// Splits `schema.table`, refusing anything else.
+pub fn parse_qualified_table(name: &str) -> Result<(&str, &str), String> {
+    match name.split_once('.') {
+        Some((schema, table))
+            if !schema.is_empty() && !table.is_empty() && !table.contains('.') =>
+        {
+            Ok((schema, table))
+        }
+        _ => Err(format!(
+            "`{name}` is not schema-qualified; write it as schema.table, e.g. `public.{name}`"
+        )),
+    }
+}
+
+/// Slot and publication names: pgwire-replication sends them unquoted, so PostgreSQL would
+/// fold anything but lower-case letters, digits and `_`.
+fn check_identifier(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` must be 1 to 63 characters of a-z, 0-9 and _"
+        ))
+    }
+}
+
+/// A NATS subject (or prefix): dot-separated non-empty tokens without whitespace or wildcards.
+pub fn check_subject(subject: &str, allow_wildcards: bool) -> Result<(), String> {
+    if subject.is_empty() {
+        return Err("is empty".into());
+    }
+    for token in subject.split('.') {
+        if token.is_empty() {
+            return Err(format!(
+                "`{subject}` has an empty token (a leading, trailing or double `.`)"
+            ));
+        }
+        if token.chars().any(char::is_whitespace) {
+            return Err(format!("`{subject}` contains whitespace"));
+        }
+        if !allow_wildcards && (token == "*" || token == ">") {
+            return Err(format!("`{subject}` contains a wildcard"));
+        }
+    }
+    Ok(())
+}
+
+fn check_stream_name(name: &str) -> Result<(), String> {
+    let invalid = name.is_empty()
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    if invalid {
+        Err(format!(
+            "`{name}` must be non-empty without whitespace, `.`, `*`, `>`, `/` or `\\`"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+type InterpolationError = (String, String);
+
+fn interpolate_value(
+    value: &mut toml::Value,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), InterpolationError> {
+    match value {
+        toml::Value::String(text) => {
+            *text = interpolate(text, env).map_err(|message| (key.to_owned(), message))?;
+        }
+        toml::Value::Array(items) => {
+            for (index, item) in items.iter_mut().enumerate() {
+                interpolate_value(item, &format!("{key}[{index}]"), env)?;
+            }
+        }
+        toml::Value::Table(table) => {
+            for (child, item) in table.iter_mut() {
+                interpolate_value(item, &format!("{key}.{child}"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`.
+pub fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(dollar) = rest.find('$') {
+        out.push_str(&rest[..dollar]);
+        let after = &rest[dollar + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+            continue;
+        }
+        let Some(body_and_tail) = after.strip_prefix('{') else {
+            out.push('$');
+            rest = after;
+            continue;
+        };
+        let close = body_and_tail
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+        let body = &body_and_tail[..close];
+        let (name, default) = match body.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (body, None),
+        };
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_name {
+            return Err(format!("`${{{body}}}` is not a valid variable reference"));
+        }
+        match (env(name).filter(|v| !v.is_empty()), default) {
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+                ))
+            }
+        }
+        rest = &body_and_tail[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "postgres://u@localhost/db"
+        [replication]
+        tables = ["public.tb_order", "public.tb_order_item"]
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("walstream.toml"), &no_env)
+    }
+
+    #[test]
+    fn minimal_config_gets_the_seed_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.nats.stream_name, "fraiseql_events");
+        assert_eq!(config.nats.subject_prefix, "fraiseql.mutation");
+        assert_eq!(config.nats.jetstream.dedup_window_minutes, 5);
+        assert_eq!(config.replication.slot, "walstream");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse(&format!("{MINIMAL}\n[nats.jetstream]\nmax_deliverr = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nats.jetstream"), "{err}");
+        assert!(err.contains("max_deliverr"), "{err}");
+    }
+
+    #[test]
+    fn unqualified_tables_are_refused_with_the_fix() {
+        let err = parse("[database]\nurl='x'\n[replication]\ntables=['tb_order']\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("public.tb_order"), "{err}");
+    }
+
+    #[test]
+    fn routes_resolve_unqualified_tables() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[[routes]]\ntable='tb_order'\nevent='insert'\nsubject='events.order.created'\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.resolve_table(&config.routes[0].table).unwrap(),
+            "public.tb_order"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}\n[[routes]]\ntable='tb_nope'\nevent='INSERT'\nsubject='a.b'\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("routes.table") && err.contains("tb_nope"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn interpolation() {
+        let env = |name: &str| (name == "HOST").then(|| "db.internal".to_string());
+        assert_eq!(
+            interpolate("pg://${HOST}/x", &env).unwrap(),
+            "pg://db.internal/x"
+        );
+        assert_eq!(interpolate("${PORT:-5432}", &env).unwrap(), "5432");
+        assert_eq!(interpolate("cost $$5 $x", &env).unwrap(), "cost $5 $x");
+        assert!(interpolate("${MISSING}", &env)
+            .unwrap_err()
+            .contains("MISSING"));
+        assert!(interpolate("${OPEN", &env).is_err());
+    }
+
+    #[test]
+    fn interpolated_values_may_contain_toml_syntax() {
+        let env = |_: &str| Some("p\"w'd".to_string());
+        let config = Config::parse(
+            "[database]\nurl='postgres://u:${PW}@h/d'\n[replication]\ntables=['public.t']\n",
+            Path::new("x"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(config.database.url, "postgres://u:p\"w'd@h/d");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[replication]\nslot='My-Slot'", "replication.slot"),
+            ("[nats]\nsubject_prefix='a..b'", "nats.subject_prefix"),
+            ("[nats.jetstream]\nreplicas=7", "nats.jetstream.replicas"),
+            ("[nats.jetstream]\nstorage='disk'", "nats.jetstream.storage"),
+            ("[http]\nlisten='nowhere'", "http.listen"),
+        ];
+        for (extra, key) in cases {
+            let text = MINIMAL.replace("[replication]", &format!("{extra}\n[replication]"));
+            let text = if extra.starts_with("[replication]") {
+                format!("[database]\nurl='x'\n{extra}\ntables=['public.t']\n")
+            } else {
+                text
+            };
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `walstream dev`: a local PostgreSQL (wal_level=logical) and NATS JetStream with the example
+//! schema, and walstream streaming it, in one command.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use crate::app;
+use crate::config::Config;
+use crate::local::{free_port, LocalNats, LocalPostgres};
+
+const EXAMPLE_SCHEMA: &str = include_str!("../sql/example/schema.sql");
+const DATABASE: &str = "walstream_dev";
+
+pub async fn run(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    install_if_missing()?;
+
+    let pg_port = port_or_free(55432)?;
+    let postgres = LocalPostgres::init(&dir, pg_port)?;
+    postgres.start()?;
+    let _stop_postgres = StopOnDrop(&postgres);
+    if postgres.execute(DATABASE, "SELECT 1").await.is_err() {
+        postgres
+            .execute("postgres", &format!("CREATE DATABASE {DATABASE}"))
+            .await?;
+    }
+    if postgres
+        .execute(DATABASE, "SELECT 'tb_order'::regclass")
+        .await
+        .is_err()
+    {
+        postgres
+            .execute(DATABASE, EXAMPLE_SCHEMA)
+            .await
+            .context("loading the example schema")?;
+    }
+
+    let mut nats = LocalNats::new(&dir, port_or_free(14222)?, &[])?;
+    nats.start()?;
+
+    let config_text = format!(
+        r#"# Written by `walstream dev`: the example schema streamed to a local NATS.
+[database]
+url = "{db_url}"
+
+[replication]
+slot = "walstream_dev"
+publication = "walstream_dev"
+tables = ["public.tb_user", "public.tb_product", "public.tb_order", "public.tb_order_item",
+          "public.tb_inventory", "public.tb_payment", "public.tb_shipping"]
+
+[checkpoint]
+path = "{checkpoint}"
+
+[nats]
+url = "{nats_url}"
+
+# The seeds' observer routes: tb_order INSERT/UPDATE also go to events.order.*
+[[routes]]
+table = "tb_order"
+event = "INSERT"
+subject = "events.order.created"
+
+[[routes]]
+table = "tb_order"
+event = "UPDATE"
+subject = "events.order.status_updated"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+        db_url = postgres.url(DATABASE),
+        checkpoint = dir.join("checkpoint").display(),
+        nats_url = nats.url(),
+        http_port = port_or_free(9187)?,
+    );
+    let config_path = dir.join("walstream.toml");
+    std::fs::write(&config_path, &config_text)?;
+    let config = Config::parse(&config_text, &config_path, &|name| std::env::var(name).ok())?;
+
+    println!(
+        "\nwalstream dev is running.\n\
+         \n  PostgreSQL  {db}   (wal_level=logical, data in {dir}/pgdata)\
+         \n  NATS        {nats}   (JetStream, stream {stream}, subjects {prefix}.> and events.order.*)\
+         \n  health      http://{http}/health\
+         \n  metrics     http://{http}/metrics\
+         \n  config      {config}\
+         \n\nMake a change, and it becomes an event:\
+         \n  psql {db} -c \"INSERT INTO tb_order (identifier, fk_user, total) VALUES ('order-1', 1, 42.00)\"\
+         \nThen watch it arrive: nats --server {nats} sub '>' (with the nats CLI), or\
+         \n  curl -s http://{http}/metrics | grep walstream_events_published_total\
+         \n\nCtrl-C stops walstream, NATS and PostgreSQL; their data stays in {dir}.\n",
+        db = postgres.url(DATABASE),
+        dir = dir.display(),
+        nats = nats.url(),
+        stream = config.nats.stream_name,
+        prefix = config.nats.subject_prefix,
+        http = config.http.listen,
+        config = config_path.display(),
+    );
+    let result = app::run_streamer(config, app::shutdown_on_signal()).await;
+    nats.kill();
+    result
+}
+
+struct StopOnDrop<'a>(&'a LocalPostgres);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.stop("fast");
+    }
+}
+
+/// `preferred` when nothing listens there, else any free port.
+fn port_or_free(preferred: u16) -> anyhow::Result<u16> {
+    match std::net::TcpListener::bind(("127.0.0.1", preferred)) {
+        Ok(_) => Ok(preferred),
+        Err(_) => free_port(),
+    }
+}
+
+/// Installs nats-server and the PostgreSQL server from Debian's packages when missing and we
+/// may (root); otherwise says what to install.
+fn install_if_missing() -> anyhow::Result<()> {
+    let mut packages = Vec::new();
+    if LocalNats::binary().is_err() {
+        packages.push("nats-server");
+    }
+    if LocalPostgres::find_binaries().is_err() {
+        packages.push("postgresql");
+    }
+    if packages.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "missing {}: install with sudo apt-get install -y {}",
+            packages.join(" and "),
+            packages.join(" ")
+        );
+    }
+    println!("installing {} with apt-get…", packages.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get")?;
+    if !status.success() {
+        anyhow::bail!(
+            "apt-get install {} failed; run apt-get update first?",
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! walstream: PostgreSQL logical replication (`pgoutput`) to NATS JetStream.
+//!
+//! The pipeline, in the order data flows:
+//! [`source`] (replication slot) → [`pgoutput`] (decoder) → [`event`] (JSON envelope) →
+//! [`sink`] (JetStream), with [`checkpoint`] (RocksDB) beside it and [`pipeline`] driving them.
+//! [`postgres`] is the normal connection (slot, publication, catalog); [`http`] serves
+//! `/health` and `/metrics` from [`metrics`].
+
+pub mod app;
+pub mod check;
+pub mod checkpoint;
+pub mod config;
+pub mod dev;
+pub mod event;
+pub mod fuzzing;
+pub mod http;
+pub mod local;
+pub mod lsn;
+pub mod metrics;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod postgres;
+pub mod secrets;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,311 @@
+//! Local PostgreSQL and NATS servers from the machine's own binaries, for `walstream dev` and
+//! the integration tests.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// A port nothing listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A PostgreSQL cluster in a directory, run as the `postgres` user when we are root (initdb
+/// refuses to run as root).
+pub struct LocalPostgres {
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    bin_dir: PathBuf,
+    log_file: PathBuf,
+}
+
+impl LocalPostgres {
+    /// The directory holding `initdb` and `pg_ctl`: `$WALSTREAM_PG_BIN`, the newest
+    /// `/usr/lib/postgresql/*/bin`, or `pg_config --bindir`.
+    pub fn find_binaries() -> anyhow::Result<PathBuf> {
+        if let Ok(dir) = std::env::var("WALSTREAM_PG_BIN") {
+            return Ok(PathBuf::from(dir));
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = entry.path().join("bin");
+                bin.join("initdb").exists().then_some((version, bin))
+            })
+            .collect();
+        versions.sort();
+        if let Some((_, bin)) = versions.pop() {
+            return Ok(bin);
+        }
+        let output = Command::new("pg_config").arg("--bindir").output();
+        if let Some(output) = output.ok().filter(|o| o.status.success()) {
+            let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+            if dir.join("initdb").exists() {
+                return Ok(dir);
+            }
+        }
+        bail!(
+            "no PostgreSQL server binaries found (looked in /usr/lib/postgresql/*/bin and \
+             pg_config). Install them: apt-get install -y postgresql, or set WALSTREAM_PG_BIN"
+        )
+    }
+
+    /// Creates the cluster (once) under `dir`, configured for logical replication on `port`.
+    pub fn init(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        let bin_dir = Self::find_binaries()?;
+        let data_dir = dir.join("pgdata");
+        let socket_dir = dir.join("pgsocket");
+        std::fs::create_dir_all(&socket_dir)?;
+        let this = Self {
+            log_file: dir.join("postgres.log"),
+            data_dir,
+            socket_dir,
+            port,
+            bin_dir,
+        };
+        if is_root() {
+            make_traversable(dir)?;
+            chown_to_postgres(dir)?;
+        }
+        if !this.data_dir.join("PG_VERSION").exists() {
+            let initdb = this.bin_dir.join("initdb");
+            let status = this
+                .command(&initdb)
+                .args([
+                    "--auth=trust",
+                    "--username=postgres",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "-D",
+                ])
+                .arg(&this.data_dir)
+                .stdout(Stdio::null())
+                .status()
+                .with_context(|| format!("cannot run {}", initdb.display()))?;
+            if !status.success() {
+                bail!("initdb failed for {}", this.data_dir.display());
+            }
+        }
+        Ok(this)
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+             -c wal_level=logical -c max_wal_senders=20 -c max_replication_slots=20 \
+             -c fsync=off -c wal_sender_timeout=20s -c max_connections=100",
+            self.port,
+            self.socket_dir.display()
+        );
+        let status = self
+            .command(&self.bin_dir.join("pg_ctl"))
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log_file)
+            .args(["-o", &options])
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run pg_ctl")?;
+        if !status.success() {
+            bail!(
+                "PostgreSQL did not start on port {}; see {}",
+                self.port,
+                self.log_file.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the server: `fast` (clean) or `immediate` (as a crash would).
+    pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
+        let status = self
+            .command(&self.bin_dir.join("pg_ctl"))
+            .args(["stop", "-w", "-m", mode, "-D"])
+            .arg(&self.data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run pg_ctl")?;
+        if !status.success() {
+            bail!(
+                "pg_ctl stop -m {mode} failed for {}",
+                self.data_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Runs SQL through psql-free means: a short tokio-postgres session.
+    pub async fn execute(&self, database: &str, sql: &str) -> anyhow::Result<()> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("cannot connect to {}", self.url(database)))?;
+        let task = tokio::spawn(connection);
+        let result = client.batch_execute(sql).await;
+        drop(client);
+        let _ = task.await;
+        result.map_err(|e| anyhow::anyhow!("{}", crate::postgres::db_error(&e)))
+    }
+}
+
+/// Lets the `postgres` user reach `dir` through its parents (temp dirs are 0700).
+fn make_traversable(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut current = Some(dir);
+    while let Some(path) = current {
+        if let Ok(metadata) = std::fs::metadata(path) {
+            let mode = metadata.permissions().mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o011))?;
+            }
+        }
+        current = path.parent();
+    }
+    Ok(())
+}
+
+fn chown_to_postgres(dir: &Path) -> anyhow::Result<()> {
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()
+        .context("cannot run chown")?;
+    if !status.success() {
+        bail!(
+            "cannot chown {} to the postgres user (does it exist?)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// A `nats-server -js` child process.
+pub struct LocalNats {
+    pub port: u16,
+    pub store_dir: PathBuf,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    log_file: PathBuf,
+}
+
+impl LocalNats {
+    /// The nats-server binary: `$WALSTREAM_NATS_SERVER` or `nats-server` on the PATH.
+    pub fn binary() -> anyhow::Result<PathBuf> {
+        if let Ok(path) = std::env::var("WALSTREAM_NATS_SERVER") {
+            return Ok(PathBuf::from(path));
+        }
+        for dir in std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .chain(["/usr/sbin", "/usr/bin"])
+        {
+            let candidate = Path::new(dir).join("nats-server");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+        bail!("nats-server not found: apt-get install -y nats-server, or set WALSTREAM_NATS_SERVER")
+    }
+
+    pub fn new(dir: &Path, port: u16, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::binary()?;
+        let store_dir = dir.join("nats");
+        std::fs::create_dir_all(&store_dir)?;
+        Ok(Self {
+            port,
+            log_file: dir.join("nats.log"),
+            store_dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        })
+    }
+
+    /// Starts the server and waits until its port accepts connections.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)?;
+        let child = Command::new(Self::binary()?)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store_dir)
+            .args(&self.extra_args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start nats-server")?;
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(20)).with_context(|| {
+            format!(
+                "nats-server did not listen; see {}",
+                self.log_file.display()
+            )
+        })
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LocalNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port} after {timeout:?}")
+}

@@ -1,0 +1,131 @@
+//! The `walstream` command line.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use walstream::config::{Config, LogFormat};
+use walstream::{app, check, dev, postgres};
+
+#[derive(Parser)]
+#[command(
+    name = "walstream",
+    version,
+    about = "PostgreSQL logical replication to NATS JetStream"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        global = true,
+        env = "WALSTREAM_CONFIG",
+        default_value = "walstream.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream committed changes of the watched tables to JetStream.
+    Stream,
+    /// Create the publication and the replication slot (idempotent).
+    Setup {
+        /// Print the SQL for a DBA, including a least-privilege role, and execute nothing.
+        #[arg(long)]
+        print_sql: bool,
+        /// Name of the replication role in the printed SQL.
+        #[arg(long, default_value = "walstream")]
+        role: String,
+    },
+    /// Check PostgreSQL, NATS and the checkpoint directory; non-zero exit on any failure.
+    Check,
+    /// Start a local PostgreSQL and NATS with the example schema, and stream it.
+    Dev {
+        /// Where the local servers keep their data.
+        #[arg(long, default_value = ".walstream-dev")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("walstream: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("walstream: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Dev { dir } = &cli.command {
+        init_logging(LogFormat::Human, None);
+        return dev::run(dir).await.map(|()| ExitCode::SUCCESS);
+    }
+    let config = Config::load(&cli.config)?;
+    init_logging(config.log.format, config.log.level.as_deref());
+    match cli.command {
+        Command::Stream => {
+            app::run_streamer(config, app::shutdown_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Setup { print_sql, role } => {
+            if print_sql {
+                print_setup_sql(&config, &role);
+            } else {
+                let client = postgres::connect(&config.database.url).await?;
+                postgres::ensure_publication_and_slot(&client, &config, true, true).await?;
+                println!(
+                    "publication {} and slot {} are ready",
+                    config.replication.publication, config.replication.slot
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let report = check::run(&config).await;
+            report.print();
+            Ok(if report.failures() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Dev { .. } => unreachable!("handled above"),
+    }
+}
+
+fn print_setup_sql(config: &Config, role: &str) {
+    println!("-- walstream setup for slot {}", config.replication.slot);
+    println!("-- Run as a superuser or the owner of the tables. Requires wal_level = logical.\n");
+    for statement in postgres::setup_sql(config) {
+        println!("{statement};");
+    }
+    println!();
+    print!("{}", postgres::role_sql(config, role));
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

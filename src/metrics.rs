@@ -1,0 +1,158 @@
+//! Prometheus metrics and the live status `/health` reports.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric walstream exports, plus connection state for `/health`.
+pub struct Metrics {
+    registry: Registry,
+    pub events_published: IntCounterVec,
+    pub publish_errors: IntCounterVec,
+    pub publish_retries: IntCounter,
+    pub inflight_acks: IntGauge,
+    pub checkpoint_lsn: IntGauge,
+    pub replication_lag_bytes: IntGauge,
+    pub commit_to_ack_seconds: Histogram,
+    pub reconnects: IntCounterVec,
+    pub replication_connected: AtomicBool,
+    pub nats_connected: AtomicBool,
+    /// The server's WAL end as last reported, to compute lag.
+    pub server_wal_end: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let events_published = IntCounterVec::new(
+            Opts::new(
+                "walstream_events_published_total",
+                "Events acknowledged by JetStream, by table and operation",
+            ),
+            &["table", "op"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let publish_errors = IntCounterVec::new(
+            Opts::new(
+                "walstream_publish_errors_total",
+                "Failed JetStream publishes, by kind (each is re-sent)",
+            ),
+            &["kind"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let reconnects = IntCounterVec::new(
+            Opts::new(
+                "walstream_reconnects_total",
+                "Reconnections, by peer (postgres, nats)",
+            ),
+            &["peer"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let publish_retries = IntCounter::new(
+            "walstream_publish_retries_total",
+            "Events re-sent after a failed or unconfirmed publish",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let inflight_acks = IntGauge::new(
+            "walstream_inflight_acks",
+            "Publishes awaiting their JetStream ack",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let checkpoint_lsn = IntGauge::new(
+            "walstream_checkpoint_lsn",
+            "LSN up to which every event is in JetStream and the checkpoint is on disk",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let replication_lag_bytes = IntGauge::new(
+            "walstream_replication_lag_bytes",
+            "Server WAL end minus the checkpoint LSN",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let commit_to_ack_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "walstream_commit_to_ack_seconds",
+                "Time from a transaction's commit in PostgreSQL to JetStream's ack of its event",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ]),
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+            Box::new(events_published.clone()),
+            Box::new(publish_errors.clone()),
+            Box::new(publish_retries.clone()),
+            Box::new(inflight_acks.clone()),
+            Box::new(checkpoint_lsn.clone()),
+            Box::new(replication_lag_bytes.clone()),
+            Box::new(commit_to_ack_seconds.clone()),
+            Box::new(reconnects.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .unwrap_or_else(|e| unreachable!("metric names are unique: {e}"));
+        }
+        Self {
+            registry,
+            events_published,
+            publish_errors,
+            publish_retries,
+            inflight_acks,
+            checkpoint_lsn,
+            replication_lag_bytes,
+            commit_to_ack_seconds,
+            reconnects,
+            replication_connected: AtomicBool::new(false),
+            nats_connected: AtomicBool::new(false),
+            server_wal_end: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    pub fn set_checkpoint(&self, lsn: u64) {
+        self.checkpoint_lsn.set(lsn as i64);
+        self.update_lag();
+    }
+
+    pub fn set_server_wal_end(&self, lsn: u64) {
+        self.server_wal_end.fetch_max(lsn, Ordering::Relaxed);
+        self.update_lag();
+    }
+
+    fn update_lag(&self) {
+        let end = self.server_wal_end.load(Ordering::Relaxed) as i64;
+        let checkpoint = self.checkpoint_lsn.get();
+        self.replication_lag_bytes.set((end - checkpoint).max(0));
+    }
+
+    pub fn set_last_error(&self, error: Option<String>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = error;
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|last| last.clone())
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,101 @@
+//! TupleData: the column values of one row, validated once and then iterated without copying.
+
+use super::reader::Reader;
+use super::DecodeError;
+
+/// One column of a row as pgoutput sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnValue<'a> {
+    Null,
+    /// An out-of-line TOAST value that did not change; PostgreSQL did not resend it.
+    UnchangedToast,
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+/// The columns of a row. The bytes were checked to be well formed when decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TupleData<'a> {
+    column_count: usize,
+    columns: &'a [u8],
+}
+
+impl<'a> TupleData<'a> {
+    pub(super) fn decode(reader: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        let column_count = reader.count_i16("tuple column count")?;
+        let mut body = Reader::new(reader.rest());
+        for _ in 0..column_count {
+            read_column(&mut body)?;
+        }
+        let columns = reader.bytes(body.offset(), "tuple data")?;
+        Ok(Self {
+            column_count,
+            columns,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.column_count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.column_count == 0
+    }
+
+    pub fn iter(&self) -> TupleIter<'a> {
+        TupleIter {
+            remaining: self.column_count,
+            reader: Reader::new(self.columns),
+        }
+    }
+
+    /// The value of column `index`, or `None` past the end.
+    pub fn get(&self, index: usize) -> Option<ColumnValue<'a>> {
+        self.iter().nth(index)
+    }
+}
+
+pub struct TupleIter<'a> {
+    remaining: usize,
+    reader: Reader<'a>,
+}
+
+impl<'a> Iterator for TupleIter<'a> {
+    type Item = ColumnValue<'a>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        // The tuple was validated when decoded, so this read cannot fail.
+        read_column(&mut self.reader).ok()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl ExactSizeIterator for TupleIter<'_> {}
+
+fn read_column<'a>(reader: &mut Reader<'a>) -> Result<ColumnValue<'a>, DecodeError> {
+    let offset = reader.offset();
+    match reader.u8("column kind")? {
+        b'n' => Ok(ColumnValue::Null),
+        b'u' => Ok(ColumnValue::UnchangedToast),
+        b't' => {
+            let len = reader.count_i32("text value length")?;
+            Ok(ColumnValue::Text(reader.bytes(len, "text value")?))
+        }
+        b'b' => {
+            let len = reader.count_i32("binary value length")?;
+            Ok(ColumnValue::Binary(reader.bytes(len, "binary value")?))
+        }
+        found => Err(DecodeError::Unexpected {
+            what: "column kind",
+            found,
+            offset,
+        }),
+    }
+}

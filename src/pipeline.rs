@@ -1,0 +1,641 @@
+//! The CDC pipeline: reads the slot, decodes each change, publishes it in WAL order, and moves
+//! the checkpoint (RocksDB, then the slot) only over what JetStream has acknowledged.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use prometheus::IntCounter;
+use tokio::sync::watch;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::event::{EncodedEvent, Encoder, Naming, Op, Position, RelationInfo, Transaction};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, Message};
+use crate::postgres::{self, HEARTBEAT_PREFIX};
+use crate::sink::{self, Backoff, Sink, SinkError};
+use crate::source::ReplicationTarget;
+
+/// How often acknowledged progress is written to RocksDB and reported to PostgreSQL.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a graceful stop waits for outstanding acks.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the pipeline until `shutdown` turns true or a fatal error.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let checkpoint = Checkpoint::open(&config.checkpoint.path)?;
+    let control = postgres::connect(&config.database.url).await?;
+    postgres::ensure_publication_and_slot(
+        &control,
+        &config,
+        config.replication.create_publication,
+        config.replication.create_slot,
+    )
+    .await?;
+    let naming = Naming::from_config(&config);
+    let nats = sink::connect(&config.nats, metrics.clone(), Duration::from_secs(60)).await?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(config.ack_timeout())
+        .max_ack_inflight(config.nats.max_inflight + 64)
+        .backpressure_on_inflight(true)
+        .build(nats);
+    let stream_name = config.nats.stream_name.clone();
+    sink::ensure_stream(
+        &js,
+        &stream_name,
+        naming.stream_subjects(),
+        &config.nats.jetstream,
+    )
+    .await?;
+    let tail = sink::read_tail(&js, &stream_name)
+        .await
+        .with_context(|| format!("cannot read the end of stream {stream_name}"))?;
+    tracing::info!(
+        stream = %stream_name,
+        last_sequence = tail.sequence,
+        last_position = ?tail.position,
+        "stream ready"
+    );
+    let target = ReplicationTarget::from_config(&config)?;
+    let heartbeat = spawn_heartbeat(&config, shutdown.clone());
+    let durable = checkpoint.confirmed_lsn()?.unwrap_or(Lsn(0));
+    metrics.set_checkpoint(durable.0);
+    let mut pipeline = Pipeline {
+        sink: Sink::new(
+            js,
+            stream_name,
+            config.nats.max_inflight,
+            &tail,
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        skip_through: tail.position,
+        encoder: Encoder::new(naming),
+        checkpoint,
+        metrics,
+        shutdown,
+        control,
+        database_url: config.database.url.clone(),
+        slot: config.replication.slot.clone(),
+        receive_timeout: Duration::from_secs(config.replication.receive_timeout_secs),
+        status_interval: Duration::from_secs(config.replication.status_interval_secs),
+        relations: HashMap::new(),
+        type_names: HashMap::new(),
+        tx: None,
+        durable,
+        pending: None,
+        last_persist: Instant::now(),
+    };
+    let result = pipeline.run_sessions(&target).await;
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+    }
+    result
+}
+
+/// Why a replication session ended.
+enum SessionEnd {
+    Shutdown,
+    /// The connection was lost; reconnect and resume.
+    Lost(String),
+}
+
+struct RelationEntry {
+    info: RelationInfo,
+    published: [IntCounter; 4],
+}
+
+struct Pipeline {
+    sink: Sink,
+    encoder: Encoder,
+    checkpoint: Checkpoint,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    control: tokio_postgres::Client,
+    database_url: String,
+    slot: String,
+    receive_timeout: Duration,
+    status_interval: Duration,
+    relations: HashMap<u32, RelationEntry>,
+    type_names: HashMap<u32, String>,
+    tx: Option<TxState>,
+    /// Events at or before this position are already in the stream: a restart re-reads them
+    /// from the slot, and they are not published twice.
+    skip_through: Option<Position>,
+    /// Persisted in RocksDB and reported to PostgreSQL.
+    durable: Lsn,
+    /// Acknowledged by JetStream, not yet persisted.
+    pending: Option<Lsn>,
+    last_persist: Instant,
+}
+
+struct TxState {
+    tx: Transaction,
+    commit_time_micros: i64,
+}
+
+impl Pipeline {
+    async fn run_sessions(&mut self, target: &ReplicationTarget) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new();
+        loop {
+            if self.is_shutting_down() {
+                return self.drain_and_stop(None).await;
+            }
+            let start = self.resume_point().await?;
+            tracing::info!(
+                server = target.display(),
+                slot = %self.slot,
+                start = %start,
+                skip_through = ?self.skip_through,
+                "starting replication"
+            );
+            match target.start(start, self.durable).await {
+                Ok(mut client) => {
+                    self.metrics
+                        .replication_connected
+                        .store(true, Ordering::Relaxed);
+                    self.metrics.set_last_error(None);
+                    backoff = Backoff::new();
+                    let end = self.stream(&mut client).await;
+                    self.metrics
+                        .replication_connected
+                        .store(false, Ordering::Relaxed);
+                    match end {
+                        Ok(SessionEnd::Shutdown) => return self.drain_and_stop(Some(client)).await,
+                        Ok(SessionEnd::Lost(reason)) => {
+                            client.abort();
+                            self.lost(format!("replication connection lost: {reason}"));
+                        }
+                        Err(error) => {
+                            client.abort();
+                            return Err(error);
+                        }
+                    }
+                }
+                Err(error) => self.lost(format!("{error:#}")),
+            }
+            // Everything in flight must be in the stream before the next session decides where
+            // to resume, or it would be published again.
+            self.finish_in_flight().await?;
+            self.reset_session_state();
+            let delay = backoff.next_delay();
+            tracing::info!("reconnecting to PostgreSQL in {delay:?}");
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    fn lost(&self, reason: String) {
+        tracing::warn!("{reason}");
+        self.metrics
+            .reconnects
+            .with_label_values(&["postgres"])
+            .inc();
+        self.metrics.set_last_error(Some(reason));
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn reset_session_state(&mut self) {
+        self.relations.clear();
+        self.type_names.clear();
+        self.tx = None;
+    }
+
+    /// Where the next session starts: the later of our checkpoint and the slot's confirmed
+    /// position. Events already in the stream past it are skipped by `skip_through`.
+    async fn resume_point(&mut self) -> anyhow::Result<Lsn> {
+        let slot = loop {
+            match self.slot_info().await {
+                Ok(slot) => break slot,
+                Err(error) if !self.is_shutting_down() => {
+                    self.lost(format!("cannot read the slot's state: {error:#}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let Some(slot) = slot else {
+            anyhow::bail!(
+                "replication slot {} no longer exists. walstream does not recreate it on its own: \
+                 changes committed since it was dropped are not in the WAL any more for it. \
+                 Recreate it with `walstream setup`, then backfill the tables to re-deliver their \
+                 current rows",
+                self.slot
+            );
+        };
+        if slot.wal_status.as_deref() == Some("lost") {
+            anyhow::bail!(
+                "replication slot {} was invalidated (wal_status = lost): PostgreSQL removed WAL \
+                 it still needed (max_slot_wal_keep_size). Changes were lost for it; drop and \
+                 recreate the slot with `walstream setup`, then backfill the tables",
+                self.slot
+            );
+        }
+        Ok(slot.confirmed_flush_lsn.unwrap_or(Lsn(0)).max(self.durable))
+    }
+
+    async fn slot_info(&mut self) -> anyhow::Result<Option<postgres::SlotInfo>> {
+        if self.control.is_closed() {
+            self.control = postgres::connect(&self.database_url).await?;
+        }
+        postgres::slot_info(&self.control, &self.slot).await
+    }
+
+    /// Reads the replication stream until shutdown or a lost connection.
+    async fn stream(&mut self, client: &mut ReplicationClient) -> anyhow::Result<SessionEnd> {
+        let mut last_received = Instant::now();
+        let mut tick = tokio::time::interval(PERSIST_INTERVAL);
+        loop {
+            let watchdog = tokio::time::sleep_until((last_received + self.receive_timeout).into());
+            tokio::select! {
+                biased;
+                changed = self.shutdown.changed() => {
+                    if changed.is_err() || *self.shutdown.borrow() {
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                }
+                ack = self.sink.next_ack_result(), if self.sink.in_flight() > 0 => {
+                    if let Some(ack) = ack {
+                        self.sink.handle_ack(ack).await.map_err(sink_error)?;
+                    }
+                }
+                received = client.recv() => {
+                    match received {
+                        Ok(Some(event)) => {
+                            if let Some(end) = self.handle(event).await? {
+                                return Ok(end);
+                            }
+                            // Counted from after handling: publishing may have waited on NATS, which is
+                            // not PostgreSQL's silence.
+                            last_received = Instant::now();
+                        }
+                        Ok(None) => return Ok(SessionEnd::Lost("the server ended the stream".into())),
+                        Err(error) if error.is_auth() => {
+                            anyhow::bail!("PostgreSQL refused the replication login: {error}")
+                        }
+                        Err(error) => return Ok(SessionEnd::Lost(error.to_string())),
+                    }
+                }
+                _ = watchdog => {
+                    return Ok(SessionEnd::Lost(format!(
+                        "nothing received for {:?}, not even a keepalive (receive watchdog)",
+                        self.receive_timeout
+                    )));
+                }
+                _ = tick.tick() => {}
+            }
+            self.persist_progress(client, false)?;
+        }
+    }
+
+    /// Handles one replication event; returns an end when the session must stop.
+    async fn handle(&mut self, event: ReplicationEvent) -> anyhow::Result<Option<SessionEnd>> {
+        match event {
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.metrics.set_server_wal_end(wal_end.0);
+                self.idle_progress(wal_end);
+            }
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => self.begin(xid, final_lsn, commit_time_micros),
+            ReplicationEvent::XLogData { data, .. } => self.handle_pgoutput(&data).await?,
+            ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn),
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                let message = pgoutput::LogicalMessage {
+                    transactional,
+                    lsn,
+                    prefix: &prefix,
+                    content: &content,
+                };
+                self.logical_message(&message).await?;
+            }
+            ReplicationEvent::StoppedAt { reached } => {
+                return Ok(Some(SessionEnd::Lost(format!(
+                    "stream stopped at {reached}"
+                ))))
+            }
+        }
+        Ok(None)
+    }
+
+    fn begin(&mut self, xid: u32, commit_lsn: Lsn, commit_time_micros: i64) {
+        self.tx = Some(TxState {
+            tx: Transaction::begin(xid, commit_lsn, commit_time_micros),
+            commit_time_micros,
+        });
+    }
+
+    fn commit(&mut self, end_lsn: Lsn) {
+        self.tx = None;
+        self.sink.commit(end_lsn);
+    }
+
+    /// Nothing is open and everything is acknowledged: the server's position is safe to confirm,
+    /// so an idle publication does not hold WAL back.
+    fn idle_progress(&mut self, lsn: Lsn) {
+        if self.tx.is_none() && self.sink.is_idle() {
+            self.pending = Some(self.pending.map_or(lsn, |p| p.max(lsn)));
+        }
+    }
+
+    async fn handle_pgoutput(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        let message = pgoutput::decode(data).map_err(|error| {
+            anyhow::anyhow!(
+                "cannot decode a pgoutput message ({error}); first bytes: {:02x?}",
+                &data[..data.len().min(32)]
+            )
+        })?;
+        match message {
+            Message::Relation(relation) => {
+                let info = RelationInfo::new(&relation, self.encoder.naming(), &self.type_names);
+                let published = Op::ALL.map(|op| {
+                    self.metrics
+                        .events_published
+                        .with_label_values(&[&info.qualified, op.as_str()])
+                });
+                tracing::debug!(table = %info.qualified, columns = info.columns.len(), "relation");
+                self.relations
+                    .insert(relation.oid, RelationEntry { info, published });
+            }
+            Message::Type(type_info) => {
+                self.type_names.insert(type_info.oid, type_info.name);
+            }
+            Message::Insert(insert) => {
+                self.publish_change(insert.relation_oid, Op::Insert, |encoder, tx, relation| {
+                    encoder.insert(tx, relation, &insert.new)
+                })
+                .await?
+            }
+            Message::Update(update) => {
+                self.publish_change(update.relation_oid, Op::Update, |encoder, tx, relation| {
+                    encoder.update(tx, relation, update.old.as_ref(), &update.new)
+                })
+                .await?
+            }
+            Message::Delete(delete) => {
+                self.publish_change(delete.relation_oid, Op::Delete, |encoder, tx, relation| {
+                    encoder.delete(tx, relation, delete.old_kind, &delete.old)
+                })
+                .await?
+            }
+            Message::Truncate(truncate) => {
+                for oid in &truncate.relation_oids {
+                    self.publish_change(*oid, Op::Truncate, |encoder, tx, relation| {
+                        Ok(encoder.truncate(
+                            tx,
+                            relation,
+                            truncate.cascade,
+                            truncate.restart_identity,
+                        ))
+                    })
+                    .await?;
+                }
+            }
+            Message::Origin(_) => {}
+            // pgwire-replication parses these itself; handled here too for completeness.
+            Message::Begin(begin) => {
+                self.begin(begin.xid, begin.final_lsn, begin.commit_time_micros)
+            }
+            Message::Commit(commit) => self.commit(commit.end_lsn),
+            Message::LogicalMessage(message) => self.logical_message(&message).await?,
+        }
+        Ok(())
+    }
+
+    /// Encodes and publishes one row change, unless its table is not watched or the stream
+    /// already has it.
+    async fn publish_change(
+        &mut self,
+        relation_oid: u32,
+        op: Op,
+        encode: impl FnOnce(
+            &mut Encoder,
+            &mut Transaction,
+            &RelationInfo,
+        ) -> Result<EncodedEvent, crate::event::ColumnCountMismatch>,
+    ) -> anyhow::Result<()> {
+        let state = self
+            .tx
+            .as_mut()
+            .context("pgoutput sent a row change outside a transaction")?;
+        let entry = self.relations.get(&relation_oid).with_context(|| {
+            format!("pgoutput sent a change for relation {relation_oid} before describing it")
+        })?;
+        let position = state.tx.peek_position();
+        if !entry.info.watched || already_published(self.skip_through, position) {
+            state.tx.skip_change();
+            return Ok(());
+        }
+        self.skip_through = None;
+        let event = encode(&mut self.encoder, &mut state.tx, &entry.info)?;
+        let counter = entry.published[op as usize].clone();
+        let commit_time = Some(state.commit_time_micros);
+        self.sink
+            .publish(event, counter, commit_time)
+            .await
+            .map_err(sink_error)
+    }
+
+    async fn logical_message(
+        &mut self,
+        message: &pgoutput::LogicalMessage<'_>,
+    ) -> anyhow::Result<()> {
+        if message.prefix == HEARTBEAT_PREFIX && !message.transactional {
+            self.idle_progress(message.lsn);
+            return Ok(());
+        }
+        let counter = self
+            .metrics
+            .events_published
+            .with_label_values(&["_message", "MESSAGE"]);
+        match (&mut self.tx, message.transactional) {
+            (Some(state), true) => {
+                let position = state.tx.peek_position();
+                if already_published(self.skip_through, position) {
+                    state.tx.skip_change();
+                    return Ok(());
+                }
+                self.skip_through = None;
+                let event = self.encoder.logical_message(Some(&mut state.tx), message);
+                let commit_time = Some(state.commit_time_micros);
+                self.sink
+                    .publish(event, counter, commit_time)
+                    .await
+                    .map_err(sink_error)
+            }
+            (_, _) => {
+                let position = Position {
+                    commit_lsn: message.lsn,
+                    seq: 0,
+                };
+                if !already_published(self.skip_through, position) {
+                    self.skip_through = None;
+                    let event = self.encoder.logical_message(None, message);
+                    self.sink
+                        .publish(event, counter, None)
+                        .await
+                        .map_err(sink_error)?;
+                }
+                if self.tx.is_none() {
+                    self.sink.commit(message.lsn);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes acknowledged progress to RocksDB, then reports it to PostgreSQL.
+    fn persist_progress(&mut self, client: &ReplicationClient, force: bool) -> anyhow::Result<()> {
+        if let Some(lsn) = self.sink.take_progress() {
+            self.pending = Some(self.pending.map_or(lsn, |p| p.max(lsn)));
+        }
+        let Some(lsn) = self.pending else {
+            return Ok(());
+        };
+        if lsn <= self.durable {
+            self.pending = None;
+            return Ok(());
+        }
+        if !force && self.last_persist.elapsed() < PERSIST_INTERVAL {
+            return Ok(());
+        }
+        self.checkpoint.store_confirmed_lsn(lsn)?;
+        self.durable = lsn;
+        self.pending = None;
+        self.last_persist = Instant::now();
+        client.update_applied_lsn(lsn);
+        self.metrics.set_checkpoint(lsn.0);
+        Ok(())
+    }
+
+    /// After a lost session: wait for every outstanding ack and persist what they confirm.
+    async fn finish_in_flight(&mut self) -> anyhow::Result<()> {
+        self.sink.flush().await.map_err(sink_error)?;
+        if let Some(lsn) = self.sink.take_progress() {
+            if lsn > self.durable {
+                self.checkpoint.store_confirmed_lsn(lsn)?;
+                self.durable = lsn;
+                self.metrics.set_checkpoint(lsn.0);
+            }
+        }
+        self.pending = None;
+        self.skip_through = self.sink.last_position().or(self.skip_through);
+        Ok(())
+    }
+
+    /// Graceful stop: drain acks, checkpoint, confirm to PostgreSQL, close the stream.
+    async fn drain_and_stop(&mut self, client: Option<ReplicationClient>) -> anyhow::Result<()> {
+        tracing::info!(
+            in_flight = self.sink.in_flight(),
+            "stopping: draining outstanding acks"
+        );
+        match tokio::time::timeout(DRAIN_TIMEOUT, self.sink.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                "could not drain every ack ({error}); unconfirmed events are re-sent at the next start"
+            ),
+            Err(_) => tracing::warn!(
+                "acks still outstanding after {DRAIN_TIMEOUT:?}; unconfirmed events are re-sent at the next start"
+            ),
+        }
+        let Some(mut client) = client else {
+            if let Some(lsn) = self.sink.take_progress().filter(|lsn| *lsn > self.durable) {
+                self.checkpoint.store_confirmed_lsn(lsn)?;
+            }
+            return Ok(());
+        };
+        self.persist_progress(&client, true)?;
+        self.wait_for_confirmation().await;
+        if let Err(error) = client.shutdown().await {
+            tracing::debug!("closing the replication stream: {error}");
+        }
+        tracing::info!(checkpoint = %self.durable, "stopped");
+        Ok(())
+    }
+
+    /// Waits (briefly) until PostgreSQL shows the slot confirmed at our checkpoint.
+    async fn wait_for_confirmation(&mut self) {
+        let deadline = Instant::now() + self.status_interval * 2 + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            match self.slot_info().await {
+                Ok(Some(slot)) if slot.confirmed_flush_lsn >= Some(self.durable) => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(
+            checkpoint = %self.durable,
+            "PostgreSQL has not shown the slot confirmed yet; the checkpoint in RocksDB covers it"
+        );
+    }
+}
+
+fn already_published(skip_through: Option<Position>, position: Position) -> bool {
+    skip_through.is_some_and(|last| position <= last)
+}
+
+fn sink_error(error: SinkError) -> anyhow::Error {
+    anyhow::Error::new(error)
+}
+
+/// Writes heartbeat messages into the WAL every `heartbeat_secs`, when configured.
+fn spawn_heartbeat(
+    config: &Config,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let every = Duration::from_secs(config.replication.heartbeat_secs);
+    if every.is_zero() {
+        return None;
+    }
+    let url = config.database.url.clone();
+    Some(tokio::spawn(async move {
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = postgres::connect(&url).await.ok();
+            }
+            let Some(connected) = &client else { continue };
+            match postgres::emit_heartbeat(connected).await {
+                Ok(()) => warned = false,
+                Err(error) if !warned => {
+                    warned = true;
+                    tracing::warn!(
+                        "heartbeat failed: {}; grant EXECUTE on pg_logical_emit_message or set \
+                         replication.heartbeat_secs = 0",
+                        postgres::db_error(&error)
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }))
+}

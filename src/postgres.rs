@@ -1,0 +1,254 @@
+//! The normal (non-replication) PostgreSQL connection: slot and publication management, catalog
+//! lookups, heartbeats.
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{parse_qualified_table, Config};
+use crate::lsn::{parse_lsn, Lsn};
+use crate::secrets::redact_urls;
+
+/// Connects and drives the connection in the background.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| {
+        anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", redact_urls(url))
+    })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!("PostgreSQL control connection ended: {error}");
+        }
+    });
+    Ok(client)
+}
+
+/// A row of `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub slot_type: String,
+    pub database: Option<String>,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<SlotInfo>> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text, active, active_pid, \
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let lsn = |text: Option<String>| text.map(|t| parse_lsn(&t)).transpose();
+    row.map(|row| {
+        Ok(SlotInfo {
+            plugin: row.get(0),
+            slot_type: row.get(1),
+            database: row.get(2),
+            active: row.get(3),
+            active_pid: row.get(4),
+            confirmed_flush_lsn: lsn(row.get(5)).map_err(anyhow::Error::msg)?,
+            restart_lsn: lsn(row.get(6)).map_err(anyhow::Error::msg)?,
+            wal_status: row.get(7),
+        })
+    })
+    .transpose()
+}
+
+/// Tables of a publication, schema-qualified, or `None` when it does not exist.
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .is_some();
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(Some(rows.iter().map(|row| row.get(0)).collect()))
+}
+
+/// Quotes `schema.table` as a SQL identifier pair.
+pub fn quote_table(qualified: &str) -> String {
+    match parse_qualified_table(qualified) {
+        Ok((schema, table)) => {
+            format!("{}.{}", escape_identifier(schema), escape_identifier(table))
+        }
+        Err(_) => escape_identifier(qualified),
+    }
+}
+
+/// The SQL that creates the publication and the slot, as `setup` runs it and prints it.
+pub fn setup_sql(config: &Config) -> Vec<String> {
+    let repl = &config.replication;
+    let tables: Vec<String> = repl.tables.iter().map(|t| quote_table(t)).collect();
+    vec![
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            escape_identifier(&repl.publication),
+            tables.join(", ")
+        ),
+        format!(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+            escape_literal(&repl.slot)
+        ),
+    ]
+}
+
+/// SQL for a DBA: a least-privilege role that can stream the slot and nothing else.
+pub fn role_sql(config: &Config, role: &str) -> String {
+    let repl = &config.replication;
+    let role_ident = escape_identifier(role);
+    let schemas: std::collections::BTreeSet<&str> = repl
+        .tables
+        .iter()
+        .filter_map(|t| parse_qualified_table(t).ok().map(|(schema, _)| schema))
+        .collect();
+    let mut sql = format!(
+        "-- A login role that can stream the slot: REPLICATION lets it open replication\n\
+         -- connections; it owns nothing and can write nothing.\n\
+         CREATE ROLE {role_ident} WITH LOGIN REPLICATION PASSWORD 'change-me';\n\
+         -- Catalog lookups (slot state, primary keys) need only the default catalog access.\n\
+         -- Heartbeats write a tiny WAL message so an idle slot keeps advancing:\n\
+         GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role_ident};\n"
+    );
+    for schema in schemas {
+        sql.push_str(&format!(
+            "GRANT USAGE ON SCHEMA {} TO {role_ident};\n",
+            escape_identifier(schema)
+        ));
+    }
+    sql.push_str(&format!(
+        "-- Backfill (walstream backfill) reads the watched tables:\nGRANT SELECT ON {} TO {role_ident};\n",
+        repl.tables.iter().map(|t| quote_table(t)).collect::<Vec<_>>().join(", ")
+    ));
+    sql
+}
+
+/// Creates what is missing (publication, slot), as configured. Idempotent.
+pub async fn ensure_publication_and_slot(
+    client: &Client,
+    config: &Config,
+    create_publication: bool,
+    create_slot: bool,
+) -> anyhow::Result<()> {
+    let repl = &config.replication;
+    let statements = setup_sql(config);
+    match publication_tables(client, &repl.publication).await? {
+        None if create_publication => {
+            client.batch_execute(&statements[0]).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create publication {}: {}; run `walstream setup --print-sql` and have \
+                     a table owner run it",
+                    repl.publication,
+                    db_error(&e)
+                )
+            })?;
+            tracing::info!(publication = %repl.publication, "created the publication");
+        }
+        None => anyhow::bail!(
+            "publication {} does not exist; create it (walstream setup --print-sql shows how) or \
+             set replication.create_publication = true",
+            repl.publication
+        ),
+        Some(existing) => {
+            let missing: Vec<&String> = repl
+                .tables
+                .iter()
+                .filter(|t| !existing.contains(t))
+                .collect();
+            if !missing.is_empty() && create_publication {
+                let add = format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    escape_identifier(&repl.publication),
+                    missing
+                        .iter()
+                        .map(|t| quote_table(t))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                client.batch_execute(&add).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot add tables to publication {}: {}",
+                        repl.publication,
+                        db_error(&e)
+                    )
+                })?;
+                tracing::info!(publication = %repl.publication, ?missing, "added tables to the publication");
+            } else if !missing.is_empty() {
+                anyhow::bail!(
+                    "publication {} does not include {}; add them (ALTER PUBLICATION {} ADD TABLE …) \
+                     or set replication.create_publication = true",
+                    repl.publication,
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                    repl.publication
+                );
+            }
+        }
+    }
+    match slot_info(client, &repl.slot).await? {
+        None if create_slot => {
+            client.batch_execute(&statements[1]).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create replication slot {}: {}",
+                    repl.slot,
+                    db_error(&e)
+                )
+            })?;
+            tracing::info!(slot = %repl.slot, "created the replication slot");
+        }
+        None => anyhow::bail!(
+            "replication slot {} does not exist; create it (walstream setup) or set \
+             replication.create_slot = true",
+            repl.slot
+        ),
+        Some(slot) if slot.plugin.as_deref() != Some("pgoutput") => anyhow::bail!(
+            "replication slot {} uses plugin {:?}, not pgoutput; drop it or choose another \
+             replication.slot",
+            repl.slot,
+            slot.plugin.unwrap_or_default()
+        ),
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// The server's message for a database error, without the driver's wrapping.
+pub fn db_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => match db.hint() {
+            Some(hint) => format!("{} (hint: {hint})", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => error.to_string(),
+    }
+}
+
+/// Writes a heartbeat message into the WAL so a slot on a quiet database keeps advancing.
+pub async fn emit_heartbeat(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, 'walstream.heartbeat', now()::text)",
+            &[],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Prefix of the heartbeat messages walstream writes (and does not publish).
+pub const HEARTBEAT_PREFIX: &str = "walstream.heartbeat";

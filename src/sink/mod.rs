@@ -1,0 +1,486 @@
+//! JetStream sink: owns the stream, publishes events pipelined yet in WAL order, and reports
+//! which commits JetStream has fully acknowledged.
+//!
+//! Order under failure: every publish carries `Nats-Expected-Last-Sequence`, so JetStream stores
+//! an event only directly after its predecessor. A publish that fails mid-window therefore makes
+//! every later one in the window fail too; the sink then reads the stream's tail, drops what is
+//! already stored and re-sends the rest, with the same `Nats-Msg-Id`s, in order. walstream must
+//! be the only publisher into its stream for this to hold (and it checks that it is).
+
+mod connect;
+mod stream;
+
+pub use connect::connect;
+pub use stream::{ensure_stream, read_tail, StreamTail};
+
+use std::collections::VecDeque;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use prometheus::IntCounter;
+use tokio::sync::watch;
+
+use crate::event::{EncodedEvent, Position};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(
+        "event for {subject} at {position} is {size} bytes, over the NATS server's max_payload \
+         of {max} bytes; nothing after it is published. Raise max_payload in the nats-server \
+         configuration (up to 64 MB), or leave the large column out of the publication's column \
+         list, then restart walstream: it resumes at this event"
+    )]
+    TooLarge {
+        subject: String,
+        position: String,
+        size: usize,
+        max: usize,
+    },
+    #[error(
+        "stream {stream} ends with message {found:?}, which walstream did not publish: another \
+         publisher is writing into walstream's stream. walstream must be the stream's only \
+         publisher; point other publishers at another stream"
+    )]
+    ForeignPublisher { stream: String, found: String },
+    #[error("NATS JetStream: {0}")]
+    Fatal(String),
+    #[error("shutting down with publishes unconfirmed")]
+    ShuttingDown,
+}
+
+/// An event sent to JetStream and not yet acknowledged.
+struct Unacked {
+    event: EncodedEvent,
+    /// The stream sequence it is expected to get.
+    sequence: u64,
+    published: IntCounter,
+    commit_time_micros: Option<i64>,
+}
+
+pub type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+
+pub struct Sink {
+    js: jetstream::Context,
+    stream_name: String,
+    window: usize,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    unacked: VecDeque<Unacked>,
+    /// One ack future per entry of `unacked`, in the same order.
+    acks: FuturesOrdered<futures::future::BoxFuture<'static, AckResult>>,
+    /// The stream's last message as far as walstream knows: sequence and `Nats-Msg-Id`.
+    last_stored: (u64, Option<String>),
+    /// WAL position of the last event known to be in the stream.
+    last_position: Option<Position>,
+    /// Events acknowledged since start.
+    acked_count: u64,
+    /// Events handed to `publish` since start.
+    sent_count: u64,
+    /// Commits waiting for their events: (events before and including the commit, end LSN).
+    commits: VecDeque<(u64, Lsn)>,
+    progress: Option<Lsn>,
+}
+
+impl Sink {
+    pub fn new(
+        js: jetstream::Context,
+        stream_name: String,
+        window: usize,
+        tail: &StreamTail,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            js,
+            stream_name,
+            window,
+            metrics,
+            shutdown,
+            unacked: VecDeque::new(),
+            acks: FuturesOrdered::new(),
+            last_stored: (tail.sequence, tail.message_id.clone()),
+            last_position: tail.position,
+            acked_count: 0,
+            sent_count: 0,
+            commits: VecDeque::new(),
+            progress: None,
+        }
+    }
+
+    /// Publishes an event, waiting for acks first when the window is full.
+    pub async fn publish(
+        &mut self,
+        event: EncodedEvent,
+        published: IntCounter,
+        commit_time_micros: Option<i64>,
+    ) -> Result<(), SinkError> {
+        while self.acks.len() >= self.window {
+            self.next_ack().await?;
+        }
+        let sequence = self.last_stored.0 + self.unacked.len() as u64 + 1;
+        self.unacked.push_back(Unacked {
+            event,
+            sequence,
+            published,
+            commit_time_micros,
+        });
+        self.sent_count += 1;
+        let index = self.unacked.len() - 1;
+        if let Err(error) = self.send(index).await {
+            self.recover(error).await?;
+        }
+        self.metrics.inflight_acks.set(self.acks.len() as i64);
+        Ok(())
+    }
+
+    /// Records that a transaction ended after the events published so far.
+    pub fn commit(&mut self, end_lsn: Lsn) {
+        match self.commits.back_mut() {
+            // Consecutive commits with no events between them: keep only the later one.
+            Some((count, lsn)) if *count == self.sent_count => *lsn = end_lsn,
+            _ => self.commits.push_back((self.sent_count, end_lsn)),
+        }
+        self.advance_commits();
+    }
+
+    /// True when every event handed to the sink is acknowledged.
+    pub fn is_idle(&self) -> bool {
+        self.unacked.is_empty()
+    }
+
+    /// The newest commit end LSN whose events are all acknowledged, once.
+    pub fn take_progress(&mut self) -> Option<Lsn> {
+        self.progress.take()
+    }
+
+    /// Waits for the next ack. Cancel-safe: use it in `select!`, then pass the result to
+    /// [`Sink::handle_ack`], which must run to completion.
+    pub async fn next_ack_result(&mut self) -> Option<AckResult> {
+        self.acks.next().await
+    }
+
+    /// Waits for one ack and handles it. Returns false when nothing is in flight.
+    pub async fn next_ack(&mut self) -> Result<bool, SinkError> {
+        match self.acks.next().await {
+            Some(result) => {
+                self.handle_ack(result).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Handles the ack of the oldest unacknowledged event; on any failure, re-syncs and re-sends.
+    pub async fn handle_ack(&mut self, result: AckResult) -> Result<(), SinkError> {
+        let expected =
+            self.unacked.front().map(|u| u.sequence).ok_or_else(|| {
+                SinkError::Fatal("an ack arrived with nothing unacknowledged".into())
+            })?;
+        match result {
+            Ok(ack) if !ack.duplicate && ack.sequence == expected => self.acknowledge_front(),
+            Ok(ack) => {
+                let error = format!(
+                    "ack for stream sequence {} (duplicate: {}) where {expected} was expected",
+                    ack.sequence, ack.duplicate
+                );
+                self.recover(PublishFailure::Unexpected(error)).await?;
+            }
+            Err(error) => self.recover(PublishFailure::from(&error)).await?,
+        }
+        self.metrics.inflight_acks.set(self.acks.len() as i64);
+        Ok(())
+    }
+
+    /// Waits until every event handed to the sink is acknowledged.
+    pub async fn flush(&mut self) -> Result<(), SinkError> {
+        while self.next_ack().await? {}
+        Ok(())
+    }
+
+    /// WAL position of the last event known to be in the stream.
+    pub fn last_position(&self) -> Option<Position> {
+        self.last_position
+    }
+
+    /// Number of events awaiting an ack.
+    pub fn in_flight(&self) -> usize {
+        self.acks.len()
+    }
+
+    fn acknowledge_front(&mut self) {
+        let Some(done) = self.unacked.pop_front() else {
+            return;
+        };
+        done.published.inc();
+        if let Some(commit_micros) = done.commit_time_micros {
+            let now_micros = unix_micros_now() - 946_684_800_000_000;
+            let latency = (now_micros - commit_micros).max(0) as f64 / 1e6;
+            self.metrics.commit_to_ack_seconds.observe(latency);
+        }
+        self.last_stored = (done.sequence, message_id(&done.event));
+        self.last_position = Some(done.event.position);
+        self.acked_count += 1;
+        self.advance_commits();
+    }
+
+    fn advance_commits(&mut self) {
+        while let Some(&(count, lsn)) = self.commits.front() {
+            if count > self.acked_count {
+                break;
+            }
+            self.commits.pop_front();
+            self.progress = Some(lsn);
+        }
+    }
+
+    /// Sends `unacked[index]` expecting it to land directly after its predecessor.
+    async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
+        let entry = &self.unacked[index];
+        let publish = PublishMessage::build()
+            .payload(entry.event.payload.clone())
+            .headers(entry.event.headers.clone())
+            .expected_last_sequence(entry.sequence - 1);
+        let ack: PublishAckFuture = self
+            .js
+            .send_publish(entry.event.subject.clone(), publish)
+            .await
+            .map_err(|error| match error.kind() {
+                PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
+                _ => PublishFailure::from(&error),
+            })?;
+        self.acks.push_back(ack.into_future());
+        Ok(())
+    }
+
+    /// Brings the stream and `unacked` back in step after a failure, then re-sends.
+    async fn recover(&mut self, failure: PublishFailure) -> Result<(), SinkError> {
+        if let PublishFailure::TooLarge = failure {
+            return Err(self.too_large());
+        }
+        self.metrics
+            .publish_errors
+            .with_label_values(&[failure.kind()])
+            .inc();
+        tracing::warn!(
+            stream = %self.stream_name,
+            unacked = self.unacked.len(),
+            "publish failed ({failure}); re-syncing with the stream and re-sending"
+        );
+        let mut backoff = Backoff::new();
+        loop {
+            // Let every outstanding ack resolve so nothing sent earlier lands after the re-sync.
+            while self.acks.next().await.is_some() {}
+            self.metrics.inflight_acks.set(0);
+            match self.resync().await {
+                Ok(()) => return Ok(()),
+                Err(ResyncError::Fatal(error)) => return Err(error),
+                Err(ResyncError::Retry(reason)) => {
+                    tracing::warn!(
+                        stream = %self.stream_name,
+                        "stream not reachable for re-sync ({reason}); retrying in {:?}",
+                        backoff.peek()
+                    );
+                }
+            }
+            if *self.shutdown.borrow() {
+                return Err(SinkError::ShuttingDown);
+            }
+            let delay = backoff.next_delay();
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn resync(&mut self) -> Result<(), ResyncError> {
+        let tail = read_tail(&self.js, &self.stream_name)
+            .await
+            .map_err(|e| ResyncError::Retry(e.to_string()))?;
+        let stored = self.stored_prefix(&tail)?;
+        for _ in 0..stored {
+            self.acknowledge_front();
+        }
+        // The stream may have moved past what we knew without a message id to match (expired
+        // by max_age); its sequence is then the truth.
+        self.last_stored = (tail.sequence, tail.message_id);
+        let resend = self.unacked.len();
+        for (offset, entry) in self.unacked.iter_mut().enumerate() {
+            entry.sequence = tail.sequence + offset as u64 + 1;
+        }
+        if resend > 0 {
+            self.metrics.publish_retries.inc_by(resend as u64);
+            tracing::info!(stream = %self.stream_name, resend, "re-sending unacknowledged events");
+        }
+        for index in 0..resend {
+            match self.send(index).await {
+                Ok(()) => {}
+                Err(PublishFailure::TooLarge) => return Err(ResyncError::Fatal(self.too_large())),
+                Err(other) => return Err(ResyncError::Retry(other.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// How many of the unacknowledged events the stream already holds.
+    fn stored_prefix(&self, tail: &StreamTail) -> Result<usize, ResyncError> {
+        if let Some(found) = &tail.message_id {
+            if self.last_stored.1.as_ref() == Some(found) {
+                return Ok(0);
+            }
+            if let Some(index) = self
+                .unacked
+                .iter()
+                .position(|u| message_id(&u.event).as_ref() == Some(found))
+            {
+                return Ok(index + 1);
+            }
+            return Err(ResyncError::Fatal(SinkError::ForeignPublisher {
+                stream: self.stream_name.clone(),
+                found: found.clone(),
+            }));
+        }
+        // The tail message is gone (expired): fall back to sequence arithmetic.
+        Ok(self
+            .unacked
+            .iter()
+            .take_while(|u| u.sequence <= tail.sequence)
+            .count())
+    }
+
+    fn too_large(&self) -> SinkError {
+        let max = self.js.client().server_info().max_payload;
+        match self.unacked.back() {
+            Some(entry) => SinkError::TooLarge {
+                subject: entry.event.subject.to_string(),
+                position: format!(
+                    "commit LSN {} change #{}",
+                    entry.event.position.commit_lsn, entry.event.position.seq
+                ),
+                size: entry.event.payload.len() + headers_len(&entry.event),
+                max,
+            },
+            None => SinkError::Fatal("a publish was refused as too large".into()),
+        }
+    }
+}
+
+enum ResyncError {
+    Retry(String),
+    Fatal(SinkError),
+}
+
+/// Why one publish did not go through.
+#[derive(Debug)]
+enum PublishFailure {
+    TooLarge,
+    Failed { kind: &'static str, detail: String },
+    Unexpected(String),
+}
+
+impl PublishFailure {
+    fn kind(&self) -> &'static str {
+        match self {
+            PublishFailure::TooLarge => "too_large",
+            PublishFailure::Failed { kind, .. } => kind,
+            PublishFailure::Unexpected(_) => "unexpected_ack",
+        }
+    }
+}
+
+impl From<&jetstream::context::PublishError> for PublishFailure {
+    fn from(error: &jetstream::context::PublishError) -> Self {
+        let kind = match error.kind() {
+            PublishErrorKind::TimedOut => "timed_out",
+            PublishErrorKind::WrongLastSequence => "wrong_last_sequence",
+            PublishErrorKind::BrokenPipe => "broken_pipe",
+            PublishErrorKind::StreamNotFound => "stream_not_found",
+            PublishErrorKind::MaxPayloadExceeded => "too_large",
+            _ => "other",
+        };
+        PublishFailure::Failed {
+            kind,
+            detail: error.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for PublishFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishFailure::TooLarge => f.write_str("message too large"),
+            PublishFailure::Failed { detail, .. } => f.write_str(detail),
+            PublishFailure::Unexpected(detail) => f.write_str(detail),
+        }
+    }
+}
+
+fn message_id(event: &EncodedEvent) -> Option<String> {
+    event
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+}
+
+fn headers_len(event: &EncodedEvent) -> usize {
+    event
+        .headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| name.to_string().len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Exponential backoff from 100 ms to 10 s.
+pub struct Backoff {
+    next: Duration,
+    started: Instant,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn peek(&self) -> Duration {
+        self.next
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let current = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(10));
+        current
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,144 @@
+//! Creating or updating walstream's stream, and reading where it ends.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::{JetStreamConfig, StorageKind};
+use crate::event::Position;
+use crate::event::{HEADER_LSN, HEADER_SEQ};
+use crate::lsn::parse_lsn;
+
+/// The last message of the stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamTail {
+    /// Last sequence assigned (0 for a stream that never held a message).
+    pub sequence: u64,
+    /// Its `Nats-Msg-Id`, when the message is still there.
+    pub message_id: Option<String>,
+    /// Its WAL position, read from walstream's headers.
+    pub position: Option<Position>,
+}
+
+/// Creates the stream, or updates it to the configured settings.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: Vec<String>,
+    settings: &JetStreamConfig,
+) -> anyhow::Result<stream::Info> {
+    let wanted = stream::Config {
+        name: name.to_owned(),
+        subjects,
+        duplicate_window: Duration::from_secs(settings.dedup_window_minutes * 60),
+        max_age: Duration::from_secs(settings.max_age_days * 86_400),
+        max_messages: settings.max_msgs,
+        max_bytes: settings.max_bytes,
+        num_replicas: settings.replicas,
+        storage: match settings.storage {
+            StorageKind::File => stream::StorageType::File,
+            StorageKind::Memory => stream::StorageType::Memory,
+        },
+        ..Default::default()
+    };
+    match js.get_stream(name).await {
+        Ok(mut existing) => {
+            let current = existing.info().await?.config.clone();
+            if current.storage != wanted.storage {
+                anyhow::bail!(
+                    "stream {name} exists with {:?} storage but nats.jetstream.storage asks for \
+                     {:?}; JetStream cannot change storage in place. Set storage to match, or \
+                     move the stream's data and delete it so walstream can recreate it",
+                    current.storage,
+                    wanted.storage
+                );
+            }
+            if current.retention != wanted.retention {
+                anyhow::bail!(
+                    "stream {name} exists with {:?} retention; walstream needs limits retention \
+                     (its consumers read at their own pace). Use another nats.stream_name",
+                    current.retention
+                );
+            }
+            let differs = current.subjects != wanted.subjects
+                || current.duplicate_window != wanted.duplicate_window
+                || current.max_age != wanted.max_age
+                || current.max_messages != wanted.max_messages
+                || current.max_bytes != wanted.max_bytes
+                || current.num_replicas != wanted.num_replicas;
+            if !differs {
+                return Ok(existing.info().await?.clone());
+            }
+            tracing::info!(
+                stream = name,
+                "updating the stream to the configured settings"
+            );
+            js.update_stream(&wanted).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot update stream {name} to the configured settings: {e}. If its \
+                     subjects overlap another stream's, change nats.subject_prefix or routes"
+                )
+            })
+        }
+        Err(error) if is_not_found(&error) => {
+            tracing::info!(stream = name, subjects = ?wanted.subjects, "creating the stream");
+            js.create_stream(wanted)
+                .await
+                .map(|s| s.cached_info().clone())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                    "cannot create stream {name}: {e}. If its subjects overlap another stream's, \
+                     change nats.subject_prefix or routes; is JetStream enabled (nats-server -js)?"
+                )
+                })
+        }
+        Err(error) => Err(anyhow::anyhow!(
+            "cannot look up stream {name}: {error}; is JetStream enabled (nats-server -js)?"
+        )),
+    }
+}
+
+fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(inner)
+            if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Reads the stream's last sequence and, when the message is still stored, its headers.
+pub async fn read_tail(js: &jetstream::Context, name: &str) -> anyhow::Result<StreamTail> {
+    let mut stream = js.get_stream(name).await?;
+    let sequence = stream.info().await?.state.last_sequence;
+    if sequence == 0 {
+        return Ok(StreamTail::default());
+    }
+    let message = match stream.get_raw_message(sequence).await {
+        Ok(message) => message,
+        Err(error) => {
+            tracing::debug!(
+                sequence,
+                "last message of the stream is not readable: {error}"
+            );
+            return Ok(StreamTail {
+                sequence,
+                ..Default::default()
+            });
+        }
+    };
+    let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+    let position = match (header(HEADER_LSN), header(HEADER_SEQ)) {
+        (Some(lsn), Some(seq)) => Some(Position {
+            commit_lsn: parse_lsn(&lsn).map_err(anyhow::Error::msg)?,
+            seq: seq
+                .parse()
+                .map_err(|_| anyhow::anyhow!("message {sequence}: bad {HEADER_SEQ} `{seq}`"))?,
+        }),
+        _ => None,
+    };
+    Ok(StreamTail {
+        sequence,
+        message_id: header(async_nats::header::NATS_MESSAGE_ID.as_ref()),
+        position,
+    })
+}
