@@ -60,6 +60,17 @@ async fn table_ids(cluster: &Cluster) -> anyhow::Result<BTreeSet<i64>> {
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
+/// Asserts that the walstream log shows `needle` at least `times` times: the fault really hit.
+fn assert_log_shows(cluster: &Cluster, needle: &str, times: usize) -> anyhow::Result<()> {
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    let found = log.matches(needle).count();
+    if found < times {
+        dump_log(&cluster.log_path());
+        anyhow::bail!("the log shows {needle:?} {found} times, expected at least {times}");
+    }
+    Ok(())
+}
+
 /// Waits until the stream holds one INSERT per row of the table, then checks the invariants.
 async fn assert_stream_matches_table(cluster: &Cluster) -> anyhow::Result<Vec<Stored>> {
     let expected = table_ids(cluster).await?;
@@ -117,6 +128,8 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> 
     assert_eq!(committed.len(), 400 * 25);
     let messages = assert_stream_matches_table(&cluster).await?;
     assert_eq!(messages.len(), 10_000);
+    assert_log_shows(&cluster, "starting replication", 5)?;
+    assert_log_shows(&cluster, "skip_through=Some", 4)?;
     Ok(())
 }
 
@@ -148,6 +161,8 @@ async fn nats_down_for_ten_seconds_loses_and_duplicates_nothing() -> anyhow::Res
     cluster.nats.start()?;
     writer.await??;
     assert_stream_matches_table(&cluster).await?;
+    assert_log_shows(&cluster, "NATS disconnected", 1)?;
+    assert_log_shows(&cluster, "re-syncing with the stream", 1)?;
     Ok(())
 }
 
@@ -182,6 +197,8 @@ async fn postgres_restarts_lose_and_duplicate_nothing() -> anyhow::Result<()> {
     }
     writer.await??;
     assert_stream_matches_table(&cluster).await?;
+    assert_log_shows(&cluster, "replication connection lost", 2)?;
+    assert_log_shows(&cluster, "starting replication", 3)?;
     Ok(())
 }
 

@@ -51,20 +51,21 @@ async fn row_changes_reach_the_stream_in_commit_order() -> anyhow::Result<()> {
         "[[routes]]\ntable = \"tb_order\"\nevent = \"INSERT\"\nsubject = \"events.order.created\"\n",
     )?;
     setup(&config)?;
-    // Committed while walstream is not running: the slot keeps them.
-    cluster
-        .sql(
-            "INSERT INTO tb_order (identifier, total) VALUES ('o-1', 10.50), ('o-2', 2.50);
-             UPDATE tb_order SET status = 'paid' WHERE identifier = 'o-1';
-             DELETE FROM tb_order WHERE identifier = 'o-2';
-             BEGIN;
-             INSERT INTO tb_order (identifier, total) VALUES ('o-3', 99.99);
-             INSERT INTO tb_order_item VALUES (1, 3, 2), (2, 3, 5);
-             SELECT pg_logical_emit_message(true, 'audit', '{\"who\": \"alice\"}');
-             COMMIT;
-             TRUNCATE tb_order_item;",
-        )
-        .await?;
+    // Committed while walstream is not running: the slot keeps them. One call, one transaction
+    // (a multi-statement call would be one implicit transaction).
+    for statement in [
+        "INSERT INTO tb_order (identifier, total) VALUES ('o-1', 10.50), ('o-2', 2.50)",
+        "UPDATE tb_order SET status = 'paid' WHERE identifier = 'o-1'",
+        "DELETE FROM tb_order WHERE identifier = 'o-2'",
+        "BEGIN;
+         INSERT INTO tb_order (identifier, total) VALUES ('o-3', 99.99);
+         INSERT INTO tb_order_item VALUES (1, 3, 2), (2, 3, 5);
+         SELECT pg_logical_emit_message(true, 'audit', '{\"who\": \"alice\"}');
+         COMMIT;",
+        "TRUNCATE tb_order_item",
+    ] {
+        cluster.sql(statement).await?;
+    }
     let _walstream = Walstream::start(&config, &cluster.log_path())?;
     let js = cluster.jetstream().await?;
     let result = async {

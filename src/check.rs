@@ -259,10 +259,24 @@ async fn check_nats(config: &Config, report: &mut Report) {
         }
     };
     report.pass("NATS reachable");
-    let js = async_nats::jetstream::new(client);
-    match js.query_account().await {
-        Ok(_) => report.pass("JetStream enabled"),
-        Err(error) => report.fail(format!(
+    // A raw request: async-nats' typed account info does not parse nats-server 2.9's reply.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request("$JS.API.INFO", bytes::Bytes::new()),
+    )
+    .await;
+    let error = match reply {
+        Ok(Ok(message)) => match serde_json::from_slice::<serde_json::Value>(&message.payload) {
+            Ok(info) if info.get("error").is_none() => None,
+            Ok(info) => Some(info["error"]["description"].to_string()),
+            Err(e) => Some(format!("unreadable reply: {e}")),
+        },
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("no answer within 5 s".into()),
+    };
+    match error {
+        None => report.pass("JetStream enabled"),
+        Some(error) => report.fail(format!(
             "JetStream not available ({error}): start nats-server with -js (jetstream enabled)"
         )),
     }
