@@ -145,3 +145,35 @@ async fn check_reports_each_problem_with_its_fix() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_sees_a_slot_in_use_by_another_process() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql("CREATE TABLE t_ok (id INT PRIMARY KEY);")
+        .await?;
+    let config = cluster.config(&["public.t_ok"], "")?;
+    let _streaming = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    let client = cluster.client().await?;
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the slot to be active",
+        || async {
+            walstream::postgres::slot_info(&client, "walstream")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|slot| slot.active)
+        },
+    )
+    .await?;
+    let output = walstream(&["check"], &config)?;
+    let report = text(&output);
+    assert!(!output.status.success());
+    assert!(
+        report.contains("slot walstream is in use by another process (PID"),
+        "{report}"
+    );
+    Ok(())
+}

@@ -102,15 +102,7 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> 
     cluster.sql(TABLE).await?;
     let config = cluster.config(&["public.t_load"], "")?;
     let mut walstream = Walstream::start(&config, &cluster.log_path())?;
-    let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await?;
+    wait_for_slot(&cluster).await?;
     let writer = tokio::spawn(write_load(
         cluster.db_url(),
         1,
@@ -139,15 +131,7 @@ async fn nats_down_for_ten_seconds_loses_and_duplicates_nothing() -> anyhow::Res
     cluster.sql(TABLE).await?;
     let config = cluster.config(&["public.t_load"], "")?;
     let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await?;
+    wait_for_slot(&cluster).await?;
     let writer = tokio::spawn(write_load(
         cluster.db_url(),
         1,
@@ -172,16 +156,7 @@ async fn postgres_restarts_lose_and_duplicate_nothing() -> anyhow::Result<()> {
     cluster.sql(TABLE).await?;
     let config = cluster.config(&["public.t_load"], "")?;
     let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await?;
-    drop(client);
+    wait_for_slot(&cluster).await?;
     let writer = tokio::spawn(write_load(
         cluster.db_url(),
         1,
@@ -208,15 +183,8 @@ async fn sigterm_drains_checkpoints_and_exits_zero() -> anyhow::Result<()> {
     cluster.sql(TABLE).await?;
     let config = cluster.config(&["public.t_load"], "")?;
     let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
     let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await?;
     write_load(cluster.db_url(), 1, 50, 100, Duration::ZERO).await?;
     let js = cluster.jetstream().await?;
     wait_for_messages(&js, 5000, Duration::from_secs(60)).await?;
@@ -251,15 +219,7 @@ async fn a_100k_row_transaction_streams_through() -> anyhow::Result<()> {
     cluster.sql(TABLE).await?;
     let config = cluster.config(&["public.t_load"], "")?;
     let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await?;
+    wait_for_slot(&cluster).await?;
     cluster
         .sql("INSERT INTO t_load SELECT g, md5(g::text) FROM generate_series(1, 100000) g")
         .await?;
@@ -283,15 +243,8 @@ async fn an_idle_publication_does_not_hold_wal_back() -> anyhow::Result<()> {
         .await?;
     let config = cluster.config(&["public.t_load"], "")?;
     let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
     let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await?;
     let before = walstream::postgres::slot_info(&client, "walstream")
         .await?
         .and_then(|s| s.confirmed_flush_lsn)
@@ -327,5 +280,87 @@ async fn an_idle_publication_does_not_hold_wal_back() -> anyhow::Result<()> {
     busy.store(false, Ordering::Relaxed);
     writer.await??;
     advanced.inspect_err(|_| dump_log(&cluster.log_path()))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_checkpoint_resumes_from_the_stream_without_resending() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    write_load(cluster.db_url(), 1, 20, 100, Duration::ZERO).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 2000, Duration::from_secs(60)).await?;
+    walstream.kill();
+    // A fresh sidecar: its RocksDB is gone; the slot and the stream remember.
+    std::fs::remove_dir_all(cluster.dir.path().join("checkpoint"))?;
+    write_load(cluster.db_url(), 2001, 20, 100, Duration::ZERO).await?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    assert_stream_matches_table(&cluster).await?;
+    // Nothing was sent twice: no duplicate acks, no re-sync.
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(
+        !log.contains("duplicate: true"),
+        "an event was re-published"
+    );
+    assert!(!log.contains("re-syncing"), "a publish failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_over_max_payload_stops_walstream_and_resumes_once_fixed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let limits = dir.path().join("nats.conf");
+    std::fs::write(&limits, "max_payload: 8192\n")?;
+    let mut cluster = Cluster::start_with_nats_args(&["-c", limits.to_str().unwrap()]).await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    cluster
+        .sql(
+            "INSERT INTO t_load VALUES (1, 'small');
+              INSERT INTO t_load VALUES (2, repeat('x', 20000));
+              INSERT INTO t_load VALUES (3, 'small again');",
+        )
+        .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = walstream.try_wait() {
+            break status;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "walstream did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(
+        log.contains("over the NATS server's max_payload of 8192 bytes"),
+        "{log}"
+    );
+    assert!(
+        log.contains("fraiseql.mutation.TLoad.INSERT"),
+        "the error names the subject"
+    );
+    let js = cluster.jetstream().await?;
+    assert_eq!(
+        read_stream(&js).await?.len(),
+        1,
+        "nothing after the large row is published"
+    );
+
+    // Raise the limit, restart: it resumes at the large row.
+    cluster.nats.kill();
+    let mut nats = walstream::local::LocalNats::new(cluster.dir.path(), cluster.nats.port, &[])?;
+    nats.start()?;
+    cluster.nats = nats;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let messages = assert_stream_matches_table(&cluster).await?;
+    assert_eq!(messages.len(), 3);
     Ok(())
 }

@@ -297,3 +297,58 @@ async fn alter_table_mid_stream_is_followed() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_metrics_report_the_pipeline() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    cluster.sql(ORDERS).await?;
+    let config = cluster.config(&["public.tb_order"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    cluster
+        .sql("INSERT INTO tb_order (identifier, total) SELECT 'o-' || g, g FROM generate_series(1, 25) g")
+        .await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 25, Duration::from_secs(30)).await?;
+    let port = cluster.http_port;
+    eventually(Duration::from_secs(10), "the checkpoint metric", || async {
+        http_get(port, "/metrics")
+            .await
+            .is_ok_and(|(_, body)| !body.contains("walstream_checkpoint_lsn 0\n"))
+    })
+    .await?;
+    let (status, body) = http_get(port, "/health").await?;
+    assert_eq!(status, 200, "{body}");
+    let health: Value = serde_json::from_str(&body)?;
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["replication"]["connected"], true);
+    assert_eq!(
+        health["nats"],
+        json!({"connected": true, "stream": "fraiseql_events"})
+    );
+    assert_ne!(health["checkpoint_lsn"], "0/0");
+
+    let (status, metrics) = http_get(port, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            r#"walstream_events_published_total{op="INSERT",table="public.tb_order"} 25"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("walstream_commit_to_ack_seconds_count 25"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("walstream_inflight_acks"));
+    assert!(metrics.contains("walstream_replication_lag_bytes"));
+
+    cluster.nats.kill();
+    eventually(Duration::from_secs(10), "/health to turn 503", || async {
+        http_get(port, "/health").await.is_ok_and(|(status, body)| {
+            status == 503 && body.contains(r#""nats":{"connected":false"#)
+        })
+    })
+    .await?;
+    Ok(())
+}

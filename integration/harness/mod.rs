@@ -22,6 +22,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub postgres: LocalPostgres,
     pub nats: LocalNats,
+    /// walstream's `/health` and `/metrics` port.
+    pub http_port: u16,
 }
 
 impl Cluster {
@@ -42,6 +44,7 @@ impl Cluster {
             dir,
             postgres,
             nats,
+            http_port: free_port()?,
         })
     }
 
@@ -94,7 +97,7 @@ listen = "127.0.0.1:{http}"
             url = self.db_url(),
             checkpoint = self.dir.path().join("checkpoint").display(),
             nats = self.nats.url(),
-            http = free_port()?,
+            http = self.http_port,
         );
         let path = self.dir.path().join("walstream.toml");
         std::fs::write(&path, text)?;
@@ -285,6 +288,44 @@ pub fn assert_exactly_once_in_order(messages: &[Stored]) {
             "body and header seq differ"
         );
     }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1: (status code, body).
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until the replication slot exists (walstream created it).
+pub async fn wait_for_slot(cluster: &Cluster) -> anyhow::Result<()> {
+    let client = cluster.client().await?;
+    eventually(Duration::from_secs(30), "the replication slot", || async {
+        walstream::postgres::slot_info(&client, "walstream")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await
+    .inspect_err(|_| dump_log(&cluster.log_path()))
 }
 
 /// Prints the walstream log, for a failing test.
