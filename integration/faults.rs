@@ -364,3 +364,41 @@ async fn a_row_over_max_payload_stops_walstream_and_resumes_once_fixed() -> anyh
     assert_eq!(messages.len(), 3);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silently_dead_link_to_postgres_is_noticed_and_replaced() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let proxy = Blackhole::start(cluster.postgres.port).await?;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", proxy.port);
+    let config = cluster.config_with(&url, &["public.t_load"], "receive_timeout_secs = 5", "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    write_load(cluster.db_url(), 1, 10, 100, Duration::ZERO).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 1000, Duration::from_secs(30)).await?;
+
+    // Quiet for longer than the watchdog's interval: a quiet link is not a dead one.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(
+        !log.contains("receive watchdog"),
+        "a quiet stream was taken for a dead link"
+    );
+
+    proxy.freeze();
+    write_load(cluster.db_url(), 1001, 10, 100, Duration::ZERO).await?;
+    eventually(
+        Duration::from_secs(40),
+        "the watchdog to notice",
+        || async {
+            std::fs::read_to_string(cluster.log_path())
+                .is_ok_and(|log| log.contains("receive watchdog"))
+        },
+    )
+    .await
+    .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    proxy.thaw();
+    assert_stream_matches_table(&cluster).await?;
+    Ok(())
+}

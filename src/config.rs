@@ -74,7 +74,8 @@ pub struct ReplicationConfig {
     /// (0 turns it off).
     #[serde(default = "defaults::heartbeat_secs")]
     pub heartbeat_secs: u64,
-    /// Reconnect when nothing at all (not even a keepalive) arrives for this long.
+    /// After this long without a message, check that the server still hears walstream, and
+    /// reconnect when it does not (a dead TCP link).
     #[serde(default = "defaults::receive_timeout_secs")]
     pub receive_timeout_secs: u64,
 }
@@ -218,10 +219,10 @@ mod defaults {
         1
     }
     pub fn heartbeat_secs() -> u64 {
-        30
+        10
     }
     pub fn receive_timeout_secs() -> u64 {
-        90
+        30
     }
     pub fn checkpoint_path() -> PathBuf {
         PathBuf::from("walstream-data")

@@ -293,14 +293,47 @@ impl Pipeline {
                     }
                 }
                 _ = watchdog => {
-                    return Ok(SessionEnd::Lost(format!(
-                        "nothing received for {:?}, not even a keepalive (receive watchdog)",
-                        self.receive_timeout
-                    )));
+                    if let Some(reason) = self.dead_link().await {
+                        return Ok(SessionEnd::Lost(reason));
+                    }
+                    last_received = Instant::now();
                 }
                 _ = tick.tick() => {}
             }
             self.persist_progress(client, false)?;
+        }
+    }
+
+    /// After `receive_timeout` of silence: is the link dead, or is the database just quiet? A
+    /// quiet server sends nothing (our status updates spare it from pinging), but it keeps
+    /// hearing us; on a dead link it does not.
+    async fn dead_link(&mut self) -> Option<String> {
+        let stale_after = (self.status_interval * 3 + Duration::from_secs(5)).as_secs_f64();
+        if self.control.is_closed() {
+            match postgres::connect(&self.database_url).await {
+                Ok(client) => self.control = client,
+                Err(error) => return Some(format!("receive watchdog: {error:#}")),
+            }
+        }
+        let check = postgres::seconds_since_reply(&self.control, &self.slot);
+        match tokio::time::timeout(Duration::from_secs(10), check).await {
+            Ok(Ok(Some(seconds))) if seconds < stale_after => {
+                tracing::debug!("quiet replication stream; the server heard us {seconds:.1} s ago");
+                None
+            }
+            Ok(Ok(Some(seconds))) => Some(format!(
+                "receive watchdog: nothing received for {:?} and the server last heard us \
+                 {seconds:.0} s ago: the connection is dead",
+                self.receive_timeout
+            )),
+            Ok(Ok(None)) => Some(format!(
+                "receive watchdog: nothing received for {:?} and no walsender streams slot {}",
+                self.receive_timeout, self.slot
+            )),
+            Ok(Err(error)) => Some(format!(
+                "receive watchdog: cannot ask PostgreSQL: {error:#}"
+            )),
+            Err(_) => Some("receive watchdog: PostgreSQL did not answer within 10 s".into()),
         }
     }
 

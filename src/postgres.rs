@@ -59,6 +59,21 @@ pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<Slo
     .transpose()
 }
 
+/// Seconds since PostgreSQL last heard from the walsender streaming `slot`, or `None` when no
+/// walsender streams it. Our client replies every status interval, so a large value means the
+/// link is dead even when nothing arrives because the database is quiet.
+pub async fn seconds_since_reply(client: &Client, slot: &str) -> anyhow::Result<Option<f64>> {
+    let row = client
+        .query_opt(
+            "SELECT extract(epoch FROM now() - r.reply_time)::float8
+             FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+             WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|row| row.get::<_, Option<f64>>(0)))
+}
+
 /// Tables of a publication, schema-qualified, or `None` when it does not exist.
 pub async fn publication_tables(
     client: &Client,

@@ -6,6 +6,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -67,6 +69,17 @@ impl Cluster {
 
     /// Writes a config for `tables` (plus `extra` TOML) and returns its path.
     pub fn config(&self, tables: &[&str], extra: &str) -> anyhow::Result<PathBuf> {
+        self.config_with(&self.db_url(), tables, "receive_timeout_secs = 30", extra)
+    }
+
+    /// A config with its own database URL and `[replication]` keys.
+    pub fn config_with(
+        &self,
+        url: &str,
+        tables: &[&str],
+        replication: &str,
+        extra: &str,
+    ) -> anyhow::Result<PathBuf> {
         let tables = tables
             .iter()
             .map(|t| format!("\"{t}\""))
@@ -80,7 +93,7 @@ url = "{url}"
 tables = [{tables}]
 status_interval_secs = 1
 heartbeat_secs = 0
-receive_timeout_secs = 30
+{replication}
 
 [checkpoint]
 path = "{checkpoint}"
@@ -94,7 +107,6 @@ listen = "127.0.0.1:{http}"
 
 {extra}
 "#,
-            url = self.db_url(),
             checkpoint = self.dir.path().join("checkpoint").display(),
             nats = self.nats.url(),
             http = self.http_port,
@@ -287,6 +299,91 @@ pub fn assert_exactly_once_in_order(messages: &[Stored]) {
             message.body["seq"], message.seq,
             "body and header seq differ"
         );
+    }
+}
+
+/// A TCP proxy on loopback that can go silent like a dead network path: frozen, it forwards
+/// nothing and closes nothing; thawed, it drops the connections it froze and forwards new ones.
+pub struct Blackhole {
+    pub port: u16,
+    frozen: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start(target_port: u16) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let task = {
+            let (frozen, generation) = (frozen.clone(), generation.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let (frozen, generation) = (frozen.clone(), generation.clone());
+                    tokio::spawn(async move {
+                        if let Ok(server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                        {
+                            forward(client, server, frozen, generation).await;
+                        }
+                    });
+                }
+            })
+        };
+        Ok(Self {
+            port,
+            frozen,
+            generation,
+            task,
+        })
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    mut client: tokio::net::TcpStream,
+    mut server: tokio::net::TcpStream,
+    frozen: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let born = generation.load(Ordering::SeqCst);
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        if generation.load(Ordering::SeqCst) != born {
+            return;
+        }
+        if frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        tokio::select! {
+            read = client.read(&mut up) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if server.write_all(&up[..n]).await.is_err() { return },
+            },
+            read = server.read(&mut down) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if client.write_all(&down[..n]).await.is_err() { return },
+            },
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
 }
 
