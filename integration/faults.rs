@@ -402,3 +402,39 @@ async fn a_silently_dead_link_to_postgres_is_noticed_and_replaced() -> anyhow::R
     assert_stream_matches_table(&cluster).await?;
     Ok(())
 }
+
+/// Peak resident memory of a process, from /proc (kB).
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a minute or two; run by hand: cargo test --release --test faults -- --ignored"]
+async fn a_million_row_transaction_streams_through_in_bounded_memory() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "[nats.jetstream]\nmax_bytes = -1\n")?;
+    let walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    let started = std::time::Instant::now();
+    cluster
+        .sql("INSERT INTO t_load SELECT g, md5(g::text) FROM generate_series(1, 1000000) g")
+        .await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 1_000_000, Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    let peak = peak_rss_kb(walstream.pid()).unwrap_or(0);
+    eprintln!(
+        "1,000,000-row transaction: in the stream {elapsed:?} after the INSERT began; \
+         walstream peak RSS {} MB",
+        peak / 1024
+    );
+    let mut stream = js.get_stream(STREAM).await?;
+    assert_eq!(stream.info().await?.state.messages, 1_000_000);
+    Ok(())
+}

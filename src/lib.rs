@@ -6,10 +6,14 @@
 //! [`postgres`] is the normal connection (slot, publication, catalog); [`http`] serves
 //! `/health` and `/metrics` from [`metrics`].
 
+#[cfg(feature = "server")]
 pub mod app;
+#[cfg(feature = "server")]
 pub mod check;
+#[cfg(feature = "server")]
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "server")]
 pub mod dev;
 pub mod event;
 pub mod fuzzing;
@@ -18,6 +22,7 @@ pub mod local;
 pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;
+#[cfg(feature = "server")]
 pub mod pipeline;
 pub mod postgres;
 pub mod secrets;

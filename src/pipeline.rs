@@ -177,6 +177,7 @@ impl Pipeline {
                             self.lost(format!("replication connection lost: {reason}"));
                         }
                         Err(error) => {
+                            self.salvage(&client).await;
                             client.abort();
                             return Err(error);
                         }
@@ -577,6 +578,19 @@ impl Pipeline {
         self.pending = None;
         self.skip_through = self.sink.last_position().or(self.skip_through);
         Ok(())
+    }
+
+    /// Before stopping on a fatal error: settle what is already in flight, so the checkpoint
+    /// ends right before the event that failed.
+    async fn salvage(&mut self, client: &ReplicationClient) {
+        if tokio::time::timeout(Duration::from_secs(10), self.sink.flush())
+            .await
+            .is_ok()
+        {
+            if let Err(error) = self.persist_progress(client, true) {
+                tracing::warn!("cannot store the checkpoint while stopping: {error}");
+            }
+        }
     }
 
     /// Graceful stop: drain acks, checkpoint, confirm to PostgreSQL, close the stream.
