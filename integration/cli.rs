@@ -177,3 +177,29 @@ async fn check_sees_a_slot_in_use_by_another_process() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_a_role_that_cannot_replicate() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql("CREATE TABLE t_ok (id INT PRIMARY KEY); CREATE ROLE app LOGIN;")
+        .await?;
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/{DATABASE}",
+        cluster.postgres.port
+    );
+    let config = cluster.config_with(&url, &["public.t_ok"], "", "")?;
+    let output = walstream(&["check"], &config)?;
+    let report = text(&output);
+    assert!(!output.status.success());
+    for expected in [
+        "FAIL role app lacks the REPLICATION attribute: ALTER ROLE app WITH REPLICATION",
+        "FAIL cannot SELECT from public.t_ok",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in\n{report}"
+        );
+    }
+    Ok(())
+}

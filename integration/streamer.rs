@@ -352,3 +352,55 @@ async fn health_and_metrics_report_the_pipeline() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_gets_every_configured_setting() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(ORDERS).await?;
+    let config = cluster.config(
+        &["public.tb_order"],
+        "[nats.jetstream]\ndedup_window_minutes = 3\nmax_age_days = 2\nmax_msgs = 5000\n\
+         max_bytes = 50000000\n\n[[routes]]\ntable = \"tb_order\"\nevent = \"INSERT\"\n\
+         subject = \"events.order.created\"\n",
+    )?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    let js = cluster.jetstream().await?;
+    let mut stream = js.get_stream(STREAM).await?;
+    let settings = stream.info().await?.config.clone();
+    assert_eq!(settings.duplicate_window, Duration::from_secs(180));
+    assert_eq!(settings.max_age, Duration::from_secs(2 * 86_400));
+    assert_eq!(settings.max_messages, 5000);
+    assert_eq!(settings.max_bytes, 50_000_000);
+    assert_eq!(
+        settings.subjects,
+        ["events.order.created", "fraiseql.mutation.>"]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_cannot_be_updated_stops_walstream_clearly() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(ORDERS).await?;
+    let js = cluster.jetstream().await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["fraiseql.mutation.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await?;
+    let config = cluster.config(&["public.tb_order"], "")?;
+    let output = Command::new(walstream_binary())
+        .args(["stream", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("exists with Memory storage but nats.jetstream.storage asks for File"),
+        "{stderr}"
+    );
+    Ok(())
+}

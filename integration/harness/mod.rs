@@ -121,6 +121,13 @@ listen = "127.0.0.1:{http}"
     }
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Before the temporary directory goes: a server must not outlive its test.
+        let _ = self.postgres.stop("immediate");
+    }
+}
+
 /// The walstream binary built by cargo for these tests.
 pub fn walstream_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walstream"))
@@ -195,6 +202,8 @@ pub struct Stored {
     pub message_id: String,
     pub lsn: String,
     pub seq: u64,
+    pub commit_time: String,
+    pub xid: String,
     pub body: Value,
 }
 
@@ -242,6 +251,8 @@ pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>>
             message_id: header("Nats-Msg-Id"),
             lsn: header("Walstream-Lsn"),
             seq: header("Walstream-Seq").parse().unwrap_or(u64::MAX),
+            commit_time: header("Walstream-Commit-Time"),
+            xid: header("Walstream-Xid"),
             body: serde_json::from_slice(&message.payload)
                 .with_context(|| format!("message {sequence} is not JSON"))?,
         });
