@@ -2,6 +2,7 @@
 
 use std::io::Write as _;
 
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
@@ -15,6 +16,12 @@ pub const HEADER_LSN: &str = "Walstream-Lsn";
 pub const HEADER_SEQ: &str = "Walstream-Seq";
 pub const HEADER_COMMIT_TIME: &str = "Walstream-Commit-Time";
 
+// Parsed once: header names given as &str are validated on every insert.
+const XID: HeaderName = HeaderName::from_static(HEADER_XID);
+const LSN: HeaderName = HeaderName::from_static(HEADER_LSN);
+const SEQ: HeaderName = HeaderName::from_static(HEADER_SEQ);
+const COMMIT_TIME: HeaderName = HeaderName::from_static(HEADER_COMMIT_TIME);
+
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i128 = 946_684_800_000_000;
 
@@ -26,16 +33,35 @@ pub struct Transaction {
     timestamp: String,
     lsn_text: String,
     next_seq: u64,
+    /// The headers every event of the transaction shares, built once.
+    headers: HeaderMap,
 }
 
 impl Transaction {
     pub fn begin(xid: u32, commit_lsn: Lsn, commit_time_micros: i64) -> Self {
+        Self::new(xid, commit_lsn, format_pg_timestamp(commit_time_micros))
+    }
+
+    /// A transaction of one non-transactional logical message: no xid, no commit time.
+    fn standalone(lsn: Lsn) -> Self {
+        Self::new(0, lsn, String::new())
+    }
+
+    fn new(xid: u32, commit_lsn: Lsn, timestamp: String) -> Self {
+        let lsn_text = commit_lsn.to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(XID, xid.to_string().as_str());
+        headers.insert(LSN, lsn_text.as_str());
+        if !timestamp.is_empty() {
+            headers.insert(COMMIT_TIME, timestamp.as_str());
+        }
         Self {
             xid,
             commit_lsn,
-            timestamp: format_pg_timestamp(commit_time_micros),
-            lsn_text: commit_lsn.to_string(),
+            timestamp,
+            lsn_text,
             next_seq: 0,
+            headers,
         }
     }
 
@@ -225,8 +251,7 @@ impl Encoder {
         let tx = match tx {
             Some(tx) => tx,
             None => {
-                standalone = Transaction::begin(0, message.lsn, 0);
-                standalone.timestamp.clear();
+                standalone = Transaction::standalone(message.lsn);
                 &mut standalone
             }
         };
@@ -306,17 +331,9 @@ impl Encoder {
         self.size_hint = self
             .size_hint
             .max(payload.len().next_power_of_two().min(1 << 20));
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            self.naming.message_id(tx.xid, position).as_str(),
-        );
-        headers.insert(HEADER_XID, tx.xid.to_string().as_str());
-        headers.insert(HEADER_LSN, tx.lsn_text.as_str());
-        headers.insert(HEADER_SEQ, position.seq.to_string().as_str());
-        if !tx.timestamp.is_empty() {
-            headers.insert(HEADER_COMMIT_TIME, tx.timestamp.as_str());
-        }
+        let mut headers = tx.headers.clone();
+        headers.insert(NATS_MESSAGE_ID, self.naming.message_id(tx.xid, position));
+        headers.insert(SEQ, position.seq.to_string());
         EncodedEvent {
             subject,
             headers,

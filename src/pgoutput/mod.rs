@@ -352,19 +352,27 @@ fn decode_logical_message<'a>(reader: &mut Reader<'a>) -> Result<LogicalMessage<
 #[cfg(test)]
 mod tests;
 
-/// The messages captured from PostgreSQL 15 in `testdata/pg15.txt`: (tag, bytes).
-#[cfg(test)]
-pub(crate) fn captured_fixtures() -> Vec<(char, Vec<u8>)> {
-    include_str!("testdata/pg15.txt")
-        .lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .map(|line| {
-            let (tag, hex) = line.split_once(' ').expect("tag and hex");
+/// Parses captured messages as `testdata/pg15.txt` stores them: a line per message, its tag,
+/// a space, its bytes in hex; `#` starts a comment. Malformed lines are skipped.
+pub fn parse_captured(text: &str) -> Vec<(char, Vec<u8>)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (tag, hex) = line.split_once(' ')?;
             let bytes = (0..hex.len())
                 .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-                .collect();
-            (tag.chars().next().expect("tag"), bytes)
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
+                .collect::<Option<Vec<u8>>>()?;
+            Some((tag.chars().next()?, bytes))
         })
         .collect()
+}
+
+/// The messages captured from PostgreSQL 15 in `testdata/pg15.txt`.
+#[cfg(test)]
+pub(crate) fn captured_fixtures() -> Vec<(char, Vec<u8>)> {
+    parse_captured(include_str!("testdata/pg15.txt"))
 }

@@ -1,0 +1,75 @@
+//! Decoder micro-benchmark: a pgoutput Insert captured from PostgreSQL 15 (bigint, numeric,
+//! text, timestamptz, uuid, jsonb, text[]), decoded and encoded into its NATS message, on one
+//! core. Run: `cargo bench --bench decode`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use walstream::config::Config;
+use walstream::event::{Encoder, Naming, RelationInfo, Transaction};
+use walstream::lsn::Lsn;
+use walstream::pgoutput::{decode, parse_captured, Message};
+
+fn bench_row() -> (RelationInfo, Vec<u8>, Naming) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/pgoutput/testdata/pg15.txt"
+    );
+    let text = std::fs::read_to_string(path).expect("captured fixtures");
+    let config = Config::parse(
+        "[database]\nurl='x'\n[replication]\ntables=['public.t_bench']\n",
+        Path::new("bench"),
+        &|_| None,
+    )
+    .expect("config");
+    let naming = Naming::from_config(&config);
+    let mut relation = None;
+    let mut insert = None;
+    for (_, bytes) in parse_captured(&text) {
+        match decode(&bytes).expect("captured message") {
+            Message::Relation(r) if r.name == "t_bench" => {
+                relation = Some(RelationInfo::new(&r, &naming, &HashMap::new()))
+            }
+            Message::Insert(_) if relation.is_some() => insert = Some(bytes.clone()),
+            _ => {}
+        }
+    }
+    (
+        relation.expect("t_bench relation"),
+        insert.expect("t_bench insert"),
+        naming,
+    )
+}
+
+fn decode_and_encode(c: &mut Criterion) {
+    let (relation, insert, naming) = bench_row();
+    let mut encoder = Encoder::new(naming);
+    let mut tx = Transaction::begin(771, Lsn(0x16B_3748), 817_027_201_123_456);
+    let sample = match decode(&insert).expect("insert") {
+        Message::Insert(i) => encoder.insert(&mut tx, &relation, &i.new).expect("encode"),
+        _ => unreachable!("an insert"),
+    };
+    eprintln!(
+        "pgoutput message {} bytes → event {} bytes: {}",
+        insert.len(),
+        sample.payload.len(),
+        String::from_utf8_lossy(&sample.payload)
+    );
+    let mut group = c.benchmark_group("pgoutput");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decode", |b| {
+        b.iter(|| black_box(decode(black_box(&insert)).is_ok()))
+    });
+    group.bench_function("decode+encode", |b| {
+        b.iter(|| match decode(black_box(&insert)) {
+            Ok(Message::Insert(i)) => black_box(encoder.insert(&mut tx, &relation, &i.new).is_ok()),
+            _ => false,
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode_and_encode);
+criterion_main!(benches);
