@@ -53,6 +53,16 @@ async fn write_load(
     Ok(committed)
 }
 
+/// Servers with `t_load`, and walstream streaming it (its slot exists).
+async fn streaming_load_table() -> anyhow::Result<(Cluster, std::path::PathBuf, Walstream)> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    Ok((cluster, config, walstream))
+}
+
 /// Ids actually in the table: the truth the stream is checked against.
 async fn table_ids(cluster: &Cluster) -> anyhow::Result<BTreeSet<i64>> {
     let client = cluster.client().await?;
@@ -98,11 +108,7 @@ async fn assert_stream_matches_table(cluster: &Cluster) -> anyhow::Result<Vec<St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(TABLE).await?;
-    let config = cluster.config(&["public.t_load"], "")?;
-    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
-    wait_for_slot(&cluster).await?;
+    let (cluster, config, mut walstream) = streaming_load_table().await?;
     let writer = tokio::spawn(write_load(
         cluster.db_url(),
         1,
@@ -127,11 +133,7 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_down_for_ten_seconds_loses_and_duplicates_nothing() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start().await?;
-    cluster.sql(TABLE).await?;
-    let config = cluster.config(&["public.t_load"], "")?;
-    let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    wait_for_slot(&cluster).await?;
+    let (mut cluster, _config, _walstream) = streaming_load_table().await?;
     let writer = tokio::spawn(write_load(
         cluster.db_url(),
         1,
@@ -152,11 +154,7 @@ async fn nats_down_for_ten_seconds_loses_and_duplicates_nothing() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restarts_lose_and_duplicate_nothing() -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(TABLE).await?;
-    let config = cluster.config(&["public.t_load"], "")?;
-    let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    wait_for_slot(&cluster).await?;
+    let (cluster, _config, _walstream) = streaming_load_table().await?;
     let writer = tokio::spawn(write_load(
         cluster.db_url(),
         1,
@@ -179,11 +177,7 @@ async fn postgres_restarts_lose_and_duplicate_nothing() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_checkpoints_and_exits_zero() -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(TABLE).await?;
-    let config = cluster.config(&["public.t_load"], "")?;
-    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
-    wait_for_slot(&cluster).await?;
+    let (cluster, _config, mut walstream) = streaming_load_table().await?;
     let client = cluster.client().await?;
     write_load(cluster.db_url(), 1, 50, 100, Duration::ZERO).await?;
     let js = cluster.jetstream().await?;
@@ -215,11 +209,7 @@ async fn sigterm_drains_checkpoints_and_exits_zero() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_100k_row_transaction_streams_through() -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(TABLE).await?;
-    let config = cluster.config(&["public.t_load"], "")?;
-    let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    wait_for_slot(&cluster).await?;
+    let (cluster, _config, _walstream) = streaming_load_table().await?;
     cluster
         .sql("INSERT INTO t_load SELECT g, md5(g::text) FROM generate_series(1, 100000) g")
         .await?;
@@ -285,11 +275,7 @@ async fn an_idle_publication_does_not_hold_wal_back() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_empty_checkpoint_resumes_from_the_stream_without_resending() -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(TABLE).await?;
-    let config = cluster.config(&["public.t_load"], "")?;
-    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
-    wait_for_slot(&cluster).await?;
+    let (cluster, config, mut walstream) = streaming_load_table().await?;
     write_load(cluster.db_url(), 1, 20, 100, Duration::ZERO).await?;
     let js = cluster.jetstream().await?;
     wait_for_messages(&js, 2000, Duration::from_secs(60)).await?;

@@ -262,16 +262,7 @@ async fn alter_table_mid_stream_is_followed() -> anyhow::Result<()> {
         .await?;
     let config = cluster.config(&["public.t_evolve"], "")?;
     let _walstream = Walstream::start(&config, &cluster.log_path())?;
-    let client = cluster.client().await?;
-    eventually(Duration::from_secs(30), "the slot to exist", || async {
-        walstream::postgres::slot_info(&client, "walstream")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await
-    .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    wait_for_slot(&cluster).await?;
     cluster
         .sql(
             "INSERT INTO t_evolve VALUES (1, 'one');

@@ -1,0 +1,301 @@
+//! End-to-end benchmark: backlog drain of walstream against the two ceilings measured in the
+//! same run on the same data: the raw slot read (pgwire-replication alone, no decoding) and the
+//! raw JetStream publish of as many same-size messages with the same in-flight window.
+//!
+//! Run: `cargo bench --bench pipeline` (WALSTREAM_BENCH_ROWS=1000000 and
+//! WALSTREAM_BENCH_TXS=200000 by default). Starts its own PostgreSQL and nats-server.
+
+use std::future::IntoFuture;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use walstream::local::{free_port, LocalNats, LocalPostgres};
+use walstream::lsn::Lsn;
+
+const DATABASE: &str = "bench";
+const WINDOW: usize = 1024;
+const TABLE: &str = "CREATE TABLE t_bench (id BIGINT PRIMARY KEY, amount NUMERIC(12,2), \
+    name TEXT, created TIMESTAMPTZ, uid UUID, doc JSONB, tags TEXT[]);";
+const ROW: &str = "g, g * 1.25, 'customer order number ' || g, now(), gen_random_uuid(), \
+    jsonb_build_object('sku', 'W-' || g, 'qty', g % 7, 'price', 24.50), ARRAY['urgent', 'new']";
+
+struct Servers {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    postgres: LocalPostgres,
+    nats: LocalNats,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.postgres.stop("immediate");
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Scenario {
+    name: String,
+    changes: u64,
+    walstream_per_sec: f64,
+    walstream_peak_rss_mb: f64,
+    raw_slot_read_per_sec: f64,
+    raw_publish_per_sec: f64,
+    mean_event_bytes: f64,
+}
+
+fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn start_servers() -> anyhow::Result<Servers> {
+    let dir = tempfile::Builder::new()
+        .prefix("walstream-bench-")
+        .tempdir()?;
+    let postgres = LocalPostgres::init(dir.path(), free_port()?)?;
+    postgres.start()?;
+    postgres
+        .execute("postgres", &format!("CREATE DATABASE {DATABASE}"))
+        .await?;
+    let mut nats = LocalNats::new(dir.path(), free_port()?, &[])?;
+    nats.start()?;
+    Ok(Servers {
+        dir: dir.path().to_owned(),
+        _dir: dir,
+        postgres,
+        nats,
+    })
+}
+
+/// Sets up the table, walstream's slot and a second slot for the raw read, then commits the
+/// backlog while nothing reads either slot.
+async fn prepare(servers: &Servers, backlog: &[String]) -> anyhow::Result<()> {
+    let setup = [
+        TABLE,
+        "CREATE PUBLICATION walstream FOR TABLE t_bench",
+        "SELECT pg_create_logical_replication_slot('walstream', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('raw', 'pgoutput')",
+    ];
+    for statement in setup
+        .iter()
+        .copied()
+        .chain(backlog.iter().map(String::as_str))
+    {
+        servers.postgres.execute(DATABASE, statement).await?;
+    }
+    Ok(())
+}
+
+fn config(servers: &Servers) -> anyhow::Result<std::path::PathBuf> {
+    let path = servers.dir.join("walstream.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[replication]\ntables = [\"public.t_bench\"]\n\
+             heartbeat_secs = 0\n[checkpoint]\npath = \"{}\"\n[nats]\nurl = \"{}\"\n\
+             max_inflight = {WINDOW}\n[nats.jetstream]\nmax_bytes = -1\nmax_msgs = -1\n\
+             [http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n",
+            servers.postgres.url(DATABASE),
+            servers.dir.join("checkpoint").display(),
+            servers.nats.url()
+        ),
+    )?;
+    Ok(path)
+}
+
+fn peak_rss_mb(child: &Child) -> f64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// walstream from start to the last ack of `changes` events: (changes/s, peak RSS MB, bytes/event).
+async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let config = config(servers)?;
+    let log = std::fs::File::create(servers.dir.join("walstream.log"))?;
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_walstream"))
+        .args(["stream", "--config"])
+        .arg(&config)
+        .stderr(log)
+        .spawn()?;
+    let js = jetstream::new(async_nats::connect(servers.nats.url()).await?);
+    let (elapsed, bytes) = loop {
+        if let Ok(mut stream) = js.get_stream("fraiseql_events").await {
+            if let Ok(info) = stream.info().await {
+                if info.state.messages >= changes {
+                    break (started.elapsed(), info.state.bytes);
+                }
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "walstream exited early ({status}); see {}/walstream.log",
+                servers.dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rss = peak_rss_mb(&child);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((
+        changes as f64 / elapsed.as_secs_f64(),
+        rss,
+        bytes as f64 / changes as f64,
+    ))
+}
+
+/// pgwire-replication alone: read the second slot until `changes` row messages, no decoding.
+async fn raw_slot_read(servers: &Servers, changes: u64) -> anyhow::Result<f64> {
+    let config = ReplicationConfig::new("127.0.0.1", "postgres", "", DATABASE, "raw", "walstream")
+        .with_port(servers.postgres.port)
+        .with_tls(pgwire_replication::TlsConfig::disabled())
+        .with_status_interval(Duration::from_secs(1));
+    let started = Instant::now();
+    let mut client = ReplicationClient::connect(config).await?;
+    let mut rows = 0;
+    while rows < changes {
+        match client.recv().await? {
+            Some(ReplicationEvent::XLogData { data, .. }) if data.first() == Some(&b'I') => {
+                rows += 1
+            }
+            Some(ReplicationEvent::Commit { end_lsn, .. }) => client.update_applied_lsn(end_lsn),
+            Some(_) => {}
+            None => anyhow::bail!("raw slot stream ended after {rows} rows"),
+        }
+    }
+    let elapsed = started.elapsed();
+    client.update_applied_lsn(Lsn(u64::MAX >> 1));
+    let _ = client.shutdown().await;
+    Ok(changes as f64 / elapsed.as_secs_f64())
+}
+
+/// async-nats alone: `changes` messages of `size` bytes with `WINDOW` acks in flight.
+async fn raw_publish(servers: &Servers, changes: u64, size: usize) -> anyhow::Result<f64> {
+    let client = async_nats::connect(servers.nats.url()).await?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(WINDOW + 64)
+        .build(client);
+    js.create_stream(jetstream::stream::Config {
+        name: "raw".into(),
+        subjects: vec!["raw.>".into()],
+        max_bytes: -1,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let mut acks = FuturesOrdered::new();
+    for n in 0..changes {
+        if acks.len() >= WINDOW {
+            acks.next().await.transpose()?;
+        }
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(format!("raw:{n}"));
+        acks.push_back(js.send_publish("raw.bench", publish).await?.into_future());
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    Ok(changes as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Result<Scenario> {
+    eprintln!("{name}: committing {changes} changes while nothing reads the slots…");
+    let servers = start_servers().await?;
+    prepare(&servers, &backlog).await?;
+    eprintln!("{name}: walstream draining…");
+    let (walstream_per_sec, rss, mean_bytes) = run_walstream(&servers, changes).await?;
+    eprintln!("{name}: raw slot read…");
+    let raw_slot_read_per_sec = raw_slot_read(&servers, changes).await?;
+    eprintln!("{name}: raw JetStream publish…");
+    let raw_publish_per_sec = raw_publish(&servers, changes, mean_bytes as usize).await?;
+    Ok(Scenario {
+        name: name.to_owned(),
+        changes,
+        walstream_per_sec,
+        walstream_peak_rss_mb: rss,
+        raw_slot_read_per_sec,
+        raw_publish_per_sec,
+        mean_event_bytes: mean_bytes,
+    })
+}
+
+fn report(results: &[Scenario]) -> anyhow::Result<()> {
+    println!("\n| scenario | changes | walstream changes/s | peak RSS | raw slot read/s | raw publish/s | walstream / lower ceiling |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let ceiling = r.raw_slot_read_per_sec.min(r.raw_publish_per_sec);
+        println!(
+            "| {} | {} | {:.0} | {:.0} MB | {:.0} | {:.0} | {:.0}% |",
+            r.name,
+            r.changes,
+            r.walstream_per_sec,
+            r.walstream_peak_rss_mb,
+            r.raw_slot_read_per_sec,
+            r.raw_publish_per_sec,
+            100.0 * r.walstream_per_sec / ceiling
+        );
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("pipeline-latest.json");
+    std::fs::write(&file, serde_json::to_string_pretty(results)?)?;
+    println!("\nwritten to {}", file.display());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing and expects no run.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        return Ok(());
+    }
+    let rows = env_count("WALSTREAM_BENCH_ROWS", 1_000_000);
+    let txs = env_count("WALSTREAM_BENCH_TXS", 200_000);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut results = Vec::new();
+        results.push(
+            scenario(
+                "one transaction",
+                rows,
+                vec![format!(
+                    "INSERT INTO t_bench SELECT {ROW} FROM generate_series(1, {rows}) g"
+                )],
+            )
+            .await?,
+        );
+        results.push(
+            scenario(
+                "single-row transactions",
+                txs,
+                vec![
+                    format!(
+                        "CREATE PROCEDURE fill() LANGUAGE plpgsql AS $$ BEGIN \
+                         FOR g IN 1..{txs} LOOP INSERT INTO t_bench SELECT {ROW}; COMMIT; \
+                         END LOOP; END $$"
+                    ),
+                    "CALL fill()".to_owned(),
+                ],
+            )
+            .await?,
+        );
+        report(&results)
+    })
+}
