@@ -19,7 +19,7 @@ fn bench_row() -> (RelationInfo, Vec<u8>, Naming) {
     );
     let text = std::fs::read_to_string(path).expect("captured fixtures");
     let config = Config::parse(
-        "[database]\nurl='x'\n[replication]\ntables=['public.t_bench']\n",
+        "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['public.t_bench']\n",
         Path::new("bench"),
         &|_| None,
     )

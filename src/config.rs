@@ -299,6 +299,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        check_database_url(&self.database.url).map_err(|m| ("database.url", m))?;
         let repl = &self.replication;
         check_identifier(&repl.slot).map_err(|m| ("replication.slot", m))?;
         check_identifier(&repl.publication).map_err(|m| ("replication.publication", m))?;
@@ -401,6 +402,24 @@ impl Config {
 
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_secs(self.nats.ack_timeout_secs)
+    }
+}
+
+/// A PostgreSQL URL walstream can use. TLS to PostgreSQL is not built yet, so a URL that
+/// demands it is refused here rather than failing obscurely at connect time.
+fn check_database_url(url: &str) -> Result<(), String> {
+    let parsed: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+    match parsed.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer => {
+            Ok(())
+        }
+        _ => Err(
+            "sslmode=require is not supported yet: walstream does not speak TLS to PostgreSQL \
+             (planned). Use sslmode=disable, or prefer (plaintext when the server allows it)"
+                .into(),
+        ),
     }
 }
 
@@ -580,9 +599,11 @@ mod tests {
 
     #[test]
     fn unqualified_tables_are_refused_with_the_fix() {
-        let err = parse("[database]\nurl='x'\n[replication]\ntables=['tb_order']\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['tb_order']\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("public.tb_order"), "{err}");
     }
 
@@ -635,6 +656,24 @@ mod tests {
     }
 
     #[test]
+    fn a_url_demanding_tls_is_refused_with_the_reason() {
+        let text = MINIMAL.replace(
+            "postgres://u@localhost/db",
+            "postgres://u@h/d?sslmode=require",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("database.url") && err.contains("sslmode=require is not supported"),
+            "{err}"
+        );
+        let text = MINIMAL.replace("postgres://u@localhost/db", "postgres://u@h:notaport/d");
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("database.url"));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let cases = [
             ("[replication]\nslot='My-Slot'", "replication.slot"),
@@ -646,7 +685,7 @@ mod tests {
         for (extra, key) in cases {
             let text = MINIMAL.replace("[replication]", &format!("{extra}\n[replication]"));
             let text = if extra.starts_with("[replication]") {
-                format!("[database]\nurl='x'\n{extra}\ntables=['public.t']\n")
+                format!("[database]\nurl='postgres://localhost/db'\n{extra}\ntables=['public.t']\n")
             } else {
                 text
             };

@@ -31,7 +31,7 @@ fn naming() -> &'static Naming {
     static NAMING: OnceLock<Naming> = OnceLock::new();
     NAMING.get_or_init(|| {
         let config = Config::parse(
-            "[database]\nurl='x'\n[replication]\ntables=['public.fuzz']\n",
+            "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['public.fuzz']\n",
             Path::new("fuzz"),
             &|_| None,
         )

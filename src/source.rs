@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, SslMode, TlsConfig};
+use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 
 use crate::config::Config;
 use crate::lsn::Lsn;
@@ -49,14 +49,6 @@ impl ReplicationTarget {
             .get_dbname()
             .map(str::to_owned)
             .unwrap_or_else(|| user.clone());
-        let tls = match parsed.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => TlsConfig::disabled(),
-            tokio_postgres::config::SslMode::Require => TlsConfig::require(),
-            _ => TlsConfig {
-                mode: SslMode::Prefer,
-                ..TlsConfig::disabled()
-            },
-        };
         let repl = &config.replication;
         let replication = ReplicationConfig::new(
             host.clone(),
@@ -67,7 +59,9 @@ impl ReplicationTarget {
             repl.publication.clone(),
         )
         .with_port(port)
-        .with_tls(tls)
+        // TLS to PostgreSQL is not built yet for the normal connection; config validation
+        // refuses URLs that demand it, and both connections stay plaintext alike.
+        .with_tls(TlsConfig::disabled())
         .with_options(SESSION_OPTIONS)
         .with_application_name(format!("walstream:{}", repl.slot))
         .with_status_interval(Duration::from_secs(repl.status_interval_secs))

@@ -451,7 +451,7 @@ mod tests {
 
     fn naming() -> Naming {
         let config = Config::parse(
-            "[database]\nurl='x'\n[replication]\ntables=['public.t_cap','public.t_full']\n",
+            "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['public.t_cap','public.t_full']\n",
             Path::new("test"),
             &|_| None,
         )
