@@ -76,7 +76,7 @@ pub struct Sink {
     /// One ack future per entry of `unacked`, in the same order.
     acks: FuturesOrdered<futures::future::BoxFuture<'static, AckResult>>,
     /// The stream's last message as far as walstream knows: sequence and `Nats-Msg-Id`.
-    last_stored: (u64, Option<String>),
+    last_stored: (u64, LastId),
     /// WAL position of the last event known to be in the stream.
     last_position: Option<Position>,
     /// Events acknowledged since start.
@@ -105,7 +105,7 @@ impl Sink {
             shutdown,
             unacked: VecDeque::new(),
             acks: FuturesOrdered::new(),
-            last_stored: (tail.sequence, tail.message_id.clone()),
+            last_stored: (tail.sequence, LastId::Read(tail.message_id.clone())),
             last_position: tail.position,
             acked_count: 0,
             sent_count: 0,
@@ -224,8 +224,10 @@ impl Sink {
             let latency = (now_micros - commit_micros).max(0) as f64 / 1e6;
             self.metrics.commit_to_ack_seconds.observe(latency);
         }
-        self.last_stored = (done.sequence, message_id(&done.event));
         self.last_position = Some(done.event.position);
+        // The event itself is kept, not its id: the id is needed only when re-syncing, and
+        // reading it here would allocate for every ack.
+        self.last_stored = (done.sequence, LastId::Acked(done.event));
         self.acked_count += 1;
         self.advance_commits();
     }
@@ -311,7 +313,7 @@ impl Sink {
         }
         // The stream may have moved past what we knew without a message id to match (expired
         // by max_age); its sequence is then the truth.
-        self.last_stored = (tail.sequence, tail.message_id);
+        self.last_stored = (tail.sequence, LastId::Read(tail.message_id));
         let resend = self.unacked.len();
         for (offset, entry) in self.unacked.iter_mut().enumerate() {
             entry.sequence = tail.sequence + offset as u64 + 1;
@@ -333,7 +335,7 @@ impl Sink {
     /// How many of the unacknowledged events the stream already holds.
     fn stored_prefix(&self, tail: &StreamTail) -> Result<usize, ResyncError> {
         if let Some(found) = &tail.message_id {
-            if self.last_stored.1.as_ref() == Some(found) {
+            if self.last_stored.1.message_id().as_ref() == Some(found) {
                 return Ok(0);
             }
             if let Some(index) = self
@@ -369,6 +371,23 @@ impl Sink {
                 max,
             },
             None => SinkError::Fatal("a publish was refused as too large".into()),
+        }
+    }
+}
+
+/// The `Nats-Msg-Id` of the stream's last message as walstream knows it.
+enum LastId {
+    /// Read from the stream (`None`: the message is gone, or the stream is empty).
+    Read(Option<String>),
+    /// The last event acknowledged.
+    Acked(EncodedEvent),
+}
+
+impl LastId {
+    fn message_id(&self) -> Option<String> {
+        match self {
+            LastId::Read(id) => id.clone(),
+            LastId::Acked(event) => message_id(event),
         }
     }
 }
