@@ -29,51 +29,44 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let events_published = IntCounterVec::new(
+        let events_published = defined(IntCounterVec::new(
             Opts::new(
                 "walstream_events_published_total",
                 "Events acknowledged by JetStream, by table and operation",
             ),
             &["table", "op"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let publish_errors = IntCounterVec::new(
+        ));
+        let publish_errors = defined(IntCounterVec::new(
             Opts::new(
                 "walstream_publish_errors_total",
                 "Failed JetStream publishes, by kind (each is re-sent)",
             ),
             &["kind"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let reconnects = IntCounterVec::new(
+        ));
+        let reconnects = defined(IntCounterVec::new(
             Opts::new(
                 "walstream_reconnects_total",
                 "Reconnections, by peer (postgres, nats)",
             ),
             &["peer"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let publish_retries = IntCounter::new(
+        ));
+        let publish_retries = defined(IntCounter::new(
             "walstream_publish_retries_total",
             "Events re-sent after a failed or unconfirmed publish",
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let inflight_acks = IntGauge::new(
+        ));
+        let inflight_acks = defined(IntGauge::new(
             "walstream_inflight_acks",
             "Publishes awaiting their JetStream ack",
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let checkpoint_lsn = IntGauge::new(
+        ));
+        let checkpoint_lsn = defined(IntGauge::new(
             "walstream_checkpoint_lsn",
             "LSN up to which every event is in JetStream and the checkpoint is on disk",
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let replication_lag_bytes = IntGauge::new(
+        ));
+        let replication_lag_bytes = defined(IntGauge::new(
             "walstream_replication_lag_bytes",
             "Server WAL end minus the checkpoint LSN",
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let commit_to_ack_seconds = Histogram::with_opts(
+        ));
+        let commit_to_ack_seconds = defined(Histogram::with_opts(
             HistogramOpts::new(
                 "walstream_commit_to_ack_seconds",
                 "Time from a transaction's commit in PostgreSQL to JetStream's ack of its event",
@@ -82,8 +75,7 @@ impl Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0,
             ]),
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        ));
         let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
             Box::new(events_published.clone()),
             Box::new(publish_errors.clone()),
@@ -149,6 +141,11 @@ impl Metrics {
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|last| last.clone())
     }
+}
+
+/// Unwraps a metric built from constant names and options, which cannot fail.
+fn defined<T>(metric: prometheus::Result<T>) -> T {
+    metric.unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
 }
 
 impl Default for Metrics {

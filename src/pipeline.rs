@@ -19,7 +19,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::postgres::{self, HEARTBEAT_PREFIX};
-use crate::sink::{self, Backoff, Sink, SinkError};
+use crate::sink::{self, Backoff, Sink};
 use crate::source::ReplicationTarget;
 
 /// How often acknowledged progress is written to RocksDB and reported to PostgreSQL.
@@ -273,7 +273,7 @@ impl Pipeline {
                 }
                 ack = self.sink.next_ack_result(), if self.sink.in_flight() > 0 => {
                     if let Some(ack) = ack {
-                        self.sink.handle_ack(ack).await.map_err(sink_error)?;
+                        self.sink.handle_ack(ack).await?;
                     }
                 }
                 received = client.recv() => {
@@ -487,10 +487,7 @@ impl Pipeline {
         let event = encode(&mut self.encoder, &mut state.tx, &entry.info)?;
         let counter = entry.published[op as usize].clone();
         let commit_time = Some(state.commit_time_micros);
-        self.sink
-            .publish(event, counter, commit_time)
-            .await
-            .map_err(sink_error)
+        Ok(self.sink.publish(event, counter, commit_time).await?)
     }
 
     async fn logical_message(
@@ -515,10 +512,7 @@ impl Pipeline {
                 self.skip_through = None;
                 let event = self.encoder.logical_message(Some(&mut state.tx), message);
                 let commit_time = Some(state.commit_time_micros);
-                self.sink
-                    .publish(event, counter, commit_time)
-                    .await
-                    .map_err(sink_error)
+                Ok(self.sink.publish(event, counter, commit_time).await?)
             }
             (_, _) => {
                 let position = Position {
@@ -528,10 +522,7 @@ impl Pipeline {
                 if !already_published(self.skip_through, position) {
                     self.skip_through = None;
                     let event = self.encoder.logical_message(None, message);
-                    self.sink
-                        .publish(event, counter, None)
-                        .await
-                        .map_err(sink_error)?;
+                    self.sink.publish(event, counter, None).await?;
                 }
                 if self.tx.is_none() {
                     self.sink.commit(message.lsn);
@@ -567,7 +558,7 @@ impl Pipeline {
 
     /// After a lost session: wait for every outstanding ack and persist what they confirm.
     async fn finish_in_flight(&mut self) -> anyhow::Result<()> {
-        self.sink.flush().await.map_err(sink_error)?;
+        self.sink.flush().await?;
         if let Some(lsn) = self.sink.take_progress() {
             if lsn > self.durable {
                 self.checkpoint.store_confirmed_lsn(lsn)?;
@@ -643,10 +634,6 @@ impl Pipeline {
 
 fn already_published(skip_through: Option<Position>, position: Position) -> bool {
     skip_through.is_some_and(|last| position <= last)
-}
-
-fn sink_error(error: SinkError) -> anyhow::Error {
-    anyhow::Error::new(error)
 }
 
 /// Writes heartbeat messages into the WAL every `heartbeat_secs`, when configured.

@@ -84,10 +84,6 @@ impl Transaction {
         self.next_seq += 1;
         position
     }
-
-    pub fn timestamp(&self) -> &str {
-        &self.timestamp
-    }
 }
 
 /// PostgreSQL commit time (µs since 2000-01-01 UTC) as RFC 3339 UTC.
