@@ -1,12 +1,13 @@
-//! The streamer as a process: the pipeline plus its HTTP listener, stopped by SIGTERM/SIGINT.
+//! The processes walstream runs as: the streamer, the GraphQL server, or both; each with
+//! its HTTP listener and stopped by SIGTERM/SIGINT.
 
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::{http, pipeline};
+use crate::{graphql, http, pipeline};
 
 /// A shutdown switch that turns on at SIGTERM or SIGINT.
 pub fn shutdown_on_signal() -> watch::Receiver<bool> {
@@ -22,22 +23,57 @@ pub fn shutdown_on_signal() -> watch::Receiver<bool> {
 /// Runs the pipeline and the HTTP listener until `shutdown` turns on or a fatal error.
 pub async fn run_streamer(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let http_task = if config.http.listen.is_empty() {
-        None
-    } else {
-        let listen = config
-            .http
-            .listen
-            .parse()
-            .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
-        let router = http::router(metrics.clone(), config.nats.stream_name.clone());
-        Some(tokio::spawn(http::serve(listen, router, shutdown.clone())))
-    };
-    let result = pipeline::run(config, metrics, shutdown).await;
+    let http_task = spawn_http(&config, metrics.clone(), shutdown.clone())?;
+    let result = pipeline::run(config, metrics, None, shutdown).await;
     if let Some(task) = http_task {
         task.abort();
     }
     result
+}
+
+/// `walstream serve`: the GraphQL server alone; subscriptions read the JetStream stream.
+pub async fn run_graphql(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let router = graphql::router(&config, metrics, None).await?;
+    graphql::serve(&config.graphql()?.listen, router, shutdown).await
+}
+
+/// `walstream run`: the pipeline and the GraphQL server in one process (the sidecar);
+/// subscriptions are fed by the pipeline as JetStream acknowledges each event.
+pub async fn run_all(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let graphql_config = config.graphql()?.clone();
+    let metrics = Arc::new(Metrics::new());
+    let http_task = spawn_http(&config, metrics.clone(), shutdown.clone())?;
+    let (live, _) = broadcast::channel(graphql_config.subscription_buffer);
+    let router = graphql::router(&config, metrics.clone(), Some(live.clone())).await?;
+    let server = graphql::serve(&graphql_config.listen, router, shutdown.clone());
+    let pipeline = pipeline::run(config, metrics, Some(live), shutdown);
+    // Either ending ends the process: a sidecar that lost half of itself should restart.
+    let result = tokio::select! {
+        result = pipeline => result,
+        result = server => result.and(Err(anyhow::anyhow!("the GraphQL server stopped"))),
+    };
+    if let Some(task) = http_task {
+        task.abort();
+    }
+    result
+}
+
+fn spawn_http(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    if config.http.listen.is_empty() {
+        return Ok(None);
+    }
+    let listen = config
+        .http
+        .listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
+    let router = http::router(metrics, config.nats.stream_name.clone());
+    Ok(Some(tokio::spawn(http::serve(listen, router, shutdown))))
 }
 
 async fn wait_for_signal() {

@@ -45,6 +45,8 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The GraphQL front end (`walstream serve` / `walstream run`).
+    pub graphql: Option<GraphqlConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +188,62 @@ impl Default for HttpConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphqlConfig {
+    /// The SDL file, relative to the config file's directory.
+    pub schema: PathBuf,
+    #[serde(default = "defaults::graphql_listen")]
+    pub listen: String,
+    /// PostgreSQL connections the GraphQL server keeps.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "defaults::statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    #[serde(default = "defaults::max_depth")]
+    pub max_depth: usize,
+    #[serde(default = "defaults::max_complexity")]
+    pub max_complexity: usize,
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Rows a list query returns when it gives no `limit`, and the most it may ask for.
+    #[serde(default = "defaults::default_limit")]
+    pub default_limit: i64,
+    #[serde(default = "defaults::max_limit")]
+    pub max_limit: i64,
+    #[serde(default = "defaults::yes")]
+    pub introspection: bool,
+    /// Serve GraphiQL at `GET /graphql`.
+    #[serde(default = "defaults::yes")]
+    pub graphiql: bool,
+    /// Events a live subscription may fall behind before it is stopped with an error.
+    #[serde(default = "defaults::subscription_buffer")]
+    pub subscription_buffer: usize,
+    /// The PostgreSQL role requests without a token run as; unset: they are refused.
+    pub anonymous_role: Option<String>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret.
+    pub hs256_secret: Option<String>,
+    /// RS256 public key (PEM).
+    pub rs256_public_key_file: Option<PathBuf>,
+    /// A JWKS document (RS256/ES256 keys chosen by `kid`).
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// The claim naming the PostgreSQL role to `SET LOCAL ROLE` to.
+    #[serde(default = "defaults::role_claim")]
+    pub role_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "defaults::leeway_secs")]
+    pub leeway_secs: u64,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -260,6 +318,39 @@ mod defaults {
     pub fn http_listen() -> String {
         "127.0.0.1:9187".into()
     }
+    pub fn graphql_listen() -> String {
+        "127.0.0.1:8080".into()
+    }
+    pub fn pool_size() -> usize {
+        16
+    }
+    pub fn statement_timeout_ms() -> u64 {
+        5000
+    }
+    pub fn max_depth() -> usize {
+        10
+    }
+    pub fn max_complexity() -> usize {
+        1000
+    }
+    pub fn max_body_bytes() -> usize {
+        1 << 20
+    }
+    pub fn default_limit() -> i64 {
+        100
+    }
+    pub fn max_limit() -> i64 {
+        1000
+    }
+    pub fn subscription_buffer() -> usize {
+        1024
+    }
+    pub fn role_claim() -> String {
+        "role".into()
+    }
+    pub fn leeway_secs() -> u64 {
+        30
+    }
 }
 
 impl Config {
@@ -269,7 +360,28 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path, &|name| std::env::var(name).ok())
+        let mut config = Self::parse(&text, path, &|name| std::env::var(name).ok())?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Files named in the config are relative to the config file, not to the working directory.
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(graphql) = &mut self.graphql {
+            let auth = &mut graphql.auth;
+            for path in [
+                Some(&mut graphql.schema),
+                auth.rs256_public_key_file.as_mut(),
+                auth.jwks_file.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
     }
 
     /// Parses config text; `env` looks up variables for `${VAR}` interpolation.
@@ -367,6 +479,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(graphql) = &self.graphql {
+            graphql.validate()?;
+        }
         if !self.http.listen.is_empty() {
             self.http
                 .listen
@@ -400,8 +515,62 @@ impl Config {
         }
     }
 
+    /// The GraphQL section, or an error saying how to add it.
+    pub fn graphql(&self) -> anyhow::Result<&GraphqlConfig> {
+        self.graphql.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the config has no [graphql] section; add one with at least \
+                 `schema = \"schema.graphql\"`"
+            )
+        })
+    }
+
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_secs(self.nats.ack_timeout_secs)
+    }
+}
+
+impl GraphqlConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| ("graphql.listen", format!("`{}`: {e}", self.listen)))?;
+        for (key, value) in [
+            ("graphql.pool_size", self.pool_size),
+            ("graphql.max_depth", self.max_depth),
+            ("graphql.max_complexity", self.max_complexity),
+            ("graphql.max_body_bytes", self.max_body_bytes),
+            ("graphql.subscription_buffer", self.subscription_buffer),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if self.default_limit < 1 || self.max_limit < self.default_limit {
+            return Err((
+                "graphql.max_limit",
+                "need 1 <= default_limit <= max_limit".into(),
+            ));
+        }
+        let auth = &self.auth;
+        let keys = [
+            auth.hs256_secret.is_some(),
+            auth.rs256_public_key_file.is_some(),
+            auth.jwks_file.is_some(),
+        ];
+        match keys.iter().filter(|k| **k).count() {
+            0 if self.anonymous_role.is_none() => Err((
+                "graphql.auth",
+                "no way to authenticate: set one of hs256_secret, rs256_public_key_file or \
+                 jwks_file, or set graphql.anonymous_role to serve requests without a token"
+                    .into(),
+            )),
+            0 | 1 => Ok(()),
+            _ => Err((
+                "graphql.auth",
+                "set only one of hs256_secret, rs256_public_key_file and jwks_file".into(),
+            )),
+        }
     }
 }
 

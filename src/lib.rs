@@ -5,6 +5,9 @@
 //! [`sink`] (JetStream), with [`checkpoint`] (RocksDB) beside it and [`pipeline`] driving them.
 //! [`postgres`] is the normal connection (slot, publication, catalog); [`http`] serves
 //! `/health` and `/metrics` from [`metrics`].
+//!
+//! Beside the pipeline, [`graphql`] serves the FraiseQL-style API: queries from views,
+//! mutations through SQL functions, subscriptions from the change stream.
 
 #[cfg(feature = "server")]
 pub mod app;
@@ -17,6 +20,8 @@ pub mod config;
 pub mod dev;
 pub mod event;
 pub mod fuzzing;
+#[cfg(feature = "server")]
+pub mod graphql;
 pub mod http;
 pub mod local;
 pub mod lsn;

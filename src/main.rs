@@ -35,6 +35,10 @@ struct Cli {
 enum Command {
     /// Stream committed changes of the watched tables to JetStream.
     Stream,
+    /// Serve the GraphQL API alone; subscriptions read the JetStream stream.
+    Serve,
+    /// Stream and serve GraphQL in one process (the sidecar).
+    Run,
     /// Create the publication and the replication slot (idempotent).
     Setup {
         /// Print the SQL for a DBA, including a least-privilege role, and execute nothing.
@@ -56,10 +60,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The streamer is one sequential loop and runs best on one thread; the GraphQL server
+    // answers many requests at once and wants every core.
+    let runtime = match cli.command {
+        Command::Serve | Command::Run => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("walstream: cannot start the async runtime: {error}");
@@ -86,6 +95,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Stream => {
             app::run_streamer(config, app::shutdown_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => {
+            app::run_graphql(config, app::shutdown_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run => {
+            app::run_all(config, app::shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Setup { print_sql, role } => {

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use prometheus::IntCounter;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
@@ -19,7 +19,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::postgres::{self, HEARTBEAT_PREFIX};
-use crate::sink::{self, Backoff, Sink};
+use crate::sink::{self, Backoff, Sink, StoredEvent};
 use crate::source::ReplicationTarget;
 
 /// How often acknowledged progress is written to RocksDB and reported to PostgreSQL.
@@ -31,6 +31,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
+    subscribers: Option<broadcast::Sender<Arc<StoredEvent>>>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&config.checkpoint.path)?;
@@ -78,7 +79,8 @@ pub async fn run(
             &tail,
             metrics.clone(),
             shutdown.clone(),
-        ),
+        )
+        .with_subscribers(subscribers),
         skip_through: tail.position,
         encoder: Encoder::new(naming),
         checkpoint,

@@ -561,7 +561,7 @@ mod tests {
                 "timestamp": insert["timestamp"], "lsn": insert["lsn"], "xid": insert["xid"],
                 "seq": 0,
                 "data": {"id": 1, "name": "one", "amount": "1.50", "nums": [1, null],
-                         "doc": {"k": 2.5}, "m": "happy", "big": big},
+                         "doc": serde_json::from_str::<serde_json::Value>("{\"k\": 2.50}").expect("json"), "m": "happy", "big": big},
                 "old": null, "unchanged_toast": []
             })
         );

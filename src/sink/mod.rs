@@ -11,7 +11,7 @@ mod connect;
 mod stream;
 
 pub use connect::connect;
-pub use stream::{ensure_stream, read_tail, StreamTail};
+pub use stream::{ensure_stream, position_of, read_tail, StreamTail};
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use prometheus::IntCounter;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::event::{EncodedEvent, Position};
 use crate::lsn::Lsn;
@@ -64,6 +65,14 @@ struct Unacked {
     commit_time_micros: Option<i64>,
 }
 
+/// An event JetStream has stored, as in-process subscribers receive it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub stream_sequence: u64,
+    pub subject: String,
+    pub payload: Bytes,
+}
+
 pub type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
 
 pub struct Sink {
@@ -86,6 +95,8 @@ pub struct Sink {
     /// Commits waiting for their events: (events before and including the commit, end LSN).
     commits: VecDeque<(u64, Lsn)>,
     progress: Option<Lsn>,
+    /// In-process subscribers (`walstream run`), told of each event once it is stored.
+    stored: Option<broadcast::Sender<Arc<StoredEvent>>>,
 }
 
 impl Sink {
@@ -111,7 +122,17 @@ impl Sink {
             sent_count: 0,
             commits: VecDeque::new(),
             progress: None,
+            stored: None,
         }
+    }
+
+    /// Tells `subscribers` of every event from now on, once JetStream has stored it.
+    pub fn with_subscribers(
+        mut self,
+        subscribers: Option<broadcast::Sender<Arc<StoredEvent>>>,
+    ) -> Self {
+        self.stored = subscribers;
+        self
     }
 
     /// Publishes an event, waiting for acks first when the window is full.
@@ -225,6 +246,13 @@ impl Sink {
             self.metrics.commit_to_ack_seconds.observe(latency);
         }
         self.last_position = Some(done.event.position);
+        if let Some(subscribers) = self.stored.as_ref().filter(|s| s.receiver_count() > 0) {
+            let _ = subscribers.send(Arc::new(StoredEvent {
+                stream_sequence: done.sequence,
+                subject: done.event.subject.to_string(),
+                payload: done.event.payload.clone(),
+            }));
+        }
         // The event itself is kept, not its id: the id is needed only when re-syncing, and
         // reading it here would allocate for every ack.
         self.last_stored = (done.sequence, LastId::Acked(done.event));

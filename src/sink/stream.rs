@@ -126,8 +126,24 @@ pub async fn read_tail(js: &jetstream::Context, name: &str) -> anyhow::Result<St
             });
         }
     };
-    let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
-    let position = match (header(HEADER_LSN), header(HEADER_SEQ)) {
+    Ok(StreamTail {
+        sequence,
+        message_id: message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_owned()),
+        position: position_of(&message.headers, sequence)?,
+    })
+}
+
+/// The WAL position walstream wrote in a stored message's headers; `None` for a message
+/// walstream did not publish.
+pub fn position_of(
+    headers: &async_nats::HeaderMap,
+    sequence: u64,
+) -> anyhow::Result<Option<Position>> {
+    let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+    Ok(match (header(HEADER_LSN), header(HEADER_SEQ)) {
         (Some(lsn), Some(seq)) => Some(Position {
             commit_lsn: parse_lsn(&lsn).map_err(anyhow::Error::msg)?,
             seq: seq
@@ -135,10 +151,5 @@ pub async fn read_tail(js: &jetstream::Context, name: &str) -> anyhow::Result<St
                 .map_err(|_| anyhow::anyhow!("message {sequence}: bad {HEADER_SEQ} `{seq}`"))?,
         }),
         _ => None,
-    };
-    Ok(StreamTail {
-        sequence,
-        message_id: header(async_nats::header::NATS_MESSAGE_ID.as_ref()),
-        position,
     })
 }

@@ -1,0 +1,213 @@
+//! The GraphQL front end: queries read views, mutations call SQL functions, and
+//! subscriptions follow the change stream the pipeline writes.
+
+pub mod auth;
+pub mod catalog;
+pub mod db;
+pub mod feed;
+pub mod mutation;
+pub mod schema;
+pub mod sdl;
+pub mod sql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_graphql::dynamic::Schema;
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::{Data, Executor};
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sink::{self, StoredEvent};
+use auth::{AuthError, Authenticator};
+use db::Database;
+use feed::Feed;
+use schema::Runtime;
+
+#[derive(Clone)]
+struct Endpoint {
+    schema: Schema,
+    auth: Arc<Authenticator>,
+    graphiql: bool,
+}
+
+/// Reads the schema file, checks it against the database, connects to NATS for
+/// subscriptions and returns the `/graphql` router. `live` is the in-process pipeline's
+/// stream of stored events (`walstream run`); without it subscriptions read JetStream.
+pub async fn router(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    live: Option<broadcast::Sender<Arc<StoredEvent>>>,
+) -> anyhow::Result<Router> {
+    let graphql = config.graphql()?;
+    let file = graphql.schema.display().to_string();
+    let text = std::fs::read_to_string(&graphql.schema)
+        .map_err(|e| anyhow::anyhow!("graphql.schema {file}: cannot read: {e}"))?;
+    let sdl = sdl::parse(&text, &file)?;
+    let auth = Authenticator::from_config(graphql)?;
+    let db = Database::new(
+        &config.database.url,
+        graphql.pool_size,
+        graphql.statement_timeout_ms,
+    )?;
+    let client = db
+        .client()
+        .await
+        .map_err(|e| anyhow::anyhow!("GraphQL: {e}"))?;
+    let nats = sink::connect(&config.nats, metrics, Duration::from_secs(30)).await?;
+    let feed = Feed::new(
+        async_nats::jetstream::new(nats),
+        config.nats.stream_name.clone(),
+        live,
+    );
+    let runtime = Arc::new(Runtime {
+        db,
+        feed: Some(feed),
+        default_limit: graphql.default_limit,
+        max_limit: graphql.max_limit,
+    });
+    let schema = schema::build(&sdl, &file, graphql, &**client, runtime).await?;
+    drop(client);
+    let endpoint = Endpoint {
+        schema,
+        auth,
+        graphiql: graphql.graphiql,
+    };
+    Ok(Router::new()
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .layer(DefaultBodyLimit::max(graphql.max_body_bytes))
+        .with_state(endpoint))
+}
+
+/// Serves `router` on `listen` until `shutdown` turns true.
+pub async fn serve(
+    listen: &str,
+    router: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("graphql.listen {listen}: cannot listen: {e}"))?;
+    tracing::info!("GraphQL on http://{listen}/graphql");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    Ok(())
+}
+
+fn unauthorized(error: AuthError) -> Response {
+    let body = serde_json::json!({
+        "errors": [{ "message": error.to_string(), "extensions": { "code": "UNAUTHENTICATED" } }]
+    });
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+async fn graphql_post(
+    State(endpoint): State<Endpoint>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let identity = match endpoint.auth.identify(authorization(&headers)) {
+        Ok(identity) => identity,
+        Err(error) => return unauthorized(error),
+    };
+    let request: async_graphql::BatchRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            let body = serde_json::json!({
+                "errors": [{ "message": format!("the body is not a GraphQL request: {error}"),
+                             "extensions": { "code": "BAD_REQUEST" } }]
+            });
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
+    };
+    let response = endpoint.schema.execute_batch(request.data(identity)).await;
+    Json(response).into_response()
+}
+
+/// GraphiQL for browsers, subscriptions for WebSocket clients.
+async fn graphql_get(State(endpoint): State<Endpoint>, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let upgrade = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return if endpoint.graphiql {
+            Html(
+                GraphiQLSource::build()
+                    .endpoint("/graphql")
+                    .subscription_endpoint("/graphql")
+                    .title("walstream GraphQL")
+                    .finish(),
+            )
+            .into_response()
+        } else {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST GraphQL requests to /graphql",
+            )
+                .into_response()
+        };
+    }
+    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &()).await {
+        Ok(protocol) => protocol,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let socket = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(socket) => socket,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let header_token = authorization(&parts.headers).map(str::to_owned);
+    socket
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| {
+            let auth = endpoint.auth.clone();
+            GraphQLWebSocket::new(socket, endpoint.schema.clone(), protocol)
+                .on_connection_init(move |payload| async move {
+                    let token = connection_token(&payload).or(header_token);
+                    let identity = auth
+                        .identify(token.as_deref())
+                        .map_err(|e| async_graphql::Error::new(e.to_string()))?;
+                    let mut data = Data::default();
+                    data.insert(identity);
+                    Ok(data)
+                })
+                .serve()
+        })
+}
+
+/// The bearer token a WebSocket client sent in `connection_init`: `{"Authorization": …}`,
+/// `{"headers": {"Authorization": …}}` or `{"token": …}`.
+fn connection_token(payload: &serde_json::Value) -> Option<String> {
+    let find = |object: &serde_json::Value| {
+        object.as_object().and_then(|map| {
+            map.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                .and_then(|(_, v)| v.as_str())
+                .map(str::to_owned)
+        })
+    };
+    find(payload)
+        .or_else(|| find(&payload["headers"]))
+        .or_else(|| payload["token"].as_str().map(|t| format!("Bearer {t}")))
+}
