@@ -133,19 +133,25 @@ pub fn walstream_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walstream"))
 }
 
-/// A running `walstream stream`.
+/// A running walstream process.
 pub struct Walstream {
     child: Child,
 }
 
 impl Walstream {
+    /// `walstream stream`.
     pub fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::start_command("stream", config, log)
+    }
+
+    /// `walstream <command>` (`stream`, `serve`, `run`).
+    pub fn start_command(command: &str, config: &Path, log: &Path) -> anyhow::Result<Self> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
         let child = Command::new(walstream_binary())
-            .args(["stream", "--config"])
+            .args([command, "--config"])
             .arg(config)
             .env("RUST_LOG", "walstream=debug,info")
             .stdout(log_file.try_clone()?)
@@ -404,14 +410,29 @@ async fn forward(
 
 /// A plain HTTP/1.1 GET on 127.0.0.1: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request(port, "GET", path, &[], "").await
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     let status = response

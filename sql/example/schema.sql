@@ -91,8 +91,9 @@ CREATE TABLE tb_event_log (
 );
 CREATE INDEX idx_tb_event_log_fk_order ON tb_event_log(fk_order);
 
--- Read view: the JSONB `data` column is what GraphQL queries return.
-CREATE VIEW v_order AS
+-- Read view: the JSONB `data` column is what GraphQL queries return. security_invoker
+-- (PostgreSQL 15+) makes the row-level security below apply to whoever reads the view.
+CREATE VIEW v_order WITH (security_invoker = true) AS
 SELECT
     o.id,
     o.fk_user,
@@ -145,6 +146,57 @@ BEGIN
     RETURN v_result;
 END;
 $$;
+
+CREATE FUNCTION fn_cancel_order(
+    p_order_id UUID
+) RETURNS mutation_response
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status TEXT;
+    v_result mutation_response;
+BEGIN
+    SELECT status INTO v_status FROM tb_order WHERE id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        v_result.status := 'not_found:order';
+        v_result.message := 'no order with this id';
+        RETURN v_result;
+    END IF;
+    v_result.entity_id := p_order_id;
+    v_result.entity_type := 'Order';
+    IF v_status = 'cancelled' THEN
+        v_result.status := 'noop:already_cancelled';
+        RETURN v_result;
+    END IF;
+    IF v_status = 'shipped' THEN
+        v_result.status := 'failed:already_shipped';
+        v_result.message := 'a shipped order cannot be cancelled';
+        RETURN v_result;
+    END IF;
+    UPDATE tb_order SET status = 'cancelled' WHERE id = p_order_id;
+    v_result.status := 'updated';
+    v_result.updated_fields := ARRAY['status'];
+    RETURN v_result;
+END;
+$$;
+
+-- Row-level security for the GraphQL front end: a request whose token carries
+-- {"role": "app_user", "user_pk": 1} runs as app_user and sees and writes only user 1's
+-- orders. (walstream reads the WAL, which row-level security does not filter.)
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user') THEN
+        CREATE ROLE app_user NOLOGIN;
+    END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA public TO app_user;
+GRANT SELECT ON v_order, tb_order, tb_user, tb_product TO app_user;
+GRANT INSERT, UPDATE ON tb_order TO app_user;
+GRANT EXECUTE ON FUNCTION fn_create_order, fn_update_order_status, fn_cancel_order TO app_user;
+ALTER TABLE tb_order ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tb_order_owner ON tb_order
+    USING (fk_user = nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'user_pk', '')::bigint)
+    WITH CHECK (fk_user = nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'user_pk', '')::bigint);
 
 -- Sample data: one user, two products with stock.
 INSERT INTO tb_user (identifier, email, name) VALUES ('alice', 'alice@example.com', 'Alice');

@@ -1023,8 +1023,9 @@ impl SubscriptionPlan {
         })
     }
 
-    /// The row to deliver for an event: re-read through the view as the subscriber (so
-    /// row-level security applies), or the event's own data when the type has no view.
+    /// The row to deliver for an event: looked up through the view as the subscriber (so
+    /// row-level security applies; a row the view does not show is not delivered), or the
+    /// event's own data when the type has no view.
     async fn row(
         &self,
         envelope: &serde_json::Value,
@@ -1053,11 +1054,21 @@ impl SubscriptionPlan {
             )
             .await
             .map_err(client_error)?;
-        rows.into_iter()
-            .flatten()
-            .next()
-            .map(|row| parse_data(row.get(0)))
-            .transpose()
+        let Some(row) = rows.into_iter().flatten().next() else {
+            return Ok(None);
+        };
+        let mut visible = parse_data(row.get(0))?;
+        // The view decides what the subscriber may see and its shape; the event says what
+        // the change wrote. Keys in both take the event's value, so a replayed event shows
+        // the row as of that change rather than as of now.
+        if let (Some(visible), Some(changed)) = (visible.as_object_mut(), data.as_object()) {
+            for (key, value) in visible.iter_mut() {
+                if let Some(new) = changed.get(key) {
+                    *value = new.clone();
+                }
+            }
+        }
+        Ok(Some(visible))
     }
 }
 

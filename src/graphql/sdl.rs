@@ -205,7 +205,8 @@ pub fn parse(text: &str, file: &str) -> Result<Sdl, SdlError> {
         let TypeSystemDefinition::Type(ty) = definition else {
             continue;
         };
-        let line = ty.pos.line;
+        // The name's line, not the definition's: a description comes before the name.
+        let line = ty.node.name.pos.line;
         let ty = ty.node;
         let name = ty.name.node.to_string();
         if SCALARS.contains(&name.as_str()) {
@@ -228,7 +229,7 @@ pub fn parse(text: &str, file: &str) -> Result<Sdl, SdlError> {
                         name: f.node.name.node.to_string(),
                         ty: TypeExpr::from_parsed(&f.node.ty.node),
                         description: f.node.description.map(|d| d.node),
-                        line: f.pos.line,
+                        line: f.node.name.pos.line,
                     })
                     .collect();
                 let object = ObjectDef {
@@ -277,7 +278,7 @@ pub fn parse(text: &str, file: &str) -> Result<Sdl, SdlError> {
         }
     }
     for (root, field) in root_fields {
-        let line = field.pos.line;
+        let line = field.node.name.pos.line;
         let field = field.node;
         if root == roots.0 {
             sdl.queries.push(query_def(&sdl, field, line, file)?);
@@ -431,7 +432,7 @@ fn arg_defs(
 }
 
 fn arg_def(arg: &Positioned<InputValueDefinition>, file: &str) -> Result<ArgDef, SdlError> {
-    let line = arg.pos.line;
+    let line = arg.node.name.pos.line;
     let arg = &arg.node;
     let name = arg.name.node.to_string();
     let filter_key = string_argument(&arg.directives, "filter", "key").map_err(|m| SdlError {

@@ -1,0 +1,813 @@
+//! The GraphQL front end against a real PostgreSQL and NATS, with the example schema:
+//! queries, mutations, auth, row-level security, subscriptions and limits.
+
+mod harness;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use harness::*;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const EXAMPLE_SQL: &str = include_str!("../sql/example/schema.sql");
+const SECRET: &str = "test-secret";
+const ISSUER: &str = "walstream-tests";
+
+fn example_schema() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sql/example/schema.graphql")
+}
+
+/// A signed token for `user_pk`, running as `app_user` (row-level security applies).
+fn token_for(user_pk: i64) -> String {
+    sign(
+        json!({"sub": format!("user-{user_pk}"), "role": "app_user", "user_pk": user_pk}),
+        SECRET,
+        600,
+    )
+}
+
+fn sign(mut claims: Value, secret: &str, expires_in: i64) -> String {
+    claims["exp"] = json!(jsonwebtoken::get_current_timestamp() as i64 + expires_in);
+    claims["iss"] = json!(ISSUER);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token")
+}
+
+struct Api {
+    cluster: Cluster,
+    port: u16,
+    _processes: Vec<Walstream>,
+}
+
+/// The example schema loaded, a second user added, and walstream started as `commands`
+/// (`run`, or `stream` + `serve`), with `graphql_extra` appended to `[graphql]`.
+async fn start(commands: &[&str], graphql_extra: &str) -> anyhow::Result<Api> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(EXAMPLE_SQL).await?;
+    cluster
+        .sql("INSERT INTO tb_user (identifier, email, name) VALUES ('bob', 'bob@example.com', 'Bob')")
+        .await?;
+    let port = walstream::local::free_port()?;
+    let extra = format!(
+        "[graphql]\nschema = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n{graphql_extra}\n\
+         [graphql.auth]\nhs256_secret = \"{SECRET}\"\nissuer = \"{ISSUER}\"\n",
+        example_schema().display()
+    );
+    let config = cluster.config(&["public.tb_order"], &extra)?;
+    let mut processes = Vec::new();
+    for command in commands {
+        let log = cluster.dir.path().join(format!("walstream-{command}.log"));
+        processes.push(Walstream::start_command(command, &config, &log)?);
+    }
+    if commands.iter().any(|c| *c != "serve") {
+        wait_for_slot(&cluster).await?;
+    }
+    walstream::local::wait_for_port(port, Duration::from_secs(30)).inspect_err(|_| {
+        for command in commands {
+            dump_log(&cluster.dir.path().join(format!("walstream-{command}.log")));
+        }
+    })?;
+    Ok(Api {
+        cluster,
+        port,
+        _processes: processes,
+    })
+}
+
+impl Api {
+    /// POSTs a GraphQL request; returns the HTTP status and the response body.
+    async fn post(&self, token: Option<&str>, body: &Value) -> (u16, Value) {
+        let authorization = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(value) = &authorization {
+            headers.push(("Authorization", value.as_str()));
+        }
+        let (status, text) =
+            http_request(self.port, "POST", "/graphql", &headers, &body.to_string())
+                .await
+                .expect("HTTP request");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// Runs a query as `user_pk` and returns the whole response (`data` and `errors`).
+    async fn gql(&self, user_pk: i64, query: &str, variables: Value) -> Value {
+        let (status, body) = self
+            .post(
+                Some(&token_for(user_pk)),
+                &json!({"query": query, "variables": variables}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn create_order(&self, user_pk: i64, identifier: &str, total: &str) -> String {
+        let response = self
+            .gql(
+                user_pk,
+                "mutation($i: CreateOrderInput!) { createOrder(input: $i) { id status total } }",
+                json!({"i": {"identifier": identifier, "total": total}}),
+            )
+            .await;
+        assert!(response.get("errors").is_none(), "{response}");
+        response["data"]["createOrder"]["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+}
+
+fn error_code(response: &Value) -> &str {
+    response["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_filter_order_and_page_and_mutations_report_outcomes() -> anyhow::Result<()> {
+    let api = start(&["serve"], "").await?;
+    // Mutation success: fn_create_order returns no entity; it is re-read from v_order.
+    let (status, created) = api
+        .post(
+            Some(&token_for(1)),
+            &json!({"query": "mutation { createOrder(input: {identifier: \"ord-001\", total: \"49.99\"}) { id identifier status total createdAt } }"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let order = &created["data"]["createOrder"];
+    assert_eq!(order["status"], "pending", "{created}");
+    assert_eq!(order["total"], "49.99", "Decimal is an exact string");
+    assert!(order["createdAt"].as_str().is_some_and(|t| t.contains('T')));
+    let first_id = order["id"].as_str().expect("id").to_owned();
+    for (identifier, total) in [
+        ("ord-002", "10.00"),
+        ("ord-003", "120.50"),
+        ("ord-004", "75.25"),
+    ] {
+        api.create_order(1, identifier, total).await;
+    }
+
+    // One row by id, only the fields asked for.
+    let one = api
+        .gql(
+            1,
+            "query($id: ID!) { order(id: $id) { identifier } }",
+            json!({"id": first_id}),
+        )
+        .await;
+    assert_eq!(one["data"]["order"], json!({"identifier": "ord-001"}));
+
+    // Filters, ordering and paging.
+    let filtered = api
+        .gql(
+            1,
+            "{ orders(where: {total: {gte: \"50\"}, _or: [{identifier: {like: \"ord-00%\"}}]}, orderBy: [{total: DESC}]) { identifier total } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        filtered["data"]["orders"],
+        json!([{"identifier": "ord-003", "total": "120.50"}, {"identifier": "ord-004", "total": "75.25"}]),
+        "{filtered}"
+    );
+    let page = api
+        .gql(
+            1,
+            "{ orders(orderBy: [{identifier: ASC}], limit: 2, offset: 1) { identifier } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        page["data"]["orders"],
+        json!([{"identifier": "ord-002"}, {"identifier": "ord-003"}])
+    );
+    let set = api
+        .gql(
+            1,
+            "{ orders(where: {identifier: {in: [\"ord-001\", \"ord-004\"]}, _not: {status: {eq: \"shipped\"}}}, orderBy: [{identifier: DESC}]) { identifier } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        set["data"]["orders"],
+        json!([{"identifier": "ord-004"}, {"identifier": "ord-001"}])
+    );
+
+    // Injection attempts in every argument are data, never SQL.
+    let hostile = "x' OR '1'='1'); DROP TABLE tb_order; --";
+    let by_id = api
+        .gql(
+            1,
+            "query($id: ID!) { order(id: $id) { id } }",
+            json!({"id": hostile}),
+        )
+        .await;
+    assert_eq!(error_code(&by_id), "BAD_USER_INPUT", "{by_id}");
+    let message = by_id["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        !message.contains("SELECT") && !message.contains("v_order"),
+        "SQL leaked: {message}"
+    );
+    let in_filter = api
+        .gql(
+            1,
+            "query($s: String!) { orders(where: {status: {eq: $s, like: $s, in: [$s]}}) { id } }",
+            json!({"s": hostile}),
+        )
+        .await;
+    assert_eq!(in_filter["data"]["orders"], json!([]), "{in_filter}");
+    let in_order_by = api
+        .gql(1, "{ orders(orderBy: [{nope: ASC}]) { id } }", json!({}))
+        .await;
+    assert!(
+        in_order_by["errors"][0]["message"].as_str().is_some(),
+        "{in_order_by}"
+    );
+    let in_paging = api
+        .gql(1, "{ orders(limit: 100000) { id } }", json!({}))
+        .await;
+    assert_eq!(error_code(&in_paging), "BAD_USER_INPUT");
+    let via_mutation = api
+        .gql(
+            1,
+            "mutation($i: CreateOrderInput!) { createOrder(input: $i) { identifier } }",
+            json!({"i": {"identifier": hostile, "total": "1"}}),
+        )
+        .await;
+    assert_eq!(via_mutation["data"]["createOrder"]["identifier"], hostile);
+    let count = api
+        .cluster
+        .client()
+        .await?
+        .query_one("SELECT count(*) FROM tb_order", &[])
+        .await?;
+    assert_eq!(
+        count.get::<_, i64>(0),
+        5,
+        "the table is intact and holds exactly the orders made"
+    );
+
+    // Input of the wrong type is a validation error before any SQL runs.
+    let wrong_type = api
+        .gql(
+            1,
+            "mutation { createOrder(input: {identifier: \"x\", total: \"abc\"}) { id } }",
+            json!({}),
+        )
+        .await;
+    assert!(
+        wrong_type["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("total")),
+        "{wrong_type}"
+    );
+    assert!(wrong_type["data"].is_null());
+    let missing_field = api.gql(1, "{ orders { id password } }", json!({})).await;
+    assert!(
+        missing_field["errors"][0]["message"].as_str().is_some(),
+        "{missing_field}"
+    );
+
+    // not_found:* and failed:* become errors carrying code, status and message.
+    let missing = api
+        .gql(
+            1,
+            "mutation($id: ID!) { updateOrderStatus(orderId: $id, status: \"paid\") { id } }",
+            json!({"id": "00000000-0000-0000-0000-000000000000"}),
+        )
+        .await;
+    let extensions = &missing["errors"][0]["extensions"];
+    assert_eq!(extensions["code"], "NOT_FOUND", "{missing}");
+    assert_eq!(extensions["status"], "not_found:order");
+    assert_eq!(missing["errors"][0]["message"], "no order with this id");
+    api.cluster
+        .sql(&format!(
+            "UPDATE tb_order SET status = 'shipped' WHERE id = '{first_id}'"
+        ))
+        .await?;
+    let shipped = api
+        .gql(
+            1,
+            "mutation($id: ID!) { cancelOrder(orderId: $id) { status } }",
+            json!({"id": first_id}),
+        )
+        .await;
+    assert_eq!(
+        shipped["errors"][0]["extensions"]["code"], "FAILED",
+        "{shipped}"
+    );
+    assert_eq!(
+        shipped["errors"][0]["extensions"]["status"],
+        "failed:already_shipped"
+    );
+    let second = api
+        .gql(
+            1,
+            "{ orders(where: {identifier: {eq: \"ord-002\"}}) { id } }",
+            json!({}),
+        )
+        .await;
+    let second_id = second["data"]["orders"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let cancelled = api
+        .gql(
+            1,
+            "mutation($id: ID!) { cancelOrder(orderId: $id) { status } }",
+            json!({"id": second_id}),
+        )
+        .await;
+    assert_eq!(
+        cancelled["data"]["cancelOrder"]["status"], "cancelled",
+        "{cancelled}"
+    );
+    let again = api
+        .gql(
+            1,
+            "mutation($id: ID!) { cancelOrder(orderId: $id) { status } }",
+            json!({"id": second_id}),
+        )
+        .await;
+    assert_eq!(
+        again["data"]["cancelOrder"]["status"], "cancelled",
+        "noop:* is a success: {again}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fraiseql_2_mutation_response_is_understood() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(EXAMPLE_SQL).await?;
+    cluster
+        .sql(
+            "CREATE TYPE mutation_result AS (succeeded boolean, state_changed boolean, error_class text,
+                status_detail text, http_status smallint, message text, entity_id uuid, entity_type text,
+                entity jsonb, updated_fields text[], cascade jsonb, error_detail jsonb, metadata jsonb);
+             CREATE FUNCTION fn_rename_order(p_order_id uuid, p_identifier text) RETURNS mutation_result
+             LANGUAGE plpgsql AS $$
+             DECLARE r mutation_result;
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM tb_order WHERE identifier = p_identifier) THEN
+                     r.succeeded := false; r.state_changed := false; r.error_class := 'conflict';
+                     r.status_detail := 'duplicate_identifier'; r.message := 'identifier taken';
+                     r.error_detail := jsonb_build_object('field', 'identifier');
+                     RETURN r;
+                 END IF;
+                 UPDATE tb_order SET identifier = p_identifier WHERE id = p_order_id;
+                 r.succeeded := true; r.state_changed := true; r.entity_id := p_order_id;
+                 r.entity := (SELECT data FROM v_order WHERE id = p_order_id);
+                 RETURN r;
+             END $$;
+             INSERT INTO tb_order (identifier, fk_user, total) VALUES ('a', 1, 1), ('b', 1, 2);",
+        )
+        .await?;
+    let schema = cluster.dir.path().join("schema.graphql");
+    std::fs::write(
+        &schema,
+        std::fs::read_to_string(example_schema())?.replace(
+            "type Mutation {",
+            "type Mutation {\n  renameOrder(orderId: ID!, identifier: String!): Order @function(name: \"fn_rename_order\")",
+        ),
+    )?;
+    let port = walstream::local::free_port()?;
+    let config = cluster.config(
+        &["public.tb_order"],
+        &format!(
+            "[graphql]\nschema = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n[graphql.auth]\nhs256_secret = \"{SECRET}\"\n",
+            schema.display()
+        ),
+    )?;
+    let _serve = Walstream::start_command("serve", &config, &cluster.log_path())?;
+    walstream::local::wait_for_port(port, Duration::from_secs(30))
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let api = Api {
+        cluster,
+        port,
+        _processes: Vec::new(),
+    };
+    let id: String = api
+        .cluster
+        .client()
+        .await?
+        .query_one("SELECT id::text FROM tb_order WHERE identifier = 'a'", &[])
+        .await?
+        .get(0);
+    let query = "mutation($id: ID!, $name: String!) { renameOrder(orderId: $id, identifier: $name) { identifier } }";
+    let renamed = api.gql(1, query, json!({"id": id, "name": "c"})).await;
+    assert_eq!(
+        renamed["data"]["renameOrder"]["identifier"], "c",
+        "{renamed}"
+    );
+    let conflict = api.gql(1, query, json!({"id": id, "name": "b"})).await;
+    let extensions = &conflict["errors"][0]["extensions"];
+    assert_eq!(extensions["code"], "CONFLICT", "{conflict}");
+    assert_eq!(extensions["status"], "conflict:duplicate_identifier");
+    assert_eq!(extensions["detail"], json!({"field": "identifier"}));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_are_verified_and_introspection_can_be_off() -> anyhow::Result<()> {
+    let api = start(&["serve"], "introspection = false").await?;
+    let body = json!({"query": "{ orders { id } }"});
+    let cases = [
+        ("no token", None),
+        (
+            "bad signature",
+            Some(sign(
+                json!({"role": "app_user", "user_pk": 1}),
+                "wrong-secret",
+                600,
+            )),
+        ),
+        (
+            "expired",
+            Some(sign(
+                json!({"role": "app_user", "user_pk": 1}),
+                SECRET,
+                -3600,
+            )),
+        ),
+        ("not a JWT", Some("abc.def.ghi".to_owned())),
+    ];
+    for (case, token) in cases {
+        let (status, response) = api.post(token.as_deref(), &body).await;
+        assert_eq!(status, 401, "{case}: {response}");
+        assert_eq!(error_code(&response), "UNAUTHENTICATED", "{case}");
+    }
+    let (status, _) = api.post(Some(&token_for(1)), &body).await;
+    assert_eq!(status, 200);
+    let introspection = api
+        .gql(1, "{ __schema { queryType { name } } }", json!({}))
+        .await;
+    assert!(
+        introspection["data"].is_null(),
+        "introspection is off: {introspection}"
+    );
+    Ok(())
+}
+
+/// A GraphQL WebSocket client speaking `graphql-transport-ws` or the legacy `graphql-ws`.
+struct Subscriber {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    legacy: bool,
+}
+
+impl Subscriber {
+    async fn connect(port: u16, token: &str, legacy: bool) -> anyhow::Result<Self> {
+        let mut request = format!("ws://127.0.0.1:{port}/graphql").into_client_request()?;
+        let protocol = if legacy {
+            "graphql-ws"
+        } else {
+            "graphql-transport-ws"
+        };
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocol.parse()?);
+        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        let mut subscriber = Self { socket, legacy };
+        subscriber
+            .send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
+            .await?;
+        let ack = subscriber.next_message().await?;
+        anyhow::ensure!(ack["type"] == "connection_ack", "no ack: {ack}");
+        Ok(subscriber)
+    }
+
+    async fn send(&mut self, message: Value) -> anyhow::Result<()> {
+        self.socket
+            .send(Message::Text(message.to_string().into()))
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, query: &str) -> anyhow::Result<()> {
+        let kind = if self.legacy { "start" } else { "subscribe" };
+        self.send(json!({"id": "1", "type": kind, "payload": {"query": query}}))
+            .await?;
+        // The server sets up the feed after reading the message; give it a moment so the
+        // events the test makes next are after the subscription, not before.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok(())
+    }
+
+    async fn next_message(&mut self) -> anyhow::Result<Value> {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(20), self.socket.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("no message within 20 s"))?
+                .ok_or_else(|| anyhow::anyhow!("the socket closed"))??;
+            if let Message::Text(text) = message {
+                let value: Value = serde_json::from_str(&text)?;
+                if value["type"] != "ka" && value["type"] != "ping" {
+                    return Ok(value);
+                }
+            }
+        }
+    }
+
+    /// The next event's payload data.
+    async fn next_event(&mut self) -> anyhow::Result<Value> {
+        let message = self.next_message().await?;
+        let kind = if self.legacy { "data" } else { "next" };
+        anyhow::ensure!(message["type"] == kind, "expected {kind}: {message}");
+        Ok(message["payload"].clone())
+    }
+
+    /// Asserts nothing arrives for `quiet`.
+    async fn assert_silent(&mut self, quiet: Duration) {
+        if let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(quiet, self.socket.next()).await
+        {
+            panic!("unexpected message: {text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_follow_mutations_and_row_level_security() -> anyhow::Result<()> {
+    let api = start(&["run"], "").await?;
+    let mut alice = Subscriber::connect(api.port, &token_for(1), false).await?;
+    alice
+        .subscribe("subscription { orderStatusUpdated { identifier status _cursor } }")
+        .await?;
+    let mut legacy = Subscriber::connect(api.port, &token_for(1), true).await?;
+    legacy
+        .subscribe("subscription { orderCreated { identifier } }")
+        .await?;
+
+    // A mutation's change reaches the subscriber through the WAL.
+    let alice_order = api.create_order(1, "ord-alice", "10.00").await;
+    let bob_order = api.create_order(2, "ord-bob", "20.00").await;
+    let created = legacy.next_event().await?;
+    assert_eq!(
+        created["data"]["orderCreated"]["identifier"], "ord-alice",
+        "{created}"
+    );
+    // Bob's order is invisible to Alice through v_order, so it is not delivered either.
+    legacy.assert_silent(Duration::from_secs(2)).await;
+
+    api.gql(
+        2,
+        "mutation($id: ID!) { updateOrderStatus(orderId: $id, status: \"paid\") { id } }",
+        json!({"id": bob_order}),
+    )
+    .await;
+    let updated = api
+        .gql(
+            1,
+            "mutation($id: ID!) { updateOrderStatus(orderId: $id, status: \"paid\") { status } }",
+            json!({"id": alice_order}),
+        )
+        .await;
+    assert_eq!(
+        updated["data"]["updateOrderStatus"]["status"], "paid",
+        "{updated}"
+    );
+    let event = alice.next_event().await?;
+    let payload = &event["data"]["orderStatusUpdated"];
+    assert_eq!(payload["identifier"], "ord-alice", "{event}");
+    assert_eq!(payload["status"], "paid");
+    assert!(
+        payload["_cursor"].as_str().is_some_and(|c| c.contains(':')),
+        "{event}"
+    );
+    alice.assert_silent(Duration::from_secs(2)).await;
+
+    // The same user's queries see the same rows.
+    let mine = api.gql(1, "{ orders { identifier } }", json!({})).await;
+    assert_eq!(mine["data"]["orders"], json!([{"identifier": "ord-alice"}]));
+    let theirs = api
+        .gql(
+            1,
+            "query($id: ID!) { order(id: $id) { identifier } }",
+            json!({"id": bob_order}),
+        )
+        .await;
+    assert_eq!(theirs["data"]["order"], Value::Null);
+    Ok(())
+}
+
+/// Resuming from a cursor replays exactly what was missed, then goes live.
+async fn resume_gets_exactly_the_missed_events(commands: &[&str]) -> anyhow::Result<()> {
+    let api = start(commands, "").await?;
+    let order = api.create_order(1, "ord-resume", "5.00").await;
+    let status_update = |status: &'static str| {
+        let order = order.clone();
+        let api = &api;
+        async move {
+            let response = api
+                .gql(1, "mutation($id: ID!, $s: String!) { updateOrderStatus(orderId: $id, status: $s) { id } }", json!({"id": order, "s": status}))
+                .await;
+            assert!(response.get("errors").is_none(), "{response}");
+        }
+    };
+    let query = |after: Option<&str>| {
+        let after = after
+            .map(|a| format!("(after: \"{a}\")"))
+            .unwrap_or_default();
+        format!("subscription {{ orderStatusUpdated{after} {{ status _cursor }} }}")
+    };
+    let mut first = Subscriber::connect(api.port, &token_for(1), false).await?;
+    first.subscribe(&query(None)).await?;
+    status_update("s1").await;
+    let seen = first.next_event().await?;
+    assert_eq!(seen["data"]["orderStatusUpdated"]["status"], "s1", "{seen}");
+    let cursor = seen["data"]["orderStatusUpdated"]["_cursor"]
+        .as_str()
+        .expect("cursor")
+        .to_owned();
+    drop(first);
+
+    // Missed while disconnected.
+    for status in ["s2", "s3", "s4"] {
+        status_update(status).await;
+    }
+    let mut resumed = Subscriber::connect(api.port, &token_for(1), false).await?;
+    resumed.subscribe(&query(Some(&cursor))).await?;
+    status_update("s5").await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let event = resumed.next_event().await?;
+        statuses.push(
+            event["data"]["orderStatusUpdated"]["status"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        );
+    }
+    resumed.assert_silent(Duration::from_secs(2)).await;
+    assert_eq!(
+        statuses,
+        ["s2", "s3", "s4", "s5"],
+        "the missed events, then live; no gap, no duplicate"
+    );
+    let bad = {
+        let mut client = Subscriber::connect(api.port, &token_for(1), false).await?;
+        client.send(json!({"id": "1", "type": "subscribe", "payload": {"query": query(Some("nonsense"))}})).await?;
+        client.next_message().await?
+    };
+    assert!(bad.to_string().contains("is not a cursor"), "{bad}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resumed_subscription_in_the_sidecar() -> anyhow::Result<()> {
+    resume_gets_exactly_the_missed_events(&["run"]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resumed_subscription_from_jetstream() -> anyhow::Result<()> {
+    resume_gets_exactly_the_missed_events(&["stream", "serve"]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_deep_and_complex_queries_are_refused() -> anyhow::Result<()> {
+    let api = start(
+        &["serve"],
+        "max_depth = 2\nmax_complexity = 5\nmax_body_bytes = 2048",
+    )
+    .await?;
+    let big = json!({"query": format!("{{ orders {{ id }} }} #{}", "x".repeat(4096))});
+    let (status, _) = api.post(Some(&token_for(1)), &big).await;
+    assert_eq!(status, 413, "a body over max_body_bytes is refused");
+    let fine = api.gql(1, "{ orders { id status } }", json!({})).await;
+    assert!(fine.get("errors").is_none(), "{fine}");
+    let too_deep = api
+        .gql(
+            1,
+            "{ __type(name: \"Order\") { fields { name } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        too_deep["errors"][0]["message"], "Query is nested too deep.",
+        "{too_deep}"
+    );
+    let too_complex = api
+        .gql(
+            1,
+            "{ a: orders { id status } b: orders { id status } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        too_complex["errors"][0]["message"], "Query is too complex.",
+        "{too_complex}"
+    );
+    // GraphiQL is served to browsers.
+    let (status, page) = http_get(api.port, "/graphql").await?;
+    assert_eq!(status, 200);
+    assert!(page.to_lowercase().contains("graphiql"), "GraphiQL page");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_that_falls_behind_gets_an_error_not_silent_drops() -> anyhow::Result<()> {
+    let api = start(&["run"], "subscription_buffer = 1").await?;
+    api.cluster
+        .sql("INSERT INTO tb_order (identifier, fk_user, total) SELECT 'bulk-' || i, 1, i FROM generate_series(1, 300) i")
+        .await?;
+    let mut slow = Subscriber::connect(api.port, &token_for(1), false).await?;
+    slow.subscribe("subscription { orderStatusUpdated { status } }")
+        .await?;
+    // 300 changes at once; each delivery waits for a lookup, so a one-event buffer overflows.
+    api.cluster
+        .sql("UPDATE tb_order SET status = 'paid'")
+        .await?;
+    let mut delivered = 0;
+    let error = loop {
+        let message = slow.next_message().await?;
+        if let Some(errors) = message["payload"]["errors"]
+            .as_array()
+            .filter(|e| !e.is_empty())
+        {
+            break errors[0].clone();
+        }
+        anyhow::ensure!(
+            message["type"] == "next",
+            "ended without an error: {message}"
+        );
+        delivered += 1;
+    };
+    assert!(delivered < 300, "the subscriber did fall behind");
+    let text = error["message"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("fell") && text.contains("behind") && text.contains("after"),
+        "{error}"
+    );
+    assert_eq!(error["extensions"]["code"], "SUBSCRIPTION_STOPPED");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_errors_name_the_line_and_the_object() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(EXAMPLE_SQL).await?;
+    let example = std::fs::read_to_string(example_schema())?;
+    let cases = [
+        (
+            "v_order",
+            "v_missing",
+            "type Order: view `v_missing` does not exist",
+        ),
+        (
+            "fn_cancel_order",
+            "fn_gone",
+            "mutation cancelOrder: function `fn_gone` does not exist",
+        ),
+        (
+            "createdAt: DateTime!",
+            "createdAt: Timestamp!",
+            "Order.createdAt: unknown type `Timestamp`",
+        ),
+        (
+            "orderCreated: Order!",
+            "orderCreated(: Order!",
+            "syntax error",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let schema = cluster.dir.path().join("schema.graphql");
+        std::fs::write(&schema, example.replace(from, to))?;
+        let line = example
+            .replace(from, to)
+            .lines()
+            .position(|l| l.contains(to))
+            .map(|i| i + 1);
+        let config = cluster.config(
+            &["public.tb_order"],
+            &format!(
+                "[graphql]\nschema = \"{}\"\nanonymous_role = \"app_user\"\n",
+                schema.display()
+            ),
+        )?;
+        let output = std::process::Command::new(walstream_binary())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{to}: must not start");
+        assert!(stderr.contains(expected), "{to}: {stderr}");
+        if expected != "syntax error" {
+            let located = format!("schema.graphql:{}:", line.expect("line"));
+            assert!(
+                stderr.contains(&located),
+                "{to}: expected {located} in {stderr}"
+            );
+        }
+    }
+    Ok(())
+}
