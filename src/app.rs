@@ -47,11 +47,18 @@ pub async fn run_all(config: Config, shutdown: watch::Receiver<bool>) -> anyhow:
     let (live, _) = broadcast::channel(graphql_config.subscription_buffer);
     let router = graphql::router(&config, metrics.clone(), Some(live.clone())).await?;
     let server = graphql::serve(&graphql_config.listen, router, shutdown.clone());
+    let stopping = shutdown.clone();
     let pipeline = pipeline::run(config, metrics, Some(live), shutdown);
-    // Either ending ends the process: a sidecar that lost half of itself should restart.
+    tokio::pin!(pipeline);
+    // Either failing ends the process: a sidecar that lost half of itself should restart.
     let result = tokio::select! {
-        result = pipeline => result,
-        result = server => result.and(Err(anyhow::anyhow!("the GraphQL server stopped"))),
+        result = &mut pipeline => result,
+        result = server => match result {
+            // A graceful stop closes the server first; the pipeline still drains its acks.
+            Ok(()) if *stopping.borrow() => pipeline.await,
+            Ok(()) => Err(anyhow::anyhow!("the GraphQL server stopped")),
+            Err(error) => Err(error),
+        },
     };
     if let Some(task) = http_task {
         task.abort();

@@ -1,5 +1,5 @@
 //! `walstream dev`: a local PostgreSQL (wal_level=logical) and NATS JetStream with the example
-//! schema, and walstream streaming it, in one command.
+//! schema, and walstream streaming it and serving its GraphQL API, in one command.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,6 +11,9 @@ use crate::config::Config;
 use crate::local::{free_port, LocalNats, LocalPostgres};
 
 const EXAMPLE_SCHEMA: &str = include_str!("../sql/example/schema.sql");
+const EXAMPLE_GRAPHQL: &str = include_str!("../sql/example/schema.graphql");
+/// Signs the tokens `walstream dev` prints; a local development secret, nothing more.
+const DEV_SECRET: &str = "walstream-dev-secret";
 const DATABASE: &str = "walstream_dev";
 
 pub async fn run(dir: &Path) -> anyhow::Result<()> {
@@ -71,12 +74,22 @@ subject = "events.order.status_updated"
 
 [http]
 listen = "127.0.0.1:{http_port}"
+
+[graphql]
+schema = "{graphql_schema}"
+listen = "127.0.0.1:{graphql_port}"
+
+[graphql.auth]
+hs256_secret = "{DEV_SECRET}"
 "#,
         db_url = postgres.url(DATABASE),
         checkpoint = dir.join("checkpoint").display(),
         nats_url = nats.url(),
         http_port = port_or_free(9187)?,
+        graphql_schema = dir.join("schema.graphql").display(),
+        graphql_port = port_or_free(8080)?,
     );
+    std::fs::write(dir.join("schema.graphql"), EXAMPLE_GRAPHQL)?;
     let config_path = dir.join("walstream.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text, &config_path, &|name| std::env::var(name).ok())?;
@@ -85,6 +98,7 @@ listen = "127.0.0.1:{http_port}"
         "\nwalstream dev is running.\n\
          \n  PostgreSQL  {db}   (wal_level=logical, data in {dir}/pgdata)\
          \n  NATS        {nats}   (JetStream, stream {stream}, subjects {prefix}.> and events.order.*)\
+         \n  GraphQL     http://{graphql}/graphql   (GraphiQL in a browser; schema {dir}/schema.graphql)\
          \n  health      http://{http}/health\
          \n  metrics     http://{http}/metrics\
          \n  config      {config}\
@@ -92,6 +106,10 @@ listen = "127.0.0.1:{http_port}"
          \n  psql {db} -c \"INSERT INTO tb_order (identifier, fk_user, total) VALUES ('order-1', 1, 42.00)\"\
          \nThen watch it arrive: nats --server {nats} sub '>' (with the nats CLI), or\
          \n  curl -s http://{http}/metrics | grep walstream_events_published_total\
+         \n\nOr through GraphQL, as user 1 (alice); the order's event comes from the WAL:\
+         \n  curl -s http://{graphql}/graphql -H 'Authorization: Bearer {token}' \\\
+         \n    -H 'Content-Type: application/json' \\\
+         \n    -d '{{\"query\": \"mutation {{ createOrder(input: {{identifier: \\\"ord-001\\\", total: \\\"49.99\\\"}}) {{ id status }} }}\"}}'\
          \n\nCtrl-C stops walstream, NATS and PostgreSQL; their data stays in {dir}.\n",
         db = postgres.url(DATABASE),
         dir = dir.display(),
@@ -100,10 +118,28 @@ listen = "127.0.0.1:{http_port}"
         prefix = config.nats.subject_prefix,
         http = config.http.listen,
         config = config_path.display(),
+        graphql = config.graphql()?.listen,
+        token = dev_token()?,
     );
-    let result = app::run_streamer(config, app::shutdown_on_signal()).await;
+    let result = app::run_all(config, app::shutdown_on_signal()).await;
     nats.kill();
     result
+}
+
+/// A token for the example's user 1 (alice), valid for 30 days.
+fn dev_token() -> anyhow::Result<String> {
+    let claims = serde_json::json!({
+        "sub": "alice",
+        "role": "app_user",
+        "user_pk": 1,
+        "exp": jsonwebtoken::get_current_timestamp() + 30 * 24 * 3600,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(DEV_SECRET.as_bytes()),
+    )
+    .context("signing the dev token")
 }
 
 struct StopOnDrop<'a>(&'a LocalPostgres);

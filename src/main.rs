@@ -50,7 +50,7 @@ enum Command {
     },
     /// Check PostgreSQL, NATS and the checkpoint directory; non-zero exit on any failure.
     Check,
-    /// Start a local PostgreSQL and NATS with the example schema, and stream it.
+    /// Start a local PostgreSQL and NATS with the example schema; stream it and serve GraphQL.
     Dev {
         /// Where the local servers keep their data.
         #[arg(long, default_value = ".walstream-dev")]
@@ -63,7 +63,9 @@ fn main() -> ExitCode {
     // The streamer is one sequential loop and runs best on one thread; the GraphQL server
     // answers many requests at once and wants every core.
     let runtime = match cli.command {
-        Command::Serve | Command::Run => tokio::runtime::Builder::new_multi_thread(),
+        Command::Serve | Command::Run | Command::Dev { .. } => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     }
     .enable_all()
