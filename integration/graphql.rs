@@ -345,7 +345,7 @@ async fn queries_filter_order_and_page_and_mutations_report_outcomes() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn fraiseql_2_mutation_response_is_understood() -> anyhow::Result<()> {
+async fn fraiseql_2_responses_nested_types_and_statement_timeout() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     cluster.sql(EXAMPLE_SQL).await?;
     cluster
@@ -368,7 +368,19 @@ async fn fraiseql_2_mutation_response_is_understood() -> anyhow::Result<()> {
                  r.entity := (SELECT data FROM v_order WHERE id = p_order_id);
                  RETURN r;
              END $$;
-             INSERT INTO tb_order (identifier, fk_user, total) VALUES ('a', 1, 1), ('b', 1, 2);",
+             INSERT INTO tb_order (identifier, fk_user, total) VALUES ('a', 1, 1), ('b', 1, 2);
+             CREATE VIEW v_order_detail AS
+             SELECT o.id, jsonb_build_object(
+                 'identifier', o.identifier,
+                 'customer', jsonb_build_object('name', u.name, 'email', u.email),
+                 'lines', jsonb_build_array(jsonb_build_object('sku', 'W-1', 'qty', 2),
+                                            jsonb_build_object('sku', 'G-7', 'qty', 1))) AS data
+             FROM tb_order o JOIN tb_user u ON u.pk_user = o.fk_user;
+             GRANT SELECT ON v_order_detail TO app_user;
+             CREATE FUNCTION fn_slow(p_seconds float8) RETURNS mutation_response
+             LANGUAGE plpgsql AS $$
+             DECLARE r mutation_response;
+             BEGIN PERFORM pg_sleep(p_seconds); r.status := 'success'; RETURN r; END $$;",
         )
         .await?;
     let schema = cluster.dir.path().join("schema.graphql");
@@ -376,14 +388,22 @@ async fn fraiseql_2_mutation_response_is_understood() -> anyhow::Result<()> {
         &schema,
         std::fs::read_to_string(example_schema())?.replace(
             "type Mutation {",
-            "type Mutation {\n  renameOrder(orderId: ID!, identifier: String!): Order @function(name: \"fn_rename_order\")",
+            "type Mutation {\n  renameOrder(orderId: ID!, identifier: String!): Order @function(name: \"fn_rename_order\")\n  \
+             slow(seconds: Float!): Order @function(name: \"fn_slow\")",
+        )
+        .replace(
+            "type Query {",
+            "type Customer { name: String! email: String! }\ntype Line { sku: String! qty: Int! }\n\
+             type OrderDetail @view(name: \"v_order_detail\") { identifier: String! customer: Customer! lines: [Line!]! }\n\
+             type Query {\n  orderDetails(where: OrderDetailWhere): [OrderDetail!]!",
         ),
     )?;
     let port = walstream::local::free_port()?;
     let config = cluster.config(
         &["public.tb_order"],
         &format!(
-            "[graphql]\nschema = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n[graphql.auth]\nhs256_secret = \"{SECRET}\"\n",
+            "[graphql]\nschema = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nstatement_timeout_ms = 500\n\
+             [graphql.auth]\nhs256_secret = \"{SECRET}\"\n",
             schema.display()
         ),
     )?;
@@ -413,6 +433,26 @@ async fn fraiseql_2_mutation_response_is_understood() -> anyhow::Result<()> {
     assert_eq!(extensions["code"], "CONFLICT", "{conflict}");
     assert_eq!(extensions["status"], "conflict:duplicate_identifier");
     assert_eq!(extensions["detail"], json!({"field": "identifier"}));
+
+    // Types embedded in `data` resolve from it, without queries of their own.
+    let nested = api
+        .gql(1, "{ orderDetails(where: {identifier: {eq: \"b\"}}) { identifier customer { name } lines { sku qty } } }", json!({}))
+        .await;
+    assert_eq!(
+        nested["data"]["orderDetails"],
+        json!([{"identifier": "b", "customer": {"name": "Alice"}, "lines": [{"sku": "W-1", "qty": 2}, {"sku": "G-7", "qty": 1}]}]),
+        "{nested}"
+    );
+
+    // A statement over graphql.statement_timeout_ms is cancelled and reported as such.
+    let slow = api
+        .gql(1, "mutation { slow(seconds: 3) { id } }", json!({}))
+        .await;
+    assert_eq!(error_code(&slow), "TIMEOUT", "{slow}");
+    let quick = api
+        .gql(1, "mutation { slow(seconds: 0.01) { id } }", json!({}))
+        .await;
+    assert!(quick.get("errors").is_none(), "{quick}");
     Ok(())
 }
 
@@ -586,9 +626,41 @@ async fn subscriptions_follow_mutations_and_row_level_security() -> anyhow::Resu
     );
     alice.assert_silent(Duration::from_secs(2)).await;
 
+    // An argument filters on the event's data: this subscriber wants one order only.
+    let other_order = api.create_order(1, "ord-alice-2", "11.00").await;
+    let mut one_order = Subscriber::connect(api.port, &token_for(1), false).await?;
+    one_order
+        .subscribe(&format!(
+            "subscription {{ orderStatusUpdated(orderId: \"{alice_order}\") {{ identifier status }} }}"
+        ))
+        .await?;
+    for order in [&other_order, &alice_order] {
+        api.gql(
+            1,
+            "mutation($id: ID!) { updateOrderStatus(orderId: $id, status: \"shipped\") { id } }",
+            json!({"id": order}),
+        )
+        .await;
+    }
+    let filtered = one_order.next_event().await?;
+    assert_eq!(
+        filtered["data"]["orderStatusUpdated"]["identifier"], "ord-alice",
+        "{filtered}"
+    );
+    one_order.assert_silent(Duration::from_secs(1)).await;
+
     // The same user's queries see the same rows.
-    let mine = api.gql(1, "{ orders { identifier } }", json!({})).await;
-    assert_eq!(mine["data"]["orders"], json!([{"identifier": "ord-alice"}]));
+    let mine = api
+        .gql(
+            1,
+            "{ orders(orderBy: [{identifier: ASC}]) { identifier } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        mine["data"]["orders"],
+        json!([{"identifier": "ord-alice"}, {"identifier": "ord-alice-2"}])
+    );
     let theirs = api
         .gql(
             1,
@@ -635,11 +707,34 @@ async fn resume_gets_exactly_the_missed_events(commands: &[&str]) -> anyhow::Res
     for status in ["s2", "s3", "s4"] {
         status_update(status).await;
     }
+    // Resume while changes keep coming: some are stored while the replay is being set up,
+    // so they reach the server both from the stream and live.
     let mut resumed = Subscriber::connect(api.port, &token_for(1), false).await?;
-    resumed.subscribe(&query(Some(&cursor))).await?;
-    status_update("s5").await;
+    let client = api.cluster.client().await?;
+    let writer_order = order.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..40 {
+            client
+                .execute(
+                    "UPDATE tb_order SET status = $1 WHERE id = $2::text::uuid",
+                    &[&format!("w{i}"), &writer_order],
+                )
+                .await?;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        anyhow::Ok(())
+    });
+    resumed
+        .send(json!({"id": "1", "type": "subscribe", "payload": {"query": query(Some(&cursor))}}))
+        .await?;
+    writer.await??;
+    let expected: Vec<String> = ["s2", "s3", "s4"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain((0..40).map(|i| format!("w{i}")))
+        .collect();
     let mut statuses = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..expected.len() {
         let event = resumed.next_event().await?;
         statuses.push(
             event["data"]["orderStatusUpdated"]["status"]
@@ -650,8 +745,7 @@ async fn resume_gets_exactly_the_missed_events(commands: &[&str]) -> anyhow::Res
     }
     resumed.assert_silent(Duration::from_secs(2)).await;
     assert_eq!(
-        statuses,
-        ["s2", "s3", "s4", "s5"],
+        statuses, expected,
         "the missed events, then live; no gap, no duplicate"
     );
     let bad = {
@@ -809,5 +903,67 @@ async fn start_up_errors_name_the_line_and_the_object() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The feed's own guarantee, with the overlap made certain: events the pipeline announces
+/// while the replay runs are also in the stream, and each must come out exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use walstream::graphql::feed::{parse_cursor, Feed};
+    use walstream::sink::StoredEvent;
+
+    let cluster = Cluster::start().await?;
+    let js = cluster.jetstream().await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["t.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let publish = |i: u64| {
+        let js = js.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Walstream-Lsn", format!("0/{i:X}").as_str());
+            headers.insert("Walstream-Seq", "0");
+            let ack = js
+                .publish_with_headers("t.x", headers, format!("{i}").into())
+                .await?
+                .await?;
+            anyhow::Ok(ack.sequence)
+        }
+    };
+    let stored = |i: u64| {
+        Arc::new(StoredEvent {
+            stream_sequence: i,
+            subject: "t.x".into(),
+            payload: format!("{i}").into(),
+        })
+    };
+    for i in 1..=10 {
+        assert_eq!(publish(i).await?, i);
+    }
+    let (live, _) = tokio::sync::broadcast::channel(64);
+    let feed = Feed::new(js.clone(), STREAM.into(), Some(live.clone()));
+    let mut deliveries = feed.subscribe(None, Some(parse_cursor("0/2:0")?));
+    for i in 5..=10 {
+        live.send(stored(i))?;
+    }
+    for i in 11..=15 {
+        publish(i).await?;
+        live.send(stored(i))?;
+    }
+    let mut sequences = Vec::new();
+    while sequences.len() < 13 {
+        let event = tokio::time::timeout(Duration::from_secs(10), deliveries.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the feed ended"))??;
+        sequences.push(event.stream_sequence);
+    }
+    assert_eq!(sequences, (3..=15).collect::<Vec<_>>());
+    let extra = tokio::time::timeout(Duration::from_millis(500), deliveries.recv()).await;
+    assert!(extra.is_err(), "nothing more: {extra:?}");
     Ok(())
 }

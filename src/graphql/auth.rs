@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 
 use crate::config::GraphqlConfig;
@@ -131,6 +131,20 @@ impl Authenticator {
                 .ok_or_else(|| {
                     AuthError::Invalid("no key in the JWKS matches the token's kid".into())
                 })?;
+                // The key, not the token, decides which algorithms are acceptable.
+                let allowed: &[Algorithm] = match &jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => {
+                        &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]
+                    }
+                    AlgorithmParameters::EllipticCurve(_) => &[Algorithm::ES256, Algorithm::ES384],
+                    _ => &[],
+                };
+                if !allowed.contains(&header.alg) {
+                    return Err(AuthError::Invalid(format!(
+                        "a {:?} token cannot be verified with this JWKS key",
+                        header.alg
+                    )));
+                }
                 (DecodingKey::from_jwk(jwk).map_err(invalid)?, header.alg)
             }
             Keys::None => {
@@ -219,6 +233,55 @@ mod tests {
                 "{bad}: {result:?}"
             );
         }
+    }
+
+    fn rs256_token(kid: Option<&str>, audience: &str) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = kid.map(str::to_owned);
+        let claims = serde_json::json!({"sub": "u2", "aud": audience,
+                                        "exp": jsonwebtoken::get_current_timestamp() + 600});
+        let key = EncodingKey::from_rsa_pem(include_bytes!("testdata/rs256-private.pem"))
+            .expect("test key");
+        encode(&header, &claims, &key).expect("encodes")
+    }
+
+    fn keyed(key_setting: &str) -> Arc<Authenticator> {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let config: GraphqlConfig = toml::from_str(&format!(
+            "schema = 's.graphql'\n[auth]\n{key_setting} = '{dir}/src/graphql/testdata/{}'\naudience = 'orders'\n",
+            if key_setting == "jwks_file" { "jwks.json" } else { "rs256-public.pem" }
+        ))
+        .expect("valid");
+        Authenticator::from_config(&config).expect("valid")
+    }
+
+    #[test]
+    fn rs256_public_key_and_jwks_verify_tokens_and_audience() {
+        for auth in [keyed("rs256_public_key_file"), keyed("jwks_file")] {
+            let id = auth
+                .identify(Some(&format!(
+                    "Bearer {}",
+                    rs256_token(Some("test-key"), "orders")
+                )))
+                .expect("valid");
+            assert_eq!(id.claims["sub"], "u2");
+            let wrong_audience = auth.identify(Some(&format!(
+                "Bearer {}",
+                rs256_token(Some("test-key"), "billing")
+            )));
+            assert!(
+                matches!(wrong_audience, Err(AuthError::Invalid(_))),
+                "{wrong_audience:?}"
+            );
+            // An HS256 token must not pass where RS256 is expected.
+            let forged = auth.identify(Some(&format!("Bearer {}", token("sekrit", 600, "me"))));
+            assert!(matches!(forged, Err(AuthError::Invalid(_))), "{forged:?}");
+        }
+        let unknown_kid = keyed("jwks_file").identify(Some(&format!(
+            "Bearer {}",
+            rs256_token(Some("other"), "orders")
+        )));
+        assert!(matches!(unknown_kid, Err(AuthError::Invalid(m)) if m.contains("kid")));
     }
 
     #[test]

@@ -493,8 +493,20 @@ fn check_references(sdl: &Sdl, file: &str) -> Result<(), SdlError> {
     let is_output = |name: &str| {
         SCALARS.contains(&name) || sdl.objects.contains_key(name) || sdl.enums.contains_key(name)
     };
+    // `<Type>Where`, `<Type>OrderBy` and `SortDirection` are generated for list queries and
+    // may be named in arguments.
+    let is_generated = |name: &str| {
+        name == "SortDirection"
+            || ["Where", "OrderBy"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|object| sdl.objects.contains_key(object))
+            })
+    };
     let is_input = |name: &str| {
-        SCALARS.contains(&name) || sdl.inputs.contains_key(name) || sdl.enums.contains_key(name)
+        SCALARS.contains(&name)
+            || sdl.inputs.contains_key(name)
+            || sdl.enums.contains_key(name)
+            || is_generated(name)
     };
     for object in sdl.objects.values() {
         for field in &object.fields {
