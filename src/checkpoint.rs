@@ -55,6 +55,23 @@ impl Checkpoint {
         })
     }
 
+    /// Opens an existing store for reading only, beside a running walstream (RocksDB's
+    /// read-only mode takes no lock); `None` when there is no store at `path`.
+    pub fn open_read_only(path: &Path) -> Result<Option<Self>, CheckpointError> {
+        if !path.join("CURRENT").exists() {
+            return Ok(None);
+        }
+        let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), path, false)
+            .map_err(|source| CheckpointError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Some(Self {
+            db,
+            path: path.to_owned(),
+        }))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -33,3 +33,5 @@ pub mod postgres;
 pub mod secrets;
 pub mod sink;
 pub mod source;
+#[cfg(feature = "server")]
+pub mod status;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use walstream::config::{Config, LogFormat};
-use walstream::{app, check, dev, postgres};
+use walstream::{app, check, dev, postgres, status};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +50,24 @@ enum Command {
     },
     /// Check PostgreSQL, NATS and the checkpoint directory; non-zero exit on any failure.
     Check,
+    /// Show the slot, the checkpoint, the stream and the lag.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stream sequence of the first event at or after an LSN or a commit time.
+    Seek {
+        /// A WAL position such as 0/16B3748.
+        #[arg(long)]
+        lsn: Option<String>,
+        /// An RFC 3339 time such as 2026-11-22T08:00:00Z.
+        #[arg(long)]
+        time: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a local PostgreSQL and NATS with the example schema; stream it and serve GraphQL.
     Dev {
         /// Where the local servers keep their data.
@@ -93,7 +111,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return dev::run(dir).await.map(|()| ExitCode::SUCCESS);
     }
     let config = Config::load(&cli.config)?;
-    init_logging(config.log.format, config.log.level.as_deref());
+    // One-shot commands print their answer; routine connection logs would only bury it.
+    let quiet = matches!(cli.command, Command::Status { .. } | Command::Seek { .. });
+    let level = config.log.level.as_deref().or(quiet.then_some("warn"));
+    init_logging(config.log.format, level);
     match cli.command {
         Command::Stream => {
             app::run_streamer(config, app::shutdown_on_signal()).await?;
@@ -127,6 +148,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Status { json } => {
+            let status = status::status(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                status.print();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seek { lsn, time, json } => {
+            let target = status::SeekTarget::parse(lsn.as_deref(), time.as_deref())?;
+            let found = status::seek(&config, target).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                found.print();
+            }
+            Ok(if found.sequence.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
             })
         }
         Command::Dev { .. } => unreachable!("handled above"),

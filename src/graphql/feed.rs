@@ -9,8 +9,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::event::Position;
 use crate::lsn::parse_lsn;
-use crate::sink::position_of;
 use crate::sink::StoredEvent;
+use crate::sink::{first_where, meta_at_or_after};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum FeedError {
@@ -225,14 +225,14 @@ async fn next_stored(
     Ok(Some((event, info.pending)))
 }
 
-/// The first stream sequence whose event comes after `after` in WAL order. Stream order is
-/// WAL order (the sink guarantees it), so this is a binary search.
+/// The first stream sequence whose event comes after `after` in WAL order.
 async fn start_after(
     stream: &jetstream::stream::Stream,
     after: Position,
 ) -> Result<u64, FeedError> {
-    let mut stream = stream.clone();
-    let state = stream
+    let failed = |e: anyhow::Error| FeedError::Stream(e.to_string());
+    let mut info_source = stream.clone();
+    let state = info_source
         .info()
         .await
         .map_err(|e| FeedError::Stream(e.to_string()))?
@@ -241,40 +241,20 @@ async fn start_after(
     if state.messages == 0 {
         return Ok(state.last_sequence + 1);
     }
-    let (first, last) = (state.first_sequence, state.last_sequence);
-    let first_position = position_at(&stream, first, last).await?;
-    if first_position.is_some_and(|p| p > after) {
-        if first > 1 {
+    let first = meta_at_or_after(stream, state.first_sequence, state.last_sequence)
+        .await
+        .map_err(failed)?;
+    if let Some(first) = first.filter(|m| m.position.is_some_and(|p| p > after)) {
+        // Everything stored is newer than the cursor: fine only if nothing was ever purged.
+        if first.sequence > 1 {
             return Err(FeedError::Expired(format_cursor(after)));
         }
-        return Ok(first);
+        return Ok(first.sequence);
     }
-    let (mut low, mut high) = (first, last + 1);
-    while low < high {
-        let middle = low + (high - low) / 2;
-        match position_at(&stream, middle, last).await? {
-            Some(position) if position > after => high = middle,
-            _ => low = middle + 1,
-        }
-    }
-    Ok(low)
-}
-
-/// The position of the message at `sequence`, or of the next stored one (messages can be
-/// deleted from the middle of a stream); `None` past the end.
-async fn position_at(
-    stream: &jetstream::stream::Stream,
-    mut sequence: u64,
-    last: u64,
-) -> Result<Option<Position>, FeedError> {
-    while sequence <= last {
-        if let Ok(message) = stream.get_raw_message(sequence).await {
-            return position_of(&message.headers, sequence)
-                .map_err(|e| FeedError::Stream(e.to_string()));
-        }
-        sequence += 1;
-    }
-    Ok(None)
+    let found = first_where(stream, |m| m.position.is_some_and(|p| p > after))
+        .await
+        .map_err(failed)?;
+    Ok(found.map_or(state.last_sequence + 1, |m| m.sequence))
 }
 
 /// NATS subject matching: `*` is one token, `>` the rest.

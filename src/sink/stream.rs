@@ -6,7 +6,7 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::{JetStreamConfig, StorageKind};
 use crate::event::Position;
-use crate::event::{HEADER_LSN, HEADER_SEQ};
+use crate::event::{HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ};
 use crate::lsn::parse_lsn;
 
 /// The last message of the stream.
@@ -152,4 +152,89 @@ pub fn position_of(
         }),
         _ => None,
     })
+}
+
+/// What a search of the stream sees of one stored message.
+#[derive(Debug, Clone)]
+pub struct StoredMeta {
+    pub sequence: u64,
+    /// `None` for a message walstream did not publish.
+    pub position: Option<Position>,
+    /// The commit time walstream wrote, else the time JetStream stored the message.
+    pub time: time::OffsetDateTime,
+}
+
+/// The first stored message for which `reached` holds, where `reached` holds for a suffix of
+/// the stream (stream order is WAL order, so "at or after an LSN" and "at or after a commit
+/// time" are such suffixes). A binary search: about 20 reads on a million messages.
+pub async fn first_where(
+    stream: &jetstream::stream::Stream,
+    reached: impl Fn(&StoredMeta) -> bool,
+) -> anyhow::Result<Option<StoredMeta>> {
+    let mut stream = stream.clone();
+    let state = stream.info().await?.state.clone();
+    if state.messages == 0 {
+        return Ok(None);
+    }
+    let (mut low, mut high) = (state.first_sequence, state.last_sequence + 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        match meta_at_or_after(&stream, middle, state.last_sequence).await? {
+            Some(meta) if reached(&meta) => high = middle,
+            Some(meta) => low = meta.sequence + 1,
+            None => high = middle,
+        }
+    }
+    match meta_at_or_after(&stream, low, state.last_sequence).await? {
+        Some(meta) if reached(&meta) => Ok(Some(meta)),
+        _ => Ok(None),
+    }
+}
+
+/// The message at `sequence`, or the next stored one (messages can be deleted from the middle
+/// of a stream); `None` past `last`.
+pub async fn meta_at_or_after(
+    stream: &jetstream::stream::Stream,
+    mut sequence: u64,
+    last: u64,
+) -> anyhow::Result<Option<StoredMeta>> {
+    while sequence <= last {
+        let message = match stream.get_raw_message(sequence).await {
+            Ok(message) => message,
+            Err(error) if is_no_message(&error) => {
+                sequence += 1;
+                continue;
+            }
+            Err(error) => anyhow::bail!("reading message {sequence} of the stream: {error}"),
+        };
+        {
+            let time = message
+                .headers
+                .get(HEADER_COMMIT_TIME)
+                .and_then(|v| {
+                    time::OffsetDateTime::parse(
+                        v.as_str(),
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .ok()
+                })
+                .unwrap_or(message.time);
+            return Ok(Some(StoredMeta {
+                sequence,
+                position: position_of(&message.headers, sequence)?,
+                time,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn is_no_message(error: &jetstream::stream::RawMessageError) -> bool {
+    match error.kind() {
+        jetstream::stream::RawMessageErrorKind::NoMessageFound => true,
+        jetstream::stream::RawMessageErrorKind::JetStream(inner) => {
+            inner.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+        }
+        _ => false,
+    }
 }

@@ -1,0 +1,364 @@
+//! Operator views: `walstream status` (slot, checkpoint, stream, lag) and `walstream seek`
+//! (the stream sequence where an LSN or a commit time begins).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::lsn::{parse_lsn, Lsn};
+use crate::metrics::Metrics;
+use crate::sink::{self, StoredMeta};
+use crate::{postgres, secrets};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub slot: Option<SlotStatus>,
+    pub checkpoint: CheckpointStatus,
+    pub stream: StreamStatus,
+    /// WAL the slot has not confirmed yet, in bytes (`pg_current_wal_lsn - confirmed_flush_lsn`).
+    pub lag_bytes: Option<u64>,
+    /// PostgreSQL's own measure of how far behind walstream's confirmations are.
+    pub lag_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub plugin: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    pub wal_status: Option<String>,
+    /// WAL kept on the server for this slot (`pg_current_wal_lsn - restart_lsn`).
+    pub wal_retained_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckpointStatus {
+    pub path: String,
+    pub lsn: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub first_lsn: Option<String>,
+    pub last_lsn: Option<String>,
+    pub first_time: Option<String>,
+    pub last_time: Option<String>,
+}
+
+pub async fn status(config: &Config) -> anyhow::Result<Status> {
+    let client = postgres::connect(&config.database.url).await?;
+    let slot_name = &config.replication.slot;
+    let row = client
+        .query_opt(
+            "SELECT s.active, s.active_pid, s.plugin::text, s.confirmed_flush_lsn::text,
+                    s.restart_lsn::text, s.wal_status,
+                    (pg_current_wal_lsn() - s.restart_lsn)::int8,
+                    (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
+                    (SELECT extract(epoch FROM r.flush_lag)::float8
+                     FROM pg_stat_replication r WHERE r.pid = s.active_pid)
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[slot_name],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("reading slot {slot_name}: {}", postgres::db_error(&e)))?;
+    let (slot, lag_bytes, lag_seconds) = match row {
+        Some(row) => (
+            Some(SlotStatus {
+                name: slot_name.clone(),
+                active: row.get(0),
+                active_pid: row.get(1),
+                plugin: row.get(2),
+                confirmed_flush_lsn: row.get(3),
+                restart_lsn: row.get(4),
+                wal_status: row.get(5),
+                wal_retained_bytes: row.get::<_, Option<i64>>(6).map(|b| b.max(0) as u64),
+            }),
+            row.get::<_, Option<i64>>(7).map(|b| b.max(0) as u64),
+            row.get::<_, Option<f64>>(8),
+        ),
+        None => (None, None, None),
+    };
+    let checkpoint = CheckpointStatus {
+        path: config.checkpoint.path.display().to_string(),
+        lsn: Checkpoint::open_read_only(&config.checkpoint.path)?
+            .map(|c| c.confirmed_lsn())
+            .transpose()?
+            .flatten()
+            .map(|lsn| lsn.to_string()),
+    };
+    let js = jetstream_context(config).await?;
+    let stream = stream_status(&js, &config.nats.stream_name).await?;
+    Ok(Status {
+        slot,
+        checkpoint,
+        stream,
+        lag_bytes,
+        lag_seconds,
+    })
+}
+
+async fn jetstream_context(config: &Config) -> anyhow::Result<jetstream::Context> {
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let nats = sink::connect(&config.nats, metrics, Duration::from_secs(10)).await?;
+    Ok(jetstream::new(nats))
+}
+
+async fn stream_status(js: &jetstream::Context, name: &str) -> anyhow::Result<StreamStatus> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("stream {name}"))?;
+    let state = stream.info().await?.state.clone();
+    let (first, last) = if state.messages == 0 {
+        (None, None)
+    } else {
+        (
+            sink::meta_at_or_after(&stream, state.first_sequence, state.last_sequence).await?,
+            last_meta(&stream, state.first_sequence, state.last_sequence).await?,
+        )
+    };
+    let lsn = |m: &Option<StoredMeta>| {
+        m.as_ref()
+            .and_then(|m| m.position)
+            .map(|p| p.commit_lsn.to_string())
+    };
+    let when = |m: &Option<StoredMeta>| m.as_ref().and_then(|m| m.time.format(&Rfc3339).ok());
+    Ok(StreamStatus {
+        name: name.to_owned(),
+        messages: state.messages,
+        bytes: state.bytes,
+        first_sequence: state.first_sequence,
+        last_sequence: state.last_sequence,
+        first_lsn: lsn(&first),
+        last_lsn: lsn(&last),
+        first_time: when(&first),
+        last_time: when(&last),
+    })
+}
+
+/// The last stored message (the one at `last` may have been deleted).
+async fn last_meta(
+    stream: &jetstream::stream::Stream,
+    first: u64,
+    last: u64,
+) -> anyhow::Result<Option<StoredMeta>> {
+    let mut sequence = last;
+    loop {
+        if let Some(meta) = sink::meta_at_or_after(stream, sequence, sequence).await? {
+            return Ok(Some(meta));
+        }
+        if sequence <= first {
+            return Ok(None);
+        }
+        sequence -= 1;
+    }
+}
+
+impl Status {
+    pub fn print(&self) {
+        match &self.slot {
+            Some(slot) => {
+                let activity = match (slot.active, slot.active_pid) {
+                    (true, Some(pid)) => format!("active (walsender pid {pid})"),
+                    _ => "inactive".to_owned(),
+                };
+                println!(
+                    "slot {}: {activity}, plugin {}, wal_status {}",
+                    slot.name,
+                    slot.plugin.as_deref().unwrap_or("?"),
+                    slot.wal_status.as_deref().unwrap_or("?")
+                );
+                println!(
+                    "  confirmed_flush_lsn {}, restart_lsn {}, WAL retained {}",
+                    slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                    slot.restart_lsn.as_deref().unwrap_or("-"),
+                    slot.wal_retained_bytes.map_or("-".into(), human_bytes)
+                );
+            }
+            None => println!("slot: does not exist (walstream setup creates it)"),
+        }
+        println!(
+            "checkpoint {}: {}",
+            self.checkpoint.path,
+            self.checkpoint.lsn.as_deref().unwrap_or("none yet")
+        );
+        let s = &self.stream;
+        println!(
+            "stream {}: {} messages, {}, sequences {}..{}",
+            s.name,
+            s.messages,
+            human_bytes(s.bytes),
+            s.first_sequence,
+            s.last_sequence
+        );
+        if s.messages > 0 {
+            println!(
+                "  first event LSN {} ({}), last event LSN {} ({})",
+                s.first_lsn.as_deref().unwrap_or("-"),
+                s.first_time.as_deref().unwrap_or("-"),
+                s.last_lsn.as_deref().unwrap_or("-"),
+                s.last_time.as_deref().unwrap_or("-")
+            );
+        }
+        println!(
+            "lag: {} behind the server's WAL, {}",
+            self.lag_bytes.map_or("-".into(), human_bytes),
+            self.lag_seconds
+                .map_or("no lag reported by PostgreSQL".into(), |s| format!(
+                    "{s:.1} s"
+                ))
+        );
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Where `seek` starts looking.
+#[derive(Debug, Clone, Copy)]
+pub enum SeekTarget {
+    Lsn(Lsn),
+    Time(OffsetDateTime),
+}
+
+impl SeekTarget {
+    pub fn parse(lsn: Option<&str>, time: Option<&str>) -> anyhow::Result<Self> {
+        match (lsn, time) {
+            (Some(lsn), None) => parse_lsn(lsn)
+                .map(SeekTarget::Lsn)
+                .map_err(|e| anyhow::anyhow!("--lsn: {e}")),
+            (None, Some(time)) => OffsetDateTime::parse(time, &Rfc3339)
+                .map(SeekTarget::Time)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--time `{time}`: not an RFC 3339 time such as 2026-11-22T08:00:00Z ({e})"
+                    )
+                }),
+            _ => anyhow::bail!("give exactly one of --lsn and --time"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SeekResult {
+    pub stream: String,
+    /// The first event at or after the target; `None` when every event is before it.
+    pub sequence: Option<u64>,
+    pub lsn: Option<String>,
+    pub time: Option<String>,
+    /// Whether older events have left the stream (retention), so events just before the
+    /// target may be gone.
+    pub older_events_purged: bool,
+}
+
+/// The stream sequence of the first event at or after `target`.
+pub async fn seek(config: &Config, target: SeekTarget) -> anyhow::Result<SeekResult> {
+    let js = jetstream_context(config).await?;
+    let name = &config.nats.stream_name;
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("stream {name}"))?;
+    let first_sequence = stream.info().await?.state.first_sequence;
+    let found = sink::first_where(&stream, |meta| match target {
+        SeekTarget::Lsn(lsn) => meta.position.is_some_and(|p| p.commit_lsn >= lsn),
+        SeekTarget::Time(time) => meta.time >= time,
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "searching stream {name}: {}",
+            secrets::redact_urls(&e.to_string())
+        )
+    })?;
+    Ok(SeekResult {
+        stream: name.clone(),
+        sequence: found.as_ref().map(|m| m.sequence),
+        lsn: found
+            .as_ref()
+            .and_then(|m| m.position)
+            .map(|p| p.commit_lsn.to_string()),
+        time: found.as_ref().and_then(|m| m.time.format(&Rfc3339).ok()),
+        older_events_purged: first_sequence > 1,
+    })
+}
+
+impl SeekResult {
+    pub fn print(&self) {
+        match self.sequence {
+            Some(sequence) => {
+                println!(
+                    "{sequence}\n  first event at or after the target in stream {}: LSN {}, committed {}",
+                    self.stream,
+                    self.lsn.as_deref().unwrap_or("-"),
+                    self.time.as_deref().unwrap_or("-")
+                );
+                println!(
+                    "  consume from here with DeliverPolicy::ByStartSequence {{ start_sequence: {sequence} }} \
+                     (nats CLI: --deliver {sequence})"
+                );
+            }
+            None => println!(
+                "no event in stream {} is at or after the target",
+                self.stream
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seek_targets_are_checked() {
+        assert!(matches!(
+            SeekTarget::parse(Some("0/16B3748"), None),
+            Ok(SeekTarget::Lsn(_))
+        ));
+        assert!(matches!(
+            SeekTarget::parse(None, Some("2026-11-22T08:00:00Z")),
+            Ok(SeekTarget::Time(_))
+        ));
+        let bad_time = SeekTarget::parse(None, Some("yesterday"))
+            .unwrap_err()
+            .to_string();
+        assert!(bad_time.contains("RFC 3339"), "{bad_time}");
+        assert!(SeekTarget::parse(None, None).is_err());
+        assert!(SeekTarget::parse(Some("0/1"), Some("2026-11-22T08:00:00Z")).is_err());
+        assert!(SeekTarget::parse(Some("16B3748"), None).is_err());
+    }
+
+    #[test]
+    fn bytes_read_like_a_human_wrote_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 kB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MB");
+    }
+}
