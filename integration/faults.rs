@@ -424,3 +424,84 @@ async fn a_million_row_transaction_streams_through_in_bounded_memory() -> anyhow
     assert_eq!(stream.info().await?.state.messages, 1_000_000);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_slot_stops_walstream_and_is_never_recreated() -> anyhow::Result<()> {
+    let (cluster, config, mut walstream) = streaming_load_table().await?;
+    write_load(cluster.db_url(), 1, 5, 10, Duration::ZERO).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 50, Duration::from_secs(30)).await?;
+    let client = cluster.client().await?;
+    let slot_exists = || async {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(row.get::<_, i64>(0) == 1)
+    };
+
+    // Dropped while walstream streams: its walsender is terminated first, as a DBA would, and
+    // again while walstream keeps reconnecting, until the drop gets in.
+    let mut dropped = false;
+    for _ in 0..100 {
+        client
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
+                 WHERE slot_name = 'walstream' AND active_pid IS NOT NULL",
+            )
+            .await?;
+        if client
+            .batch_execute("SELECT pg_drop_replication_slot('walstream')")
+            .await
+            .is_ok()
+        {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "could not drop the slot");
+    let stop_deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = walstream.try_wait() {
+            break status;
+        }
+        if std::time::Instant::now() > stop_deadline {
+            dump_log(&cluster.log_path());
+            anyhow::bail!("walstream did not stop after its slot was dropped");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "a lost slot is an error exit");
+    assert_log_shows(&cluster, "replication slot walstream no longer exists", 1)?;
+    assert_log_shows(&cluster, "walstream setup", 1)?;
+    assert!(
+        !slot_exists().await?,
+        "walstream must not recreate the slot"
+    );
+
+    // Started again with its checkpoint and stream history, it refuses rather than create a
+    // slot that would skip the changes made in between.
+    let restart_log = cluster.dir.path().join("restart.log");
+    let mut restarted = Walstream::start(&config, &restart_log)?;
+    let restart_deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = restarted.try_wait() {
+            break status;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < restart_deadline,
+            "walstream kept running without its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&restart_log)?;
+    assert!(log.contains("no longer exists"), "{log}");
+    assert!(
+        !slot_exists().await?,
+        "walstream must not recreate the slot at start either"
+    );
+    Ok(())
+}

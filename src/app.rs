@@ -35,7 +35,13 @@ pub async fn run_streamer(config: Config, shutdown: watch::Receiver<bool>) -> an
 pub async fn run_graphql(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let router = graphql::router(&config, metrics, None).await?;
-    graphql::serve(&config.graphql()?.listen, router, shutdown).await
+    http::serve(
+        "graphql.listen",
+        config.graphql()?.listen.clone(),
+        router,
+        shutdown,
+    )
+    .await
 }
 
 /// `walstream run`: the pipeline and the GraphQL server in one process (the sidecar);
@@ -46,7 +52,12 @@ pub async fn run_all(config: Config, shutdown: watch::Receiver<bool>) -> anyhow:
     let http_task = spawn_http(&config, metrics.clone(), shutdown.clone())?;
     let (live, _) = broadcast::channel(graphql_config.subscription_buffer);
     let router = graphql::router(&config, metrics.clone(), Some(live.clone())).await?;
-    let server = graphql::serve(&graphql_config.listen, router, shutdown.clone());
+    let server = http::serve(
+        "graphql.listen",
+        graphql_config.listen.clone(),
+        router,
+        shutdown.clone(),
+    );
     let stopping = shutdown.clone();
     let pipeline = pipeline::run(config, metrics, Some(live), shutdown);
     tokio::pin!(pipeline);
@@ -74,13 +85,13 @@ fn spawn_http(
     if config.http.listen.is_empty() {
         return Ok(None);
     }
-    let listen = config
-        .http
-        .listen
-        .parse()
-        .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
     let router = http::router(metrics, config.nats.stream_name.clone());
-    Ok(Some(tokio::spawn(http::serve(listen, router, shutdown))))
+    Ok(Some(tokio::spawn(http::serve(
+        "http.listen",
+        config.http.listen.clone(),
+        router,
+        shutdown,
+    ))))
 }
 
 async fn wait_for_signal() {

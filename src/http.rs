@@ -1,6 +1,5 @@
 //! The HTTP listener: `/health` (JSON) and `/metrics` (Prometheus text).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,16 +26,18 @@ pub fn router(metrics: Arc<Metrics>, stream: String) -> Router {
         .with_state(AppState { metrics, stream })
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves `router` on `listen` until `shutdown` turns true; `key` is the config key that set
+/// the address, for the error when it cannot be bound.
 pub async fn serve(
-    listen: SocketAddr,
+    key: &'static str,
+    listen: String,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = tokio::net::TcpListener::bind(&listen)
         .await
-        .map_err(|e| anyhow::anyhow!("http.listen {listen}: cannot listen: {e}"))?;
-    tracing::info!("serving /health and /metrics on http://{listen}");
+        .map_err(|e| anyhow::anyhow!("{key} {listen}: cannot listen: {e}"))?;
+    tracing::info!("{key}: serving on http://{listen}");
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

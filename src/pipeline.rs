@@ -27,6 +27,16 @@ const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a graceful stop waits for outstanding acks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why walstream stops when its slot is gone, and what the operator can do.
+fn slot_gone_message(slot: &str) -> String {
+    format!(
+        "replication slot {slot} no longer exists. walstream does not recreate it on its own: \
+         the changes committed since it was dropped are not in the WAL any more for it. \
+         Recreate it with `walstream setup` to stream from now on; changes made in between are \
+         not re-delivered (table backfill is not built yet)"
+    )
+}
+
 /// Runs the pipeline until `shutdown` turns true or a fatal error.
 pub async fn run(
     config: Config,
@@ -36,13 +46,6 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&config.checkpoint.path)?;
     let control = postgres::connect(&config.database.url).await?;
-    postgres::ensure_publication_and_slot(
-        &control,
-        &config,
-        config.replication.create_publication,
-        config.replication.create_slot,
-    )
-    .await?;
     let naming = Naming::from_config(&config);
     let nats = sink::connect(&config.nats, metrics.clone(), Duration::from_secs(60)).await?;
     let js = jetstream::ContextBuilder::new()
@@ -67,6 +70,24 @@ pub async fn run(
         last_position = ?tail.position,
         "stream ready"
     );
+    // A missing slot is created only for a walstream with no history. With history (a
+    // checkpoint, or walstream's events in the stream) it was dropped or lost, and creating a
+    // new one would silently skip every change made since.
+    let has_history = checkpoint.confirmed_lsn()?.is_some() || tail.position.is_some();
+    if has_history
+        && postgres::slot_info(&control, &config.replication.slot)
+            .await?
+            .is_none()
+    {
+        anyhow::bail!(slot_gone_message(&config.replication.slot));
+    }
+    postgres::ensure_publication_and_slot(
+        &control,
+        &config,
+        config.replication.create_publication,
+        config.replication.create_slot,
+    )
+    .await?;
     let target = ReplicationTarget::from_config(&config)?;
     let heartbeat = spawn_heartbeat(&config, shutdown.clone());
     let durable = checkpoint.confirmed_lsn()?.unwrap_or(Lsn(0));
@@ -234,19 +255,14 @@ impl Pipeline {
             }
         };
         let Some(slot) = slot else {
-            anyhow::bail!(
-                "replication slot {} no longer exists. walstream does not recreate it on its own: \
-                 changes committed since it was dropped are not in the WAL any more for it. \
-                 Recreate it with `walstream setup`, then backfill the tables to re-deliver their \
-                 current rows",
-                self.slot
-            );
+            anyhow::bail!(slot_gone_message(&self.slot));
         };
         if slot.wal_status.as_deref() == Some("lost") {
             anyhow::bail!(
                 "replication slot {} was invalidated (wal_status = lost): PostgreSQL removed WAL \
                  it still needed (max_slot_wal_keep_size). Changes were lost for it; drop and \
-                 recreate the slot with `walstream setup`, then backfill the tables",
+                 recreate the slot with `walstream setup`; changes made in between are not \
+                 re-delivered (table backfill is not built yet)",
                 self.slot
             );
         }

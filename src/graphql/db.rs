@@ -81,6 +81,20 @@ impl Database {
             .map_err(|e| DbError::Pool(crate::secrets::redact_urls(&e.to_string())))
     }
 
+    /// Runs one read-only statement as `identity`.
+    pub async fn read(
+        &self,
+        identity: &Identity,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Row>, DbError> {
+        let statement = Statement { sql, params };
+        let mut results = self
+            .transaction(identity, Access::ReadOnly, &[statement])
+            .await?;
+        Ok(results.pop().unwrap_or_default())
+    }
+
     /// Runs `statements` in one transaction as `identity`. BEGIN, the identity's settings, the
     /// statements and COMMIT are pipelined, so a request costs one round trip; when a
     /// statement fails, PostgreSQL turns the COMMIT into a ROLLBACK.

@@ -89,24 +89,6 @@ pub async fn router(
         .with_state(endpoint))
 }
 
-/// Serves `router` on `listen` until `shutdown` turns true.
-pub async fn serve(
-    listen: &str,
-    router: Router,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("graphql.listen {listen}: cannot listen: {e}"))?;
-    tracing::info!("GraphQL on http://{listen}/graphql");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await?;
-    Ok(())
-}
-
 fn unauthorized(error: AuthError) -> Response {
     let body = serde_json::json!({
         "errors": [{ "message": error.to_string(), "extensions": { "code": "UNAUTHENTICATED" } }]

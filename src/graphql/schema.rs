@@ -487,19 +487,11 @@ fn query_field(def: &QueryDef, table: Arc<Table>) -> Field {
             let (sql, params) = query_sql(&ctx, &table, &equality_args, list, runtime)?;
             let rows = runtime
                 .db
-                .transaction(
-                    identity,
-                    Access::ReadOnly,
-                    &[Statement {
-                        sql: &sql,
-                        params: &params,
-                    }],
-                )
+                .read(identity, &sql, &params)
                 .await
                 .map_err(client_error)?;
             let values = rows
                 .into_iter()
-                .flatten()
                 .map(|row| parse_data(row.get(0)))
                 .collect::<async_graphql::Result<Vec<_>>>()?;
             if list {
@@ -1044,17 +1036,10 @@ impl SubscriptionPlan {
         let params = [Param::Text(Some(key_value))];
         let rows = runtime
             .db
-            .transaction(
-                identity,
-                Access::ReadOnly,
-                &[Statement {
-                    sql,
-                    params: &params,
-                }],
-            )
+            .read(identity, sql, &params)
             .await
             .map_err(client_error)?;
-        let Some(row) = rows.into_iter().flatten().next() else {
+        let Some(row) = rows.into_iter().next() else {
             return Ok(None);
         };
         let mut visible = parse_data(row.get(0))?;
