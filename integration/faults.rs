@@ -312,17 +312,7 @@ async fn a_row_over_max_payload_stops_walstream_and_resumes_once_fixed() -> anyh
               INSERT INTO t_load VALUES (3, 'small again');",
         )
         .await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = walstream.try_wait() {
-            break status;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "walstream did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = walstream.wait_exit(Duration::from_secs(30)).await?;
     assert!(!status.success());
     let log = std::fs::read_to_string(cluster.log_path())?;
     assert!(
@@ -462,17 +452,10 @@ async fn a_dropped_slot_stops_walstream_and_is_never_recreated() -> anyhow::Resu
         }
     }
     assert!(dropped, "could not drop the slot");
-    let stop_deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = walstream.try_wait() {
-            break status;
-        }
-        if std::time::Instant::now() > stop_deadline {
-            dump_log(&cluster.log_path());
-            anyhow::bail!("walstream did not stop after its slot was dropped");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = walstream
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
     assert!(!status.success(), "a lost slot is an error exit");
     assert_log_shows(&cluster, "replication slot walstream no longer exists", 1)?;
     assert_log_shows(&cluster, "walstream setup", 1)?;
@@ -485,17 +468,10 @@ async fn a_dropped_slot_stops_walstream_and_is_never_recreated() -> anyhow::Resu
     // slot that would skip the changes made in between.
     let restart_log = cluster.dir.path().join("restart.log");
     let mut restarted = Walstream::start(&config, &restart_log)?;
-    let restart_deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = restarted.try_wait() {
-            break status;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < restart_deadline,
-            "walstream kept running without its slot"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = restarted
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: it kept running without its slot"))?;
     assert!(!status.success());
     let log = std::fs::read_to_string(&restart_log)?;
     assert!(log.contains("no longer exists"), "{log}");
