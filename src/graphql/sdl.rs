@@ -599,33 +599,8 @@ pub fn snake_case(name: &str) -> String {
 mod tests {
     use super::*;
 
-    const ORDERS: &str = r#"
-type Order @view(name: "v_order") {
-  id: ID!
-  identifier: String!
-  total: Decimal!
-  status: String!
-  createdAt: DateTime!
-}
-
-input CreateOrderInput {
-  identifier: String!
-  total: Decimal!
-}
-
-type Query {
-  order(id: ID!): Order
-  orders(limit: Int = 20, offset: Int = 0): [Order!]!
-}
-
-type Mutation {
-  createOrder(input: CreateOrderInput!): Order! @function(name: "fn_create_order", claims: {p_fk_user: "user_pk"})
-}
-
-type Subscription {
-  orderStatusUpdated(orderId: ID @filter(key: "id")): Order! @subscribe(subject: "events.order.status_updated")
-}
-"#;
+    /// The example shipped beside `sql/example/schema.sql`.
+    const ORDERS: &str = include_str!("../../sql/example/schema.graphql");
 
     #[test]
     fn reads_views_functions_and_feeds() {
@@ -641,10 +616,23 @@ type Subscription {
         let sub = &sdl.subscriptions[0];
         assert_eq!(
             sub.source,
-            EventSource::Subject("events.order.status_updated".into())
+            EventSource::Entity {
+                entity: "Order".into(),
+                events: vec!["UPDATE".into()]
+            }
         );
         assert_eq!(sub.args[0].filter_key.as_deref(), Some("id"));
         assert_eq!(sub.key, "id");
+
+        let by_subject = ORDERS.replace(
+            "@subscribe(entity: \"Order\", events: [\"UPDATE\"])",
+            "@subscribe(subject: \"events.order.status_updated\")",
+        );
+        let sdl = parse(&by_subject, "schema.graphql").expect("valid");
+        assert_eq!(
+            sdl.subscriptions[0].source,
+            EventSource::Subject("events.order.status_updated".into())
+        );
     }
 
     fn error_of(text: &str) -> String {
