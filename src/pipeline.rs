@@ -73,7 +73,8 @@ pub async fn run(
     // A missing slot is created only for a walstream with no history. With history (a
     // checkpoint, or walstream's events in the stream) it was dropped or lost, and creating a
     // new one would silently skip every change made since.
-    let has_history = checkpoint.confirmed_lsn()?.is_some() || tail.position.is_some();
+    let checkpointed = checkpoint.confirmed_lsn()?;
+    let has_history = checkpointed.is_some() || tail.position.is_some();
     if has_history
         && postgres::slot_info(&control, &config.replication.slot)
             .await?
@@ -90,7 +91,7 @@ pub async fn run(
     .await?;
     let target = ReplicationTarget::from_config(&config)?;
     let heartbeat = spawn_heartbeat(&config, shutdown.clone());
-    let durable = checkpoint.confirmed_lsn()?.unwrap_or(Lsn(0));
+    let durable = checkpointed.unwrap_or(Lsn(0));
     metrics.set_checkpoint(durable.0);
     let mut pipeline = Pipeline {
         sink: Sink::new(

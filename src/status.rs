@@ -285,18 +285,23 @@ pub async fn seek(config: &Config, target: SeekTarget) -> anyhow::Result<SeekRes
         .get_stream(name)
         .await
         .with_context(|| format!("stream {name}"))?;
-    let first_sequence = stream.info().await?.state.first_sequence;
-    let found = sink::first_where(&stream, |meta| match target {
+    let state = stream.info().await?.state.clone();
+    let reached = |meta: &StoredMeta| match target {
         SeekTarget::Lsn(lsn) => meta.position.is_some_and(|p| p.commit_lsn >= lsn),
         SeekTarget::Time(time) => meta.time >= time,
-    })
-    .await
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "searching stream {name}: {}",
-            secrets::redact_urls(&e.to_string())
-        )
-    })?;
+    };
+    let found = if state.messages == 0 {
+        None
+    } else {
+        sink::first_where(&stream, state.first_sequence, state.last_sequence, reached)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "searching stream {name}: {}",
+                    secrets::redact_urls(&e.to_string())
+                )
+            })?
+    };
     Ok(SeekResult {
         stream: name.clone(),
         sequence: found.as_ref().map(|m| m.sequence),
@@ -305,7 +310,7 @@ pub async fn seek(config: &Config, target: SeekTarget) -> anyhow::Result<SeekRes
             .and_then(|m| m.position)
             .map(|p| p.commit_lsn.to_string()),
         time: found.as_ref().and_then(|m| m.time.format(&Rfc3339).ok()),
-        older_events_purged: first_sequence > 1,
+        older_events_purged: state.first_sequence > 1,
     })
 }
 

@@ -97,24 +97,16 @@ impl Feed {
     ) -> Result<(), FeedError> {
         let mut last_sequence = 0;
         if let Some(after) = after {
-            let mut stream = self.stream().await?;
-            let (start, end) = {
-                let start = start_after(&stream, after).await?;
-                let end = stream
-                    .info()
-                    .await
-                    .map_err(|e| FeedError::Stream(e.to_string()))?
-                    .state
-                    .last_sequence;
-                (start, end)
-            };
+            let stream = self.stream().await?;
+            // `end` is read after the live subscription began: the live feed holds what follows.
+            let (start, end) = start_after(&stream, after).await?;
             last_sequence = start.saturating_sub(1);
             if start <= end {
                 // Unfiltered, so that the replay provably reaches `end`; the filter applies here.
                 let policy = DeliverPolicy::ByStartSequence {
                     start_sequence: start,
                 };
-                let mut messages = self.consumer(&None, policy).await?;
+                let mut messages = consumer(&stream, &None, policy).await?;
                 while let Some((event, pending)) = next_stored(&mut messages).await? {
                     last_sequence = event.stream_sequence;
                     let wanted = filter
@@ -160,16 +152,14 @@ impl Feed {
         after: Option<Position>,
         tx: &mpsc::Sender<Delivery>,
     ) -> Result<(), FeedError> {
+        let stream = self.stream().await?;
         let policy = match after {
-            Some(after) => {
-                let stream = self.stream().await?;
-                DeliverPolicy::ByStartSequence {
-                    start_sequence: start_after(&stream, after).await?,
-                }
-            }
+            Some(after) => DeliverPolicy::ByStartSequence {
+                start_sequence: start_after(&stream, after).await?.0,
+            },
             None => DeliverPolicy::New,
         };
-        let mut messages = self.consumer(filter, policy).await?;
+        let mut messages = consumer(&stream, filter, policy).await?;
         while let Some((event, _)) = next_stored(&mut messages).await? {
             if tx.send(Ok(Arc::new(event))).await.is_err() {
                 return Ok(());
@@ -184,26 +174,26 @@ impl Feed {
             .await
             .map_err(|e| FeedError::Stream(format!("stream {}: {e}", self.stream)))
     }
+}
 
-    async fn consumer(
-        &self,
-        filter: &Option<String>,
-        deliver_policy: DeliverPolicy,
-    ) -> Result<jetstream::consumer::pull::Ordered, FeedError> {
-        let stream = self.stream().await?;
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject: filter.clone().unwrap_or_default(),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| FeedError::Stream(format!("creating a consumer: {e}")))?;
-        consumer
-            .messages()
-            .await
-            .map_err(|e| FeedError::Stream(format!("reading the consumer: {e}")))
-    }
+/// An ordered consumer on `stream`, and its messages.
+async fn consumer(
+    stream: &jetstream::stream::Stream,
+    filter: &Option<String>,
+    deliver_policy: DeliverPolicy,
+) -> Result<jetstream::consumer::pull::Ordered, FeedError> {
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter.clone().unwrap_or_default(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| FeedError::Stream(format!("creating a consumer: {e}")))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| FeedError::Stream(format!("reading the consumer: {e}")))
 }
 
 /// The next message and how many more the stream holds for the consumer.
@@ -225,36 +215,40 @@ async fn next_stored(
     Ok(Some((event, info.pending)))
 }
 
-/// The first stream sequence whose event comes after `after` in WAL order.
+/// The first stream sequence whose event comes after `after` in WAL order, and the stream's
+/// last sequence when it was looked at.
 async fn start_after(
     stream: &jetstream::stream::Stream,
     after: Position,
-) -> Result<u64, FeedError> {
+) -> Result<(u64, u64), FeedError> {
     let failed = |e: anyhow::Error| FeedError::Stream(e.to_string());
-    let mut info_source = stream.clone();
-    let state = info_source
+    let state = stream
+        .clone()
         .info()
         .await
         .map_err(|e| FeedError::Stream(e.to_string()))?
         .state
         .clone();
+    let (first, last) = (state.first_sequence, state.last_sequence);
     if state.messages == 0 {
-        return Ok(state.last_sequence + 1);
+        return Ok((last + 1, last));
     }
-    let first = meta_at_or_after(stream, state.first_sequence, state.last_sequence)
+    let oldest = meta_at_or_after(stream, first, last)
         .await
         .map_err(failed)?;
-    if let Some(first) = first.filter(|m| m.position.is_some_and(|p| p > after)) {
+    if let Some(oldest) = oldest.filter(|m| m.position.is_some_and(|p| p > after)) {
         // Everything stored is newer than the cursor: fine only if nothing was ever purged.
-        if first.sequence > 1 {
+        if oldest.sequence > 1 {
             return Err(FeedError::Expired(format_cursor(after)));
         }
-        return Ok(first.sequence);
+        return Ok((oldest.sequence, last));
     }
-    let found = first_where(stream, |m| m.position.is_some_and(|p| p > after))
-        .await
-        .map_err(failed)?;
-    Ok(found.map_or(state.last_sequence + 1, |m| m.sequence))
+    let found = first_where(stream, first, last, |m| {
+        m.position.is_some_and(|p| p > after)
+    })
+    .await
+    .map_err(failed)?;
+    Ok((found.map_or(last + 1, |m| m.sequence), last))
 }
 
 /// NATS subject matching: `*` is one token, `>` the rest.

@@ -44,6 +44,9 @@ enum Kind {
 
 type Kinds = BTreeMap<String, Kind>;
 
+/// Shared by every field resolver.
+type SharedKinds = Arc<Kinds>;
+
 /// A view read as one object type: how each of the type's fields is reached in SQL.
 struct Table {
     view: View,
@@ -116,6 +119,7 @@ pub async fn build(
         views.insert(name, view);
     }
 
+    let shared_kinds: SharedKinds = Arc::new(kinds.clone());
     let subscribed: BTreeSet<&str> = sdl.subscriptions.iter().map(|s| s.ty.base_name()).collect();
     let mut builder = Schema::build(
         "Query",
@@ -126,7 +130,7 @@ pub async fn build(
     for object in sdl.objects.values() {
         builder = builder.register(object_type(
             object,
-            &kinds,
+            &shared_kinds,
             subscribed.contains(object.name.as_str()),
         ));
     }
@@ -281,7 +285,7 @@ fn is_uuid(text: &str) -> bool {
 }
 
 /// An object type whose fields read its parent JSON (a view's `data`, or part of it).
-fn object_type(def: &ObjectDef, kinds: &Kinds, with_cursor: bool) -> Object {
+fn object_type(def: &ObjectDef, kinds: &SharedKinds, with_cursor: bool) -> Object {
     let mut object = Object::new(&def.name);
     if let Some(description) = &def.description {
         object = object.description(description);
@@ -290,7 +294,7 @@ fn object_type(def: &ObjectDef, kinds: &Kinds, with_cursor: bool) -> Object {
         let key = snake_case(&field.name);
         let name = field.name.clone();
         let ty = field.ty.clone();
-        let kinds = kinds.clone();
+        let kinds = Arc::clone(kinds);
         let mut resolved = Field::new(&field.name, type_ref(&field.ty), move |ctx| {
             let result = ctx
                 .parent_value
@@ -1058,10 +1062,8 @@ impl SubscriptionPlan {
 }
 
 fn subscription_field(def: &SubscriptionDef, plan: Arc<SubscriptionPlan>) -> SubscriptionField {
-    let filter_args: Vec<(String, String)> = plan.filters.clone();
     let mut field = SubscriptionField::new(&def.name, type_ref(&def.ty), move |ctx| {
         let plan = plan.clone();
-        let filter_args = filter_args.clone();
         SubscriptionFieldFuture::new(async move {
             let runtime = ctx.data::<Arc<Runtime>>()?.clone();
             let identity = ctx.data::<Identity>()?.clone();
@@ -1078,7 +1080,8 @@ fn subscription_field(def: &SubscriptionDef, plan: Arc<SubscriptionPlan>) -> Sub
                 ),
                 None => None,
             };
-            let arguments: Vec<(String, Value)> = filter_args
+            let arguments: Vec<(String, Value)> = plan
+                .filters
                 .iter()
                 .filter_map(|(arg, key)| {
                     ctx.args

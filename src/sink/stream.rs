@@ -164,28 +164,26 @@ pub struct StoredMeta {
     pub time: time::OffsetDateTime,
 }
 
-/// The first stored message for which `reached` holds, where `reached` holds for a suffix of
-/// the stream (stream order is WAL order, so "at or after an LSN" and "at or after a commit
-/// time" are such suffixes). A binary search: about 20 reads on a million messages.
+/// The first message in `first..=last` for which `reached` holds, where `reached` holds for a
+/// suffix of the stream (stream order is WAL order, so "at or after an LSN" and "at or after a
+/// commit time" are such suffixes). A binary search: about 20 reads on a million messages.
+/// The caller gives the range from the stream info it already read.
 pub async fn first_where(
     stream: &jetstream::stream::Stream,
+    first: u64,
+    last: u64,
     reached: impl Fn(&StoredMeta) -> bool,
 ) -> anyhow::Result<Option<StoredMeta>> {
-    let mut stream = stream.clone();
-    let state = stream.info().await?.state.clone();
-    if state.messages == 0 {
-        return Ok(None);
-    }
-    let (mut low, mut high) = (state.first_sequence, state.last_sequence + 1);
+    let (mut low, mut high) = (first, last + 1);
     while low < high {
         let middle = low + (high - low) / 2;
-        match meta_at_or_after(&stream, middle, state.last_sequence).await? {
+        match meta_at_or_after(stream, middle, last).await? {
             Some(meta) if reached(&meta) => high = middle,
             Some(meta) => low = meta.sequence + 1,
             None => high = middle,
         }
     }
-    match meta_at_or_after(&stream, low, state.last_sequence).await? {
+    match meta_at_or_after(stream, low, last).await? {
         Some(meta) if reached(&meta) => Ok(Some(meta)),
         _ => Ok(None),
     }
