@@ -15,14 +15,6 @@ pub const SCALARS: &[&str] = &[
     "ID", "String", "Int", "Float", "Boolean", "Decimal", "DateTime", "UUID", "JSON",
 ];
 
-/// Directives walstream reads, declared so that the SDL stays valid for other tools.
-pub const DIRECTIVES_SDL: &str = r#"
-directive @view(name: String!) on OBJECT | FIELD_DEFINITION
-directive @function(name: String!, claims: JSON) on FIELD_DEFINITION
-directive @subscribe(subject: String, entity: String, events: [String!], key: String) on FIELD_DEFINITION
-directive @filter(key: String!) on ARGUMENT_DEFINITION
-"#;
-
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}: {message}")]
 pub struct SdlError {

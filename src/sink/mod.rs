@@ -11,9 +11,7 @@ mod connect;
 mod stream;
 
 pub use connect::connect;
-pub use stream::{
-    ensure_stream, first_where, meta_at_or_after, position_of, read_tail, StoredMeta, StreamTail,
-};
+pub use stream::{ensure_stream, first_where, meta_at_or_after, read_tail, StoredMeta, StreamTail};
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
