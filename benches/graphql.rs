@@ -42,6 +42,9 @@ struct Comparison {
     /// pgbench running the transaction walstream sends (BEGIN, identity settings, statement,
     /// COMMIT): what the database alone allows for this request shape.
     pgbench_same_transaction_per_sec: f64,
+    /// walstream's own CPU time (user + system) per GraphQL request: steadier than the rates
+    /// on a shared machine, and the number to lower when walstream is the bottleneck.
+    walstream_cpu_us_per_request: f64,
     ratio: f64,
 }
 
@@ -160,7 +163,10 @@ async fn run() -> anyhow::Result<()> {
         let pgbench_rate = run_pgbench(&pgbench, &pg_port, &script_path, clients, seconds)?;
         std::fs::write(&script_path, transaction)?;
         let same_transaction = run_pgbench(&pgbench, &pg_port, &script_path, clients, seconds)?;
+        let cpu_before = cpu_seconds(server.0.id())?;
         let (graphql_rate, p50, p99) = run_graphql(port, &token, clients, seconds, body).await?;
+        let cpu = cpu_seconds(server.0.id())? - cpu_before;
+        let walstream_cpu_us_per_request = cpu * 1e6 / (graphql_rate * seconds as f64);
         let comparison = Comparison {
             workload,
             clients,
@@ -170,11 +176,13 @@ async fn run() -> anyhow::Result<()> {
             graphql_p99_ms: p99,
             pgbench_per_sec: pgbench_rate,
             pgbench_same_transaction_per_sec: same_transaction,
+            walstream_cpu_us_per_request,
             ratio: graphql_rate / pgbench_rate,
         };
         println!(
             "{workload}: GraphQL {graphql_rate:.0}/s (p50 {p50:.2} ms, p99 {p99:.2} ms), \
-             pgbench {pgbench_rate:.0}/s: {:.0}%; pgbench with walstream's transaction shape {same_transaction:.0}/s",
+             pgbench {pgbench_rate:.0}/s: {:.0}%; pgbench with walstream's transaction shape {same_transaction:.0}/s; \
+             walstream CPU {walstream_cpu_us_per_request:.0} µs/request",
             comparison.ratio * 100.0
         );
         results.push(comparison);
@@ -347,6 +355,25 @@ impl Drop for StopPostgres<'_> {
     fn drop(&mut self) {
         let _ = self.0.stop("immediate");
     }
+}
+
+/// User plus system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces; the fields after it are fixed.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+            .parse()?)
+    };
+    // utime and stime are fields 14 and 15 of stat(5), 11 and 12 after the name; the kernel
+    // counts them in USER_HZ, 100 on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 struct ServerProcess(Child);

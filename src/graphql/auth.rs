@@ -1,6 +1,7 @@
 //! Who a request is: the verified JWT claims and the PostgreSQL role they map to.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
@@ -41,7 +42,21 @@ pub struct Authenticator {
     role_claim: String,
     leeway: u64,
     anonymous_role: Option<String>,
+    verified: Mutex<HashMap<String, Verified>>,
 }
+
+/// A token that passed verification, kept until it expires: checking a signature costs more
+/// than the rest of a small request, and clients send the same token for many requests.
+struct Verified {
+    identity: Identity,
+    /// Unix seconds after which the token is refused (`exp` plus the leeway).
+    valid_until: u64,
+}
+
+/// Verified tokens kept before the cache starts over.
+const VERIFIED_TOKENS: usize = 4096;
+/// Longer tokens are verified every time rather than kept.
+const MAX_CACHED_TOKEN_BYTES: usize = 8 * 1024;
 
 impl Authenticator {
     pub fn from_config(config: &GraphqlConfig) -> anyhow::Result<Arc<Self>> {
@@ -82,6 +97,7 @@ impl Authenticator {
             role_claim: auth.role_claim.clone(),
             leeway: auth.leeway_secs,
             anonymous_role: config.anonymous_role.clone(),
+            verified: Mutex::default(),
         }))
     }
 
@@ -95,16 +111,52 @@ impl Authenticator {
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or(AuthError::NotBearer)?
             .trim();
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(identity) = self.cached(token, now) {
+            return Ok(identity);
+        }
         let claims = self.verify(token)?;
         let role = claims
             .get(&self.role_claim)
             .and_then(|r| r.as_str())
             .map(str::to_owned);
-        Ok(Identity {
+        let identity = Identity {
             claims_json: claims.to_string(),
             claims,
             role,
-        })
+        };
+        self.remember(token, &identity);
+        Ok(identity)
+    }
+
+    fn cached(&self, token: &str, now: u64) -> Option<Identity> {
+        let verified = self.verified.lock().ok()?;
+        let entry = verified.get(token)?;
+        (now <= entry.valid_until).then(|| entry.identity.clone())
+    }
+
+    /// Keeps a just-verified token until its `exp`; `nbf` needs no check on later use because
+    /// it had already passed when the token was verified.
+    fn remember(&self, token: &str, identity: &Identity) {
+        let Some(exp) = identity.claims.get("exp").and_then(|e| e.as_u64()) else {
+            return;
+        };
+        if token.len() > MAX_CACHED_TOKEN_BYTES {
+            return;
+        }
+        let Ok(mut verified) = self.verified.lock() else {
+            return;
+        };
+        if verified.len() >= VERIFIED_TOKENS {
+            verified.clear();
+        }
+        verified.insert(
+            token.to_owned(),
+            Verified {
+                identity: identity.clone(),
+                valid_until: exp.saturating_add(self.leeway),
+            },
+        );
     }
 
     fn anonymous(&self) -> Result<Identity, AuthError> {
@@ -211,6 +263,26 @@ mod tests {
             .expect("valid");
         assert_eq!(id.role.as_deref(), Some("app_user"));
         assert_eq!(id.claims["user_pk"], 7);
+    }
+
+    #[test]
+    fn a_verified_token_is_reused_until_it_expires_and_no_longer() {
+        let auth = authenticator(None);
+        let token = token("sekrit", 600, "me");
+        auth.identify(Some(&format!("Bearer {token}")))
+            .expect("valid");
+        let now = jsonwebtoken::get_current_timestamp();
+        let cached = auth.cached(&token, now).expect("kept after verification");
+        assert_eq!(cached.claims["user_pk"], 7);
+        let expiry = cached.claims["exp"].as_u64().expect("exp") + auth.leeway;
+        assert!(auth.cached(&token, expiry).is_some());
+        assert!(
+            auth.cached(&token, expiry + 1).is_none(),
+            "expired tokens are not reused"
+        );
+        let forged = format!("{token}x");
+        assert!(auth.cached(&forged, now).is_none());
+        assert!(auth.identify(Some(&format!("Bearer {forged}"))).is_err());
     }
 
     #[test]

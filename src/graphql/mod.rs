@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod db;
 pub mod feed;
 pub mod mutation;
+mod query_cache;
 pub mod schema;
 pub mod sdl;
 pub mod sql;
@@ -32,12 +33,14 @@ use crate::sink::{self, StoredEvent};
 use auth::{AuthError, Authenticator};
 use db::Database;
 use feed::Feed;
+use query_cache::QueryCache;
 use schema::Runtime;
 
 #[derive(Clone)]
 struct Endpoint {
     schema: Schema,
     auth: Arc<Authenticator>,
+    queries: Arc<QueryCache>,
     graphiql: bool,
 }
 
@@ -81,6 +84,7 @@ pub async fn router(
     let endpoint = Endpoint {
         schema,
         auth,
+        queries: Arc::default(),
         graphiql: graphql.graphiql,
     };
     Ok(Router::new()
@@ -111,7 +115,7 @@ async fn graphql_post(
         Ok(identity) => identity,
         Err(error) => return unauthorized(error),
     };
-    let request: async_graphql::BatchRequest = match serde_json::from_slice(&body) {
+    let mut request: async_graphql::BatchRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => {
             let body = serde_json::json!({
@@ -121,6 +125,9 @@ async fn graphql_post(
             return (StatusCode::BAD_REQUEST, Json(body)).into_response();
         }
     };
+    for single in request.iter_mut() {
+        endpoint.queries.prepare(single);
+    }
     let response = endpoint.schema.execute_batch(request.data(identity)).await;
     Json(response).into_response()
 }
