@@ -1,9 +1,16 @@
 //! End-to-end benchmark: backlog drain of walstream against the two ceilings measured in the
 //! same run on the same data: the raw slot read (pgwire-replication alone, no decoding) and the
-//! raw JetStream publish of as many same-size messages with the same in-flight window.
+//! raw JetStream publish of as many same-size messages with the same in-flight window; then
+//! commit → ack latency at fixed write rates, and the seeds' LISTEN/NOTIFY bridge on the same
+//! live workload.
 //!
-//! Run: `cargo bench --bench pipeline` (WALSTREAM_BENCH_ROWS=1000000 and
-//! WALSTREAM_BENCH_TXS=200000 by default). Starts its own PostgreSQL and nats-server.
+//! Run: `cargo bench --bench pipeline`. Sizes: WALSTREAM_BENCH_ROWS (1000000),
+//! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
+//! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_LIVE (100000). Starts its own PostgreSQL
+//! and nats-server for each scenario.
+
+#[path = "pipeline/live.rs"]
+mod live;
 
 use std::future::IntoFuture;
 use std::path::Path;
@@ -123,16 +130,24 @@ fn peak_rss_mb(child: &Child) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// walstream from start to the last ack of `changes` events: (changes/s, peak RSS MB, bytes/event).
-async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, f64, f64)> {
+/// `walstream stream` with the bench's config, its log in the servers' directory.
+fn spawn_walstream(servers: &Servers) -> anyhow::Result<Child> {
     let config = config(servers)?;
-    let log = std::fs::File::create(servers.dir.join("walstream.log"))?;
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_walstream"))
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(servers.dir.join("walstream.log"))?;
+    Ok(Command::new(env!("CARGO_BIN_EXE_walstream"))
         .args(["stream", "--config"])
         .arg(&config)
         .stderr(log)
-        .spawn()?;
+        .spawn()?)
+}
+
+/// walstream from start to the last ack of `changes` events: (changes/s, peak RSS MB, bytes/event).
+async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let started = Instant::now();
+    let mut child = spawn_walstream(servers)?;
     let js = jetstream::new(async_nats::connect(servers.nats.url()).await?);
     let (elapsed, bytes) = loop {
         if let Ok(mut stream) = js.get_stream("fraiseql_events").await {
@@ -245,10 +260,17 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
     })
 }
 
-fn report(results: &[Scenario]) -> anyhow::Result<()> {
+#[derive(serde::Serialize)]
+struct Results {
+    backlog: Vec<Scenario>,
+    steady: Vec<live::Steady>,
+    against_notify: live::AgainstNotify,
+}
+
+fn report(results: &Results) -> anyhow::Result<()> {
     println!("\n| scenario | changes | walstream changes/s | peak RSS | raw slot read/s | raw publish/s | walstream / lower ceiling |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for r in results {
+    for r in &results.backlog {
         let ceiling = r.raw_slot_read_per_sec.min(r.raw_publish_per_sec);
         println!(
             "| {} | {} | {:.0} | {:.0} MB | {:.0} | {:.0} | {:.0}% |",
@@ -261,6 +283,40 @@ fn report(results: &[Scenario]) -> anyhow::Result<()> {
             100.0 * r.walstream_per_sec / ceiling
         );
     }
+    println!("\n| reader | writer rate | achieved | changes | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in &results.steady {
+        println!(
+            "| {} | {}/s | {:.0}/s | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB |",
+            s.reader,
+            s.target_per_sec,
+            s.achieved_per_sec,
+            s.changes,
+            s.p50_ms,
+            s.p99_ms,
+            s.p999_ms,
+            s.max_ms,
+            s.walstream_peak_rss_mb
+        );
+    }
+    let n = &results.against_notify;
+    println!(
+        "\n| live workload ({} single-row transactions) | walstream | LISTEN/NOTIFY bridge |",
+        n.changes
+    );
+    println!("|---|---|---|");
+    println!(
+        "| changes/s, writer start → last stored | {:.0} | {:.0} |",
+        n.walstream_per_sec, n.bridge_per_sec
+    );
+    println!(
+        "| lost of {} committed while down | {} | {} |",
+        n.committed_while_down, n.walstream_lost_while_down, n.bridge_lost_while_down
+    );
+    println!(
+        "| a 10,000-byte row | {} | {} |",
+        n.big_row_walstream, n.big_row_bridge
+    );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("pipeline-latest.json");
@@ -281,8 +337,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut results = Vec::new();
-        results.push(
+        let mut backlog = Vec::new();
+        backlog.push(
             scenario(
                 "one transaction",
                 rows,
@@ -292,7 +348,7 @@ fn main() -> anyhow::Result<()> {
             )
             .await?,
         );
-        results.push(
+        backlog.push(
             scenario(
                 "single-row transactions",
                 txs,
@@ -307,6 +363,21 @@ fn main() -> anyhow::Result<()> {
             )
             .await?,
         );
-        report(&results)
+        let seconds = env_count("WALSTREAM_BENCH_STEADY_SECS", 10);
+        let rates =
+            std::env::var("WALSTREAM_BENCH_RATES").unwrap_or_else(|_| "1000,5000,20000".into());
+        let mut steady = Vec::new();
+        for rate in rates.split(',').filter_map(|r| r.trim().parse().ok()) {
+            steady.push(live::steady_raw(rate, seconds).await?);
+            steady.push(live::steady_publish(rate, seconds, 500).await?);
+            steady.push(live::steady(rate, seconds).await?);
+        }
+        let against_notify =
+            live::against_notify(env_count("WALSTREAM_BENCH_LIVE", 100_000), 1000).await?;
+        report(&Results {
+            backlog,
+            steady,
+            against_notify,
+        })
     })
 }

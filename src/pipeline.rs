@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use futures::FutureExt;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
@@ -105,7 +106,7 @@ pub async fn run(
         .with_subscribers(subscribers),
         skip_through: tail.position,
         encoder: Encoder::new(naming),
-        checkpoint,
+        checkpoint: Arc::new(checkpoint),
         metrics,
         shutdown,
         control,
@@ -119,6 +120,7 @@ pub async fn run(
         durable,
         pending: None,
         last_persist: Instant::now(),
+        persisting: None,
     };
     let result = pipeline.run_sessions(&target).await;
     if let Some(heartbeat) = heartbeat {
@@ -142,7 +144,7 @@ struct RelationEntry {
 struct Pipeline {
     sink: Sink,
     encoder: Encoder,
-    checkpoint: Checkpoint,
+    checkpoint: Arc<Checkpoint>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     control: tokio_postgres::Client,
@@ -161,6 +163,14 @@ struct Pipeline {
     /// Acknowledged by JetStream, not yet persisted.
     pending: Option<Lsn>,
     last_persist: Instant,
+    /// The checkpoint write under way. RocksDB syncs to disk, which can take a long while on
+    /// a busy disk; done on the runtime's thread it would stall decoding and publishing.
+    persisting: Option<CheckpointWrite>,
+}
+
+struct CheckpointWrite {
+    lsn: Lsn,
+    write: tokio::task::JoinHandle<Result<(), crate::checkpoint::CheckpointError>>,
 }
 
 struct TxState {
@@ -320,7 +330,7 @@ impl Pipeline {
                 }
                 _ = tick.tick() => {}
             }
-            self.persist_progress(client, false)?;
+            self.persist_progress(client)?;
         }
     }
 
@@ -551,41 +561,92 @@ impl Pipeline {
         }
     }
 
-    /// Writes acknowledged progress to RocksDB, then reports it to PostgreSQL.
-    fn persist_progress(&mut self, client: &ReplicationClient, force: bool) -> anyhow::Result<()> {
+    /// Starts writing acknowledged progress to RocksDB, and once a write has landed reports
+    /// it to PostgreSQL. One write at a time, so the stored LSN never goes backwards.
+    fn persist_progress(&mut self, client: &ReplicationClient) -> anyhow::Result<()> {
+        self.absorb_progress();
+        if let Some(lsn) = self.finished_write()? {
+            self.mark_durable(lsn);
+            client.update_applied_lsn(lsn);
+        }
+        if self.persisting.is_some() || self.last_persist.elapsed() < PERSIST_INTERVAL {
+            return Ok(());
+        }
+        let Some(lsn) = self.pending.take().filter(|lsn| *lsn > self.durable) else {
+            return Ok(());
+        };
+        let checkpoint = self.checkpoint.clone();
+        self.persisting = Some(CheckpointWrite {
+            lsn,
+            write: tokio::task::spawn_blocking(move || checkpoint.store_confirmed_lsn(lsn)),
+        });
+        self.last_persist = Instant::now();
+        Ok(())
+    }
+
+    /// Writes every acknowledged position now, after the write under way; for stopping.
+    async fn persist_now(&mut self, client: Option<&ReplicationClient>) -> anyhow::Result<()> {
+        self.settle_write().await?;
+        self.absorb_progress();
+        if let Some(lsn) = self.pending.take().filter(|lsn| *lsn > self.durable) {
+            self.checkpoint.store_confirmed_lsn(lsn)?;
+            self.mark_durable(lsn);
+        }
+        if let Some(client) = client {
+            client.update_applied_lsn(self.durable);
+        }
+        Ok(())
+    }
+
+    fn absorb_progress(&mut self) {
         if let Some(lsn) = self.sink.take_progress() {
             self.pending = Some(self.pending.map_or(lsn, |p| p.max(lsn)));
         }
-        let Some(lsn) = self.pending else {
-            return Ok(());
-        };
-        if lsn <= self.durable {
-            self.pending = None;
-            return Ok(());
+    }
+
+    /// The LSN of the write under way if it has landed.
+    fn finished_write(&mut self) -> anyhow::Result<Option<Lsn>> {
+        if !self
+            .persisting
+            .as_ref()
+            .is_some_and(|w| w.write.is_finished())
+        {
+            return Ok(None);
         }
-        if !force && self.last_persist.elapsed() < PERSIST_INTERVAL {
-            return Ok(());
+        match self.persisting.take() {
+            Some(CheckpointWrite { lsn, write }) => match write.now_or_never() {
+                Some(result) => {
+                    result.map_err(|e| anyhow::anyhow!("the checkpoint write failed: {e}"))??;
+                    Ok(Some(lsn))
+                }
+                None => Ok(None),
+            },
+            None => Ok(None),
         }
-        self.checkpoint.store_confirmed_lsn(lsn)?;
-        self.durable = lsn;
-        self.pending = None;
-        self.last_persist = Instant::now();
-        client.update_applied_lsn(lsn);
-        self.metrics.set_checkpoint(lsn.0);
+    }
+
+    /// Waits for the write under way, if any.
+    async fn settle_write(&mut self) -> anyhow::Result<()> {
+        if let Some(CheckpointWrite { lsn, write }) = self.persisting.take() {
+            write
+                .await
+                .map_err(|e| anyhow::anyhow!("the checkpoint write failed: {e}"))??;
+            self.mark_durable(lsn);
+        }
         Ok(())
+    }
+
+    fn mark_durable(&mut self, lsn: Lsn) {
+        if lsn > self.durable {
+            self.durable = lsn;
+            self.metrics.set_checkpoint(lsn.0);
+        }
     }
 
     /// After a lost session: wait for every outstanding ack and persist what they confirm.
     async fn finish_in_flight(&mut self) -> anyhow::Result<()> {
         self.sink.flush().await?;
-        if let Some(lsn) = self.sink.take_progress() {
-            if lsn > self.durable {
-                self.checkpoint.store_confirmed_lsn(lsn)?;
-                self.durable = lsn;
-                self.metrics.set_checkpoint(lsn.0);
-            }
-        }
-        self.pending = None;
+        self.persist_now(None).await?;
         self.skip_through = self.sink.last_position().or(self.skip_through);
         Ok(())
     }
@@ -597,7 +658,7 @@ impl Pipeline {
             .await
             .is_ok()
         {
-            if let Err(error) = self.persist_progress(client, true) {
+            if let Err(error) = self.persist_now(Some(client)).await {
                 tracing::warn!("cannot store the checkpoint while stopping: {error}");
             }
         }
@@ -619,12 +680,9 @@ impl Pipeline {
             ),
         }
         let Some(mut client) = client else {
-            if let Some(lsn) = self.sink.take_progress().filter(|lsn| *lsn > self.durable) {
-                self.checkpoint.store_confirmed_lsn(lsn)?;
-            }
-            return Ok(());
+            return self.persist_now(None).await;
         };
-        self.persist_progress(&client, true)?;
+        self.persist_now(Some(&client)).await?;
         self.wait_for_confirmation().await;
         if let Err(error) = client.shutdown().await {
             tracing::debug!("closing the replication stream: {error}");

@@ -1,0 +1,514 @@
+//! Live workloads: commit → JetStream latency with a writer at fixed rates, and the seeds'
+//! approach (a `pg_notify` trigger and a LISTEN → JetStream bridge) on the same workload.
+
+use std::future::IntoFuture;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{peak_rss_mb, spawn_walstream, start_servers, Servers, DATABASE, ROW, TABLE, WINDOW};
+
+/// Writer connections; each commits single-row transactions one after another.
+const WRITERS: u64 = 4;
+const STREAM: &str = "fraiseql_events";
+const INSERT: &str = "INSERT INTO t_bench SELECT {ROW} FROM (SELECT $1::bigint AS g) s";
+/// A value past `pg_notify`'s 8,000-byte payload limit.
+const BIG_TEXT_BYTES: usize = 10_000;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Steady {
+    /// `walstream`, or `raw slot read` for the floor: pgwire-replication alone reading the
+    /// slot, latency taken when the commit arrives.
+    pub reader: &'static str,
+    pub target_per_sec: u64,
+    pub achieved_per_sec: f64,
+    pub changes: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub walstream_peak_rss_mb: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct AgainstNotify {
+    pub changes: u64,
+    pub walstream_per_sec: f64,
+    pub bridge_per_sec: f64,
+    pub committed_while_down: u64,
+    pub walstream_lost_while_down: u64,
+    pub bridge_lost_while_down: u64,
+    pub big_row_walstream: String,
+    pub big_row_bridge: String,
+}
+
+async fn setup_streaming(servers: &Servers) -> anyhow::Result<()> {
+    for statement in [
+        TABLE,
+        "CREATE PUBLICATION walstream FOR TABLE t_bench",
+        "SELECT pg_create_logical_replication_slot('walstream', 'pgoutput')",
+    ] {
+        servers.postgres.execute(DATABASE, statement).await?;
+    }
+    Ok(())
+}
+
+async fn jetstream_context(servers: &Servers) -> anyhow::Result<jetstream::Context> {
+    Ok(jetstream::new(
+        async_nats::connect(servers.nats.url()).await?,
+    ))
+}
+
+async fn stored(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut stream) => stream.info().await.map_or(0, |info| info.state.messages),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until `stream` holds `count` messages; false after `timeout`.
+async fn wait_stored(js: &jetstream::Context, stream: &str, count: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if stored(js, stream).await >= count {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Starts walstream and waits until it has created its stream, i.e. it is streaming.
+async fn walstream_streaming(servers: &Servers, js: &jetstream::Context) -> anyhow::Result<Child> {
+    let child = spawn_walstream(servers)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js.get_stream(STREAM).await.is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "walstream did not create its stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
+/// `WRITERS` connections committing single-row inserts at `rate` in total for `duration`;
+/// ids start at `first_id`. Returns how many rows were committed.
+async fn write_at_rate(
+    servers: &Servers,
+    rate: u64,
+    duration: Duration,
+    first_id: u64,
+) -> anyhow::Result<u64> {
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let url = servers.postgres.url(DATABASE);
+        writers.push(tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let insert = client.prepare(&INSERT.replace("{ROW}", ROW)).await?;
+            let per_writer = rate as f64 / WRITERS as f64;
+            let started = Instant::now();
+            let mut committed = 0u64;
+            while started.elapsed() < duration {
+                let due = (per_writer * started.elapsed().as_secs_f64()) as u64;
+                if committed < due {
+                    let id = (first_id + writer + committed * WRITERS) as i64;
+                    client.execute(&insert, &[&id]).await?;
+                    committed += 1;
+                } else {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            }
+            anyhow::Ok(committed)
+        }));
+    }
+    let mut total = 0;
+    for writer in writers {
+        total += writer.await??;
+    }
+    Ok(total)
+}
+
+fn commit_time(message: &jetstream::Message) -> Option<OffsetDateTime> {
+    let value = message.headers.as_ref()?.get("Walstream-Commit-Time")?;
+    OffsetDateTime::parse(value.as_str(), &Rfc3339).ok()
+}
+
+/// Commit → stored-in-JetStream latency at a fixed write rate. The stored time is the one
+/// JetStream records when it persists the message (and acks the publish), read back from
+/// each message; the commit time is PostgreSQL's, carried in the event.
+pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
+    eprintln!("steady state at {rate} changes/s for {seconds} s…");
+    let servers = start_servers().await?;
+    setup_streaming(&servers).await?;
+    let js = jetstream_context(&servers).await?;
+    let mut walstream = walstream_streaming(&servers, &js).await?;
+    let mut messages = js
+        .get_stream(STREAM)
+        .await?
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let started = Instant::now();
+    let written = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1).await?;
+    let achieved = written as f64 / started.elapsed().as_secs_f64();
+    let mut latencies = Vec::with_capacity(written as usize);
+    while (latencies.len() as u64) < written {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("{} of {written} events arrived", latencies.len()))?
+            .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+        let committed =
+            commit_time(&message).ok_or_else(|| anyhow::anyhow!("an event without commit time"))?;
+        let stored = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .published;
+        latencies.push((stored - committed).as_seconds_f64() * 1000.0);
+        if std::env::var_os("DEBUG_LAT").is_some() && latencies.len() % 500 == 0 {
+            eprintln!(
+                "{} {:?} {:.1}",
+                latencies.len(),
+                committed.time(),
+                latencies.last().unwrap()
+            );
+        }
+    }
+    let rss = peak_rss_mb(&walstream);
+    let _ = walstream.kill();
+    let _ = walstream.wait();
+    Ok(summarize("walstream", rate, achieved, latencies, rss))
+}
+
+fn summarize(
+    reader: &'static str,
+    rate: u64,
+    achieved: f64,
+    mut latencies: Vec<f64>,
+    rss: f64,
+) -> Steady {
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Steady {
+        reader,
+        target_per_sec: rate,
+        achieved_per_sec: achieved,
+        changes: latencies.len() as u64,
+        p50_ms: percentile(0.5),
+        p99_ms: percentile(0.99),
+        p999_ms: percentile(0.999),
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+        walstream_peak_rss_mb: rss,
+    }
+}
+
+/// The floor under walstream's latency: the same writer, and the slot read by
+/// pgwire-replication alone; a transaction's latency is its commit's arrival minus its commit
+/// time.
+pub async fn steady_raw(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
+    use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+    eprintln!("raw slot read at {rate} changes/s for {seconds} s…");
+    let servers = start_servers().await?;
+    setup_streaming(&servers).await?;
+    let config = ReplicationConfig::new(
+        "127.0.0.1",
+        "postgres",
+        "",
+        DATABASE,
+        "walstream",
+        "walstream",
+    )
+    .with_port(servers.postgres.port)
+    .with_tls(pgwire_replication::TlsConfig::disabled())
+    .with_status_interval(Duration::from_secs(1));
+    let mut client = ReplicationClient::connect(config).await?;
+    let started = Instant::now();
+    let writer = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1);
+    let reader = async {
+        let mut latencies = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(seconds + 30);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(2), client.recv()).await {
+                Ok(Ok(Some(ReplicationEvent::Commit {
+                    end_lsn,
+                    commit_time_micros,
+                    ..
+                }))) => {
+                    let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+                    let micros = now - PG_EPOCH_MICROS - i128::from(commit_time_micros);
+                    latencies.push(micros as f64 / 1000.0);
+                    client.update_applied_lsn(end_lsn);
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+                // Quiet for two seconds after the writer's time: it is done.
+                Err(_) if started.elapsed() > Duration::from_secs(seconds) => break,
+                Err(_) => {}
+            }
+        }
+        latencies
+    };
+    let (written, latencies) = futures::join!(writer, reader);
+    let written = written?;
+    anyhow::ensure!(
+        latencies.len() as u64 >= written,
+        "the raw reader saw {} of {written} commits",
+        latencies.len()
+    );
+    let achieved = written as f64 / seconds as f64;
+    let _ = client.shutdown().await;
+    Ok(summarize("raw slot read", rate, achieved, latencies, 0.0))
+}
+
+/// The other floor: JetStream alone, a publisher at `rate` messages/s of `size` bytes with
+/// message ids, latency from the publish call to the time JetStream stored the message.
+pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Result<Steady> {
+    eprintln!("raw JetStream publish at {rate} messages/s for {seconds} s…");
+    let servers = start_servers().await?;
+    let js = jetstream_context(&servers).await?;
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "raw".into(),
+            subjects: vec!["raw.>".into()],
+            max_bytes: -1,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let duration = Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    let mut acks = FuturesOrdered::new();
+    let mut sent_at = Vec::new();
+    while started.elapsed() < duration {
+        let due = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
+        if sent < due {
+            sent_at.push(OffsetDateTime::now_utc());
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(format!("raw:{sent}"));
+            acks.push_back(js.send_publish("raw.bench", publish).await?.into_future());
+            sent += 1;
+        } else {
+            while let Some(Some(ack)) = acks.next().now_or_never() {
+                ack?;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    let mut latencies = Vec::with_capacity(sent as usize);
+    for published in &sent_at {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("a stored message did not arrive"))?
+            .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+        let stored = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .published;
+        latencies.push((stored - *published).as_seconds_f64() * 1000.0);
+    }
+    let achieved = sent as f64 / seconds as f64;
+    Ok(summarize(
+        "raw JetStream publish",
+        rate,
+        achieved,
+        latencies,
+        0.0,
+    ))
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i128 = 946_684_800_000_000;
+
+/// The procedure both sides are measured with: `count` single-row transactions from `first`.
+fn fill(first: u64, count: u64) -> String {
+    format!(
+        "DO $$ BEGIN FOR g IN {first}..{last} LOOP INSERT INTO t_bench SELECT {ROW}; COMMIT; \
+         END LOOP; END $$",
+        last = first + count - 1
+    )
+}
+
+fn big_row(id: u64) -> String {
+    format!("INSERT INTO t_bench (id, name) VALUES ({id}, repeat('x', {BIG_TEXT_BYTES}))")
+}
+
+/// The seeds' trigger, carrying the row as walstream's event does (the seeds' own sends only
+/// the id, which would leave consumers to query the row back).
+const NOTIFY_TRIGGER: &str = "
+CREATE FUNCTION notify_bench() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('fraiseql_events', json_build_object(
+        'entity_type', 'Bench', 'operation', TG_OP, 'entity_id', NEW.id::text,
+        'data', row_to_json(NEW), 'timestamp', now())::text);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER tr_bench AFTER INSERT ON t_bench FOR EACH ROW EXECUTE FUNCTION notify_bench();";
+
+/// The seeds' observer, written fairly: LISTEN, and publish each notification to JetStream
+/// with up to `WINDOW` acks in flight.
+async fn bridge(
+    servers: &Servers,
+    js: jetstream::Context,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (client, mut connection) =
+        tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let notifications = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                if tx.send(n.payload().to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    client.batch_execute("LISTEN fraiseql_events").await?;
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        let mut acks = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                payload = rx.recv() => {
+                    let Some(payload) = payload else { break };
+                    if acks.len() >= WINDOW {
+                        let _ = acks.next().await;
+                    }
+                    match js.publish("bridge.bench", payload.into()).await {
+                        Ok(ack) => acks.push_back(ack.into_future()),
+                        Err(_) => break,
+                    }
+                }
+                Some(_) = acks.next(), if !acks.is_empty() => {}
+            }
+        }
+        notifications.abort();
+    }))
+}
+
+/// The same live workload through walstream and through the bridge: the rate, what each loses
+/// while it is down, and a row past `pg_notify`'s payload limit.
+pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<AgainstNotify> {
+    let timeout = Duration::from_secs(120);
+
+    eprintln!("live workload through walstream: {changes} single-row transactions…");
+    let servers = start_servers().await?;
+    setup_streaming(&servers).await?;
+    let js = jetstream_context(&servers).await?;
+    let mut walstream = walstream_streaming(&servers, &js).await?;
+    let started = Instant::now();
+    servers
+        .postgres
+        .execute(DATABASE, &fill(1, changes))
+        .await?;
+    anyhow::ensure!(
+        wait_stored(&js, STREAM, changes, timeout).await,
+        "walstream fell short"
+    );
+    let walstream_per_sec = changes as f64 / started.elapsed().as_secs_f64();
+    let _ = walstream.kill();
+    let _ = walstream.wait();
+    servers
+        .postgres
+        .execute(DATABASE, &fill(changes + 1, while_down))
+        .await?;
+    let mut walstream = walstream_streaming(&servers, &js).await?;
+    wait_stored(&js, STREAM, changes + while_down, Duration::from_secs(30)).await;
+    let walstream_lost = (changes + while_down).saturating_sub(stored(&js, STREAM).await);
+    let before = stored(&js, STREAM).await;
+    let big_row_walstream = match servers
+        .postgres
+        .execute(DATABASE, &big_row(u64::MAX >> 2))
+        .await
+    {
+        Ok(()) if wait_stored(&js, STREAM, before + 1, Duration::from_secs(10)).await => {
+            "committed and delivered".to_owned()
+        }
+        Ok(()) => "committed, not delivered".to_owned(),
+        Err(e) => format!("INSERT failed: {e}"),
+    };
+    let _ = walstream.kill();
+    let _ = walstream.wait();
+    drop(servers);
+
+    eprintln!("live workload through the LISTEN/NOTIFY bridge…");
+    let servers = start_servers().await?;
+    servers.postgres.execute(DATABASE, TABLE).await?;
+    servers.postgres.execute(DATABASE, NOTIFY_TRIGGER).await?;
+    let js = jetstream_context(&servers).await?;
+    js.create_stream(jetstream::stream::Config {
+        name: "bridge".into(),
+        subjects: vec!["bridge.>".into()],
+        max_bytes: -1,
+        ..Default::default()
+    })
+    .await?;
+    let running = bridge(&servers, js.clone()).await?;
+    let started = Instant::now();
+    servers
+        .postgres
+        .execute(DATABASE, &fill(1, changes))
+        .await?;
+    anyhow::ensure!(
+        wait_stored(&js, "bridge", changes, timeout).await,
+        "the bridge fell short"
+    );
+    let bridge_per_sec = changes as f64 / started.elapsed().as_secs_f64();
+    running.abort();
+    let _ = running.await;
+    servers
+        .postgres
+        .execute(DATABASE, &fill(changes + 1, while_down))
+        .await?;
+    let running = bridge(&servers, js.clone()).await?;
+    // Whatever the bridge would still deliver arrives well within this.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bridge_lost = (changes + while_down).saturating_sub(stored(&js, "bridge").await);
+    let big_row_bridge = match servers
+        .postgres
+        .execute(DATABASE, &big_row(u64::MAX >> 2))
+        .await
+    {
+        Ok(()) => "committed".to_owned(),
+        Err(e) => format!("the writer's INSERT failed: {e}"),
+    };
+    running.abort();
+    Ok(AgainstNotify {
+        changes,
+        walstream_per_sec,
+        bridge_per_sec,
+        committed_while_down: while_down,
+        walstream_lost_while_down: walstream_lost,
+        bridge_lost_while_down: bridge_lost,
+        big_row_walstream,
+        big_row_bridge,
+    })
+}
