@@ -335,6 +335,22 @@ async fn health_and_metrics_report_the_pipeline() -> anyhow::Result<()> {
     );
     assert!(metrics.contains("walstream_inflight_acks"));
     assert!(metrics.contains("walstream_replication_lag_bytes"));
+    assert!(
+        metrics.contains(r#"walstream_connected{peer="nats"} 1"#)
+            && metrics.contains(r#"walstream_connected{peer="postgres"} 1"#),
+        "{metrics}"
+    );
+    // The slot watch polls at start: the slot's WAL is reserved and some of it retained.
+    assert!(
+        metrics.contains(r#"walstream_slot_wal_status{status="reserved"} 1"#)
+            && metrics.contains(r#"walstream_slot_wal_status{status="lost"} 0"#),
+        "{metrics}"
+    );
+    let retained = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("walstream_slot_wal_retained_bytes "))
+        .and_then(|v| v.parse::<i64>().ok());
+    assert!(retained.is_some_and(|bytes| bytes > 0), "{metrics}");
 
     cluster.nats.kill();
     eventually(Duration::from_secs(10), "/health to turn 503", || async {
@@ -343,6 +359,14 @@ async fn health_and_metrics_report_the_pipeline() -> anyhow::Result<()> {
         })
     })
     .await?;
+    // Unready, but alive: a liveness probe must not restart it for an outage it rides out.
+    let (status, body) = http_get(port, "/health/live").await?;
+    assert_eq!((status, body.as_str()), (200, "alive\n"));
+    let (_, metrics) = http_get(port, "/metrics").await?;
+    assert!(
+        metrics.contains(r#"walstream_connected{peer="nats"} 0"#),
+        "{metrics}"
+    );
     Ok(())
 }
 

@@ -825,6 +825,32 @@ mod tests {
     }
 
     #[test]
+    fn the_container_config_parses_with_its_environment_and_names_what_is_missing() {
+        let text = include_str!("../deploy/k8s/walstream.toml");
+        let env = |name: &str| match name {
+            "DATABASE_URL" => Some("postgres://walstream:pw@postgres:5432/app".to_owned()),
+            "NATS_URL" => Some("nats://nats:4222".to_owned()),
+            "JWT_SECRET" => Some("s3cret".to_owned()),
+            _ => None,
+        };
+        let path = Path::new("/etc/walstream/walstream.toml");
+        let config = Config::parse(text, path, &env).expect("the shipped config is valid");
+        assert_eq!(config.http.listen, "0.0.0.0:9187");
+        let graphql = config.graphql().expect("a GraphQL section");
+        assert_eq!(graphql.listen, "0.0.0.0:8080");
+        assert_eq!(
+            graphql.schema,
+            Path::new("/etc/walstream/schema.graphql"),
+            "where deploy/Dockerfile and deploy/k8s put the schema"
+        );
+        let without_nats = |name: &str| (name != "NATS_URL").then(|| env(name)).flatten();
+        let error = Config::parse(text, path, &without_nats)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("NATS_URL"), "{error}");
+    }
+
+    #[test]
     fn a_url_demanding_tls_is_refused_with_the_reason() {
         let text = MINIMAL.replace(
             "postgres://u@localhost/db",

@@ -22,6 +22,7 @@ struct AppState {
 pub fn router(metrics: Arc<Metrics>, stream: String) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/health/live", get(live))
         .route("/metrics", get(metrics_text))
         .with_state(AppState { metrics, stream })
 }
@@ -44,6 +45,12 @@ pub async fn serve(
         })
         .await?;
     Ok(())
+}
+
+/// 200 while the process answers: for liveness probes, which must not restart walstream
+/// during a PostgreSQL or NATS outage it is already riding out.
+async fn live() -> &'static str {
+    "alive\n"
 }
 
 /// 200 when both replication and NATS are connected, 503 otherwise.

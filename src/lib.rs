@@ -32,6 +32,8 @@ pub mod pipeline;
 pub mod postgres;
 pub mod secrets;
 pub mod sink;
+#[cfg(feature = "server")]
+pub mod slot_watch;
 pub mod source;
 #[cfg(feature = "server")]
 pub mod status;

@@ -4,9 +4,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// The values of `pg_replication_slots.wal_status`, one series each.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 /// Every metric walstream exports, plus connection state for `/health`.
 pub struct Metrics {
@@ -19,6 +22,9 @@ pub struct Metrics {
     pub replication_lag_bytes: IntGauge,
     pub commit_to_ack_seconds: Histogram,
     pub reconnects: IntCounterVec,
+    connected: IntGaugeVec,
+    pub slot_wal_retained_bytes: IntGauge,
+    pub slot_wal_status: IntGaugeVec,
     pub replication_connected: AtomicBool,
     pub nats_connected: AtomicBool,
     /// The server's WAL end as last reported, to compute lag.
@@ -76,7 +82,25 @@ impl Metrics {
                 60.0,
             ]),
         ));
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let connected = defined(IntGaugeVec::new(
+            Opts::new(
+                "walstream_connected",
+                "1 while walstream is connected to the peer (postgres, nats), else 0",
+            ),
+            &["peer"],
+        ));
+        let slot_wal_retained_bytes = defined(IntGauge::new(
+            "walstream_slot_wal_retained_bytes",
+            "WAL PostgreSQL keeps for the slot: current WAL LSN minus the slot's restart_lsn",
+        ));
+        let slot_wal_status = defined(IntGaugeVec::new(
+            Opts::new(
+                "walstream_slot_wal_status",
+                "1 for the slot's current pg_replication_slots.wal_status, 0 for the others",
+            ),
+            &["status"],
+        ));
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(events_published.clone()),
             Box::new(publish_errors.clone()),
             Box::new(publish_retries.clone()),
@@ -85,6 +109,9 @@ impl Metrics {
             Box::new(replication_lag_bytes.clone()),
             Box::new(commit_to_ack_seconds.clone()),
             Box::new(reconnects.clone()),
+            Box::new(connected.clone()),
+            Box::new(slot_wal_retained_bytes.clone()),
+            Box::new(slot_wal_status.clone()),
         ];
         for collector in collectors {
             registry
@@ -101,6 +128,9 @@ impl Metrics {
             replication_lag_bytes,
             commit_to_ack_seconds,
             reconnects,
+            connected,
+            slot_wal_retained_bytes,
+            slot_wal_status,
             replication_connected: AtomicBool::new(false),
             nats_connected: AtomicBool::new(false),
             server_wal_end: AtomicU64::new(0),
@@ -110,6 +140,14 @@ impl Metrics {
 
     /// The metrics in Prometheus' text format.
     pub fn render(&self) -> String {
+        for (peer, flag) in [
+            ("postgres", &self.replication_connected),
+            ("nats", &self.nats_connected),
+        ] {
+            self.connected
+                .with_label_values(&[peer])
+                .set(i64::from(flag.load(Ordering::Relaxed)));
+        }
         let mut out = Vec::new();
         // Encoding gathered families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -132,6 +170,17 @@ impl Metrics {
         self.replication_lag_bytes.set((end - checkpoint).max(0));
     }
 
+    /// The slot's state as `pg_replication_slots` reports it.
+    pub fn set_slot(&self, retained_bytes: Option<i64>, wal_status: Option<&str>) {
+        self.slot_wal_retained_bytes
+            .set(retained_bytes.unwrap_or(0));
+        for status in WAL_STATUSES {
+            self.slot_wal_status
+                .with_label_values(&[status])
+                .set(i64::from(wal_status == Some(status)));
+        }
+    }
+
     pub fn set_last_error(&self, error: Option<String>) {
         if let Ok(mut last) = self.last_error.lock() {
             *last = error;
@@ -151,5 +200,57 @@ fn defined<T>(metric: prometheus::Result<T>) -> T {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `walstream_*` name the shipped alerts and dashboard query.
+    fn referenced_metrics() -> Vec<String> {
+        let files = [
+            include_str!("../deploy/prometheus/alerts.yml"),
+            include_str!("../deploy/grafana/walstream.json"),
+        ];
+        let mut names = Vec::new();
+        for text in files {
+            let mut rest = text;
+            while let Some(at) = rest.find("walstream_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(&name)
+                    .to_owned();
+                names.push(base);
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn alerts_and_dashboard_query_only_metrics_walstream_exports() {
+        let metrics = Metrics::new();
+        metrics.events_published.with_label_values(&["t", "INSERT"]);
+        metrics.publish_errors.with_label_values(&["timeout"]);
+        metrics.reconnects.with_label_values(&["nats"]);
+        metrics.set_slot(Some(1), Some("reserved"));
+        let exported = metrics.render();
+        let referenced = referenced_metrics();
+        assert!(referenced.len() >= 8, "{referenced:?}");
+        for name in referenced {
+            assert!(
+                exported.contains(&format!("\n{name}"))
+                    || exported.contains(&format!("# HELP {name} ")),
+                "{name} is queried by deploy/ but not exported"
+            );
+        }
     }
 }

@@ -92,6 +92,12 @@ pub async fn run(
     .await?;
     let target = ReplicationTarget::from_config(&config)?;
     let heartbeat = spawn_heartbeat(&config, shutdown.clone());
+    let slot_watch = tokio::spawn(crate::slot_watch::run(
+        config.database.url.clone(),
+        config.replication.slot.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let durable = checkpointed.unwrap_or(Lsn(0));
     metrics.set_checkpoint(durable.0);
     let mut pipeline = Pipeline {
@@ -126,6 +132,7 @@ pub async fn run(
     if let Some(heartbeat) = heartbeat {
         heartbeat.abort();
     }
+    slot_watch.abort();
     result
 }
 
