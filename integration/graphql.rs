@@ -771,7 +771,8 @@ async fn resumed_subscription_from_jetstream() -> anyhow::Result<()> {
 async fn oversized_deep_and_complex_queries_are_refused() -> anyhow::Result<()> {
     let api = start(
         &["serve"],
-        "max_depth = 2\nmax_complexity = 5\nmax_body_bytes = 2048",
+        "max_depth = 2\nmax_complexity = 5\nmax_body_bytes = 2048\nmax_batch = 3\n\
+         connection_init_timeout_secs = 1",
     )
     .await?;
     let big = json!({"query": format!("{{ orders {{ id }} }} #{}", "x".repeat(4096))});
@@ -801,6 +802,43 @@ async fn oversized_deep_and_complex_queries_are_refused() -> anyhow::Result<()> 
         too_complex["errors"][0]["message"], "Query is too complex.",
         "{too_complex}"
     );
+    // Batches: up to max_batch operations in one POST, a flood of them refused outright.
+    let one = json!({"query": "{ orders { id } }"});
+    let (status, body) = api.post(Some(&token_for(1)), &json!([one, one, one])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_array().map(Vec::len), Some(3), "{body}");
+    let flood = Value::Array(vec![one.clone(); 20]);
+    let (status, body) = api.post(Some(&token_for(1)), &flood).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("20 operations") && m.contains("graphql.max_batch")),
+        "{body}"
+    );
+    // A WebSocket that never sends connection_init is closed with 4408 after the timeout.
+    let mut request = format!("ws://127.0.0.1:{}/graphql", api.port).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+    let (mut silent, _) = tokio_tungstenite::connect_async(request).await?;
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(message) = silent.next().await {
+            if let Message::Close(frame) = message? {
+                return anyhow::Ok(frame);
+            }
+        }
+        anyhow::bail!("the socket ended without a close frame")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("a socket without connection_init stayed open"))??;
+    let frame = closed.ok_or_else(|| anyhow::anyhow!("a close without a code"))?;
+    assert_eq!(u16::from(frame.code), 4408, "{frame:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // One that does initialise stays open past the timeout.
+    let mut subscriber = Subscriber::connect(api.port, &token_for(1), false).await?;
+    subscriber.assert_silent(Duration::from_secs(2)).await;
     // GraphiQL is served to browsers.
     let (status, page) = http_get(api.port, "/graphql").await?;
     assert_eq!(status, 200);

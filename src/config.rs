@@ -206,6 +206,12 @@ pub struct GraphqlConfig {
     pub max_complexity: usize,
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Operations one POST may carry as a JSON array (a batch).
+    #[serde(default = "defaults::max_batch")]
+    pub max_batch: usize,
+    /// Seconds a WebSocket may stay open without `connection_init` before it is closed (4408).
+    #[serde(default = "defaults::connection_init_timeout_secs")]
+    pub connection_init_timeout_secs: u64,
     /// Rows a list query returns when it gives no `limit`, and the most it may ask for.
     #[serde(default = "defaults::default_limit")]
     pub default_limit: i64,
@@ -335,6 +341,12 @@ mod defaults {
     }
     pub fn max_body_bytes() -> usize {
         1 << 20
+    }
+    pub fn max_batch() -> usize {
+        10
+    }
+    pub fn connection_init_timeout_secs() -> u64 {
+        10
     }
     pub fn default_limit() -> i64 {
         100
@@ -540,6 +552,11 @@ impl GraphqlConfig {
             ("graphql.max_depth", self.max_depth),
             ("graphql.max_complexity", self.max_complexity),
             ("graphql.max_body_bytes", self.max_body_bytes),
+            ("graphql.max_batch", self.max_batch),
+            (
+                "graphql.connection_init_timeout_secs",
+                self.connection_init_timeout_secs as usize,
+            ),
             ("graphql.subscription_buffer", self.subscription_buffer),
         ] {
             if value == 0 {

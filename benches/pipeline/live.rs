@@ -306,6 +306,9 @@ pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Res
     while started.elapsed() < duration {
         let due = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
         if sent < due {
+            if acks.len() >= WINDOW {
+                acks.next().await.transpose()?;
+            }
             sent_at.push(OffsetDateTime::now_utc());
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())

@@ -42,6 +42,8 @@ struct Endpoint {
     auth: Arc<Authenticator>,
     queries: Arc<QueryCache>,
     graphiql: bool,
+    max_batch: usize,
+    connection_init_timeout: Duration,
 }
 
 /// Reads the schema file, checks it against the database, connects to NATS for
@@ -86,6 +88,8 @@ pub async fn router(
         auth,
         queries: Arc::default(),
         graphiql: graphql.graphiql,
+        max_batch: graphql.max_batch,
+        connection_init_timeout: Duration::from_secs(graphql.connection_init_timeout_secs),
     };
     Ok(Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
@@ -118,18 +122,30 @@ async fn graphql_post(
     let mut request: async_graphql::BatchRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => {
-            let body = serde_json::json!({
-                "errors": [{ "message": format!("the body is not a GraphQL request: {error}"),
-                             "extensions": { "code": "BAD_REQUEST" } }]
-            });
-            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            return bad_request(format!("the body is not a GraphQL request: {error}"));
         }
     };
+    if let async_graphql::BatchRequest::Batch(batch) = &request {
+        if batch.len() > endpoint.max_batch {
+            return bad_request(format!(
+                "a batch of {} operations; at most {} are allowed (graphql.max_batch)",
+                batch.len(),
+                endpoint.max_batch
+            ));
+        }
+    }
     for single in request.iter_mut() {
         endpoint.queries.prepare(single);
     }
     let response = endpoint.schema.execute_batch(request.data(identity)).await;
     Json(response).into_response()
+}
+
+fn bad_request(message: String) -> Response {
+    let body = serde_json::json!({
+        "errors": [{ "message": message, "extensions": { "code": "BAD_REQUEST" } }]
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
 /// GraphiQL for browsers, subscriptions for WebSocket clients.
@@ -169,20 +185,74 @@ async fn graphql_get(State(endpoint): State<Endpoint>, request: Request) -> Resp
     let header_token = authorization(&parts.headers).map(str::to_owned);
     socket
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| {
-            let auth = endpoint.auth.clone();
-            GraphQLWebSocket::new(socket, endpoint.schema.clone(), protocol)
-                .on_connection_init(move |payload| async move {
-                    let token = connection_token(&payload).or(header_token);
-                    let identity = auth
-                        .identify(token.as_deref())
-                        .map_err(|e| async_graphql::Error::new(e.to_string()))?;
-                    let mut data = Data::default();
-                    data.insert(identity);
-                    Ok(data)
-                })
-                .serve()
+        .on_upgrade(move |socket| serve_socket(socket, endpoint, protocol, header_token))
+}
+
+/// One subscription connection. Replies go through a channel to the socket, so that a client
+/// that never sends `connection_init` can be closed with 4408, as graphql-transport-ws asks,
+/// instead of holding a connection open forever.
+async fn serve_socket(
+    socket: axum::extract::ws::WebSocket,
+    endpoint: Endpoint,
+    protocol: GraphQLProtocol,
+    header_token: Option<String>,
+) {
+    use axum::extract::ws::{CloseFrame, Message};
+    use futures::{SinkExt, StreamExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (mut socket_sink, socket_stream) = socket.split();
+    let (replies, mut outgoing) = futures::channel::mpsc::channel::<Message>(16);
+    let initialised = Arc::new(AtomicBool::new(false));
+    let auth = endpoint.auth.clone();
+    let init_flag = initialised.clone();
+    let serve = GraphQLWebSocket::new_with_pair(replies, socket_stream, endpoint.schema, protocol)
+        .on_connection_init(move |payload| async move {
+            let token = connection_token(&payload).or(header_token);
+            let identity = auth
+                .identify(token.as_deref())
+                .map_err(|e| async_graphql::Error::new(e.to_string()))?;
+            init_flag.store(true, Ordering::Relaxed);
+            let mut data = Data::default();
+            data.insert(identity);
+            Ok(data)
         })
+        .serve();
+    let forward = async move {
+        let deadline = tokio::time::sleep(endpoint.connection_init_timeout);
+        tokio::pin!(deadline);
+        let mut awaiting_init = true;
+        loop {
+            tokio::select! {
+                reply = outgoing.next() => match reply {
+                    Some(message) => {
+                        if socket_sink.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = &mut deadline, if awaiting_init => {
+                    if initialised.load(Ordering::Relaxed) {
+                        awaiting_init = false;
+                    } else {
+                        let close = CloseFrame {
+                            code: 4408,
+                            reason: "Connection initialisation timeout".into(),
+                        };
+                        let _ = socket_sink.send(Message::Close(Some(close))).await;
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::pin!(forward);
+    tokio::select! {
+        // The protocol ended: send what it still queued (its closing frame).
+        _ = serve => forward.await,
+        _ = &mut forward => {}
+    }
 }
 
 /// The bearer token a WebSocket client sent in `connection_init`: `{"Authorization": …}`,
