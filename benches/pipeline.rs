@@ -207,19 +207,28 @@ async fn raw_slot_read(servers: &Servers, changes: u64) -> anyhow::Result<f64> {
     Ok(changes as f64 / elapsed.as_secs_f64())
 }
 
+/// A stream `name` for subjects `name.>`, without limits.
+async fn create_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> anyhow::Result<jetstream::stream::Stream> {
+    Ok(js
+        .create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{name}.>")],
+            max_bytes: -1,
+            ..Default::default()
+        })
+        .await?)
+}
+
 /// async-nats alone: `changes` messages of `size` bytes with `WINDOW` acks in flight.
 async fn raw_publish(servers: &Servers, changes: u64, size: usize) -> anyhow::Result<f64> {
     let client = async_nats::connect(servers.nats.url()).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(WINDOW + 64)
         .build(client);
-    js.create_stream(jetstream::stream::Config {
-        name: "raw".into(),
-        subjects: vec!["raw.>".into()],
-        max_bytes: -1,
-        ..Default::default()
-    })
-    .await?;
+    create_stream(&js, "raw").await?;
     let payload = bytes::Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     let mut acks = FuturesOrdered::new();

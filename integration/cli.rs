@@ -254,14 +254,11 @@ level = "debug"
     let log = cluster.log_path();
     let walstream_run = Walstream::start_command("run", &config, &log)?;
     let port = cluster.http_port;
-    eventually(
+    health_turns(
+        200,
+        port,
         Duration::from_secs(30),
         "walstream to be healthy",
-        || async {
-            http_get(port, "/health")
-                .await
-                .is_ok_and(|(status, _)| status == 200)
-        },
     )
     .await?;
     cluster
@@ -280,28 +277,16 @@ level = "debug"
     )
     .await?;
     cluster.nats.kill();
-    eventually(
+    health_turns(
+        503,
+        port,
         Duration::from_secs(10),
         "/health to see NATS gone",
-        || async {
-            http_get(port, "/health")
-                .await
-                .is_ok_and(|(status, _)| status == 503)
-        },
     )
     .await?;
     let unhealthy = http_get(port, "/health").await?;
     cluster.nats.start()?;
-    eventually(
-        Duration::from_secs(30),
-        "walstream to reconnect",
-        || async {
-            http_get(port, "/health")
-                .await
-                .is_ok_and(|(status, _)| status == 200)
-        },
-    )
-    .await?;
+    health_turns(200, port, Duration::from_secs(30), "walstream to reconnect").await?;
     let (_, health) = http_get(port, "/health").await?;
     let (_, metrics) = http_get(port, "/metrics").await?;
     let status = walstream(&["status", "--json"], &config)?;
@@ -348,4 +333,14 @@ level = "debug"
         text(&failed)
     );
     Ok(())
+}
+
+/// Waits until walstream's `/health` answers `status`.
+async fn health_turns(status: u16, port: u16, within: Duration, what: &str) -> anyhow::Result<()> {
+    eventually(within, what, || async {
+        http_get(port, "/health")
+            .await
+            .is_ok_and(|(answered, _)| answered == status)
+    })
+    .await
 }

@@ -11,7 +11,10 @@ use futures::{FutureExt, StreamExt};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::{peak_rss_mb, spawn_walstream, start_servers, Servers, DATABASE, ROW, TABLE, WINDOW};
+use super::{
+    create_stream, peak_rss_mb, spawn_walstream, start_servers, Servers, DATABASE, ROW, TABLE,
+    WINDOW,
+};
 
 /// Writer connections; each commits single-row transactions one after another.
 const WRITERS: u64 = 4;
@@ -56,6 +59,20 @@ async fn setup_streaming(servers: &Servers) -> anyhow::Result<()> {
         servers.postgres.execute(DATABASE, statement).await?;
     }
     Ok(())
+}
+
+/// Messages stored in `stream` from now on, in order.
+async fn new_messages(
+    stream: &jetstream::stream::Stream,
+) -> anyhow::Result<jetstream::consumer::pull::Ordered> {
+    Ok(stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?)
 }
 
 async fn jetstream_context(servers: &Servers) -> anyhow::Result<jetstream::Context> {
@@ -149,16 +166,7 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     setup_streaming(&servers).await?;
     let js = jetstream_context(&servers).await?;
     let mut walstream = walstream_streaming(&servers, &js).await?;
-    let mut messages = js
-        .get_stream(STREAM)
-        .await?
-        .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
+    let mut messages = new_messages(&js.get_stream(STREAM).await?).await?;
     let started = Instant::now();
     let written = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1).await?;
     let achieved = written as f64 / started.elapsed().as_secs_f64();
@@ -281,22 +289,8 @@ pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Res
     eprintln!("raw JetStream publish at {rate} messages/s for {seconds} s…");
     let servers = start_servers().await?;
     let js = jetstream_context(&servers).await?;
-    let stream = js
-        .create_stream(jetstream::stream::Config {
-            name: "raw".into(),
-            subjects: vec!["raw.>".into()],
-            max_bytes: -1,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = stream
-        .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
+    let stream = create_stream(&js, "raw").await?;
+    let mut messages = new_messages(&stream).await?;
     let payload = bytes::Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     let duration = Duration::from_secs(seconds);
@@ -417,26 +411,35 @@ async fn bridge(
     }))
 }
 
-/// The same live workload through walstream and through the bridge: the rate, what each loses
-/// while it is down, and a row past `pg_notify`'s payload limit.
-pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<AgainstNotify> {
-    let timeout = Duration::from_secs(120);
-
-    eprintln!("live workload through walstream: {changes} single-row transactions…");
-    let servers = start_servers().await?;
-    setup_streaming(&servers).await?;
-    let js = jetstream_context(&servers).await?;
-    let mut walstream = walstream_streaming(&servers, &js).await?;
+/// Commits `changes` single-row transactions and measures, from the first, until `stream`
+/// holds them all.
+async fn live_rate(
+    servers: &Servers,
+    js: &jetstream::Context,
+    stream: &str,
+    changes: u64,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     servers
         .postgres
         .execute(DATABASE, &fill(1, changes))
         .await?;
     anyhow::ensure!(
-        wait_stored(&js, STREAM, changes, timeout).await,
-        "walstream fell short"
+        wait_stored(js, stream, changes, Duration::from_secs(120)).await,
+        "{stream} did not receive all {changes} changes"
     );
-    let walstream_per_sec = changes as f64 / started.elapsed().as_secs_f64();
+    Ok(changes as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The same live workload through walstream and through the bridge: the rate, what each loses
+/// while it is down, and a row past `pg_notify`'s payload limit.
+pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<AgainstNotify> {
+    eprintln!("live workload through walstream: {changes} single-row transactions…");
+    let servers = start_servers().await?;
+    setup_streaming(&servers).await?;
+    let js = jetstream_context(&servers).await?;
+    let mut walstream = walstream_streaming(&servers, &js).await?;
+    let walstream_per_sec = live_rate(&servers, &js, STREAM, changes).await?;
     let _ = walstream.kill();
     let _ = walstream.wait();
     servers
@@ -467,24 +470,9 @@ pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<Aga
     servers.postgres.execute(DATABASE, TABLE).await?;
     servers.postgres.execute(DATABASE, NOTIFY_TRIGGER).await?;
     let js = jetstream_context(&servers).await?;
-    js.create_stream(jetstream::stream::Config {
-        name: "bridge".into(),
-        subjects: vec!["bridge.>".into()],
-        max_bytes: -1,
-        ..Default::default()
-    })
-    .await?;
+    create_stream(&js, "bridge").await?;
     let running = bridge(&servers, js.clone()).await?;
-    let started = Instant::now();
-    servers
-        .postgres
-        .execute(DATABASE, &fill(1, changes))
-        .await?;
-    anyhow::ensure!(
-        wait_stored(&js, "bridge", changes, timeout).await,
-        "the bridge fell short"
-    );
-    let bridge_per_sec = changes as f64 / started.elapsed().as_secs_f64();
+    let bridge_per_sec = live_rate(&servers, &js, "bridge", changes).await?;
     running.abort();
     let _ = running.await;
     servers
