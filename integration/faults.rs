@@ -5,6 +5,7 @@
 mod harness;
 
 use std::collections::BTreeSet;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -479,5 +480,74 @@ async fn a_dropped_slot_stops_walstream_and_is_never_recreated() -> anyhow::Resu
         !slot_exists().await?,
         "walstream must not recreate the slot at start either"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalidated_slot_stops_walstream_with_the_recovery() -> anyhow::Result<()> {
+    let (cluster, config, mut walstream) = streaming_load_table().await?;
+    write_load(cluster.db_url(), 1, 5, 10, Duration::ZERO).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 50, Duration::from_secs(30)).await?;
+    let client = cluster.client().await?;
+    let wal_status = || async {
+        let row = client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walstream'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(row.get::<_, Option<String>>(0))
+    };
+
+    // walstream frozen (SIGSTOP) while the slot falls further behind than the server keeps:
+    // the next checkpoint invalidates the slot and ends its walsender.
+    // ALTER SYSTEM refuses to run in the implicit transaction of a multi-statement query.
+    client
+        .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await?;
+    client.batch_execute("SELECT pg_reload_conf()").await?;
+    let pid = walstream.pid().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status()?;
+    let mut lost = false;
+    for _ in 0..20 {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS t_filler (v TEXT);
+                 INSERT INTO t_filler SELECT md5(g || random()::text) FROM generate_series(1, 50000) g;
+                 SELECT pg_switch_wal();",
+            )
+            .await?;
+        client.batch_execute("CHECKPOINT").await?;
+        if wal_status().await?.as_deref() == Some("lost") {
+            lost = true;
+            break;
+        }
+    }
+    Command::new("kill").args(["-CONT", &pid]).status()?;
+    assert!(
+        lost,
+        "the slot was not invalidated: {:?}",
+        wal_status().await?
+    );
+
+    let status = walstream
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    assert!(!status.success(), "an invalidated slot is an error exit");
+    assert_log_shows(&cluster, "was invalidated (wal_status = lost)", 1)?;
+    assert_log_shows(&cluster, "walstream setup", 1)?;
+
+    // Started again, it refuses the same way instead of streaming from a slot with a hole.
+    let restart_log = cluster.dir.path().join("restart.log");
+    let mut restarted = Walstream::start(&config, &restart_log)?;
+    let status = restarted
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: it kept running on an invalidated slot"))?;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&restart_log)?;
+    assert!(log.contains("wal_status = lost"), "{log}");
     Ok(())
 }
