@@ -528,3 +528,40 @@ async fn status_and_seek_on_a_million_events() -> anyhow::Result<()> {
     assert_eq!(beyond["sequence"], Value::Null);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_with_the_most_columns_postgresql_allows_streams_whole() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    // 1,600 columns is PostgreSQL's limit; 1,599 integers and the key.
+    cluster
+        .sql(
+            "DO $$ BEGIN EXECUTE 'CREATE TABLE t_wide (id INT PRIMARY KEY, ' ||
+                 (SELECT string_agg(format('c%s INT', g), ', ') FROM generate_series(1, 1599) g)
+                 || ')'; END $$;",
+        )
+        .await?;
+    let config = cluster.config(&["public.t_wide"], "")?;
+    setup(&config)?;
+    cluster
+        .sql(
+            "DO $$ BEGIN EXECUTE 'INSERT INTO t_wide VALUES (1, ' ||
+                 (SELECT string_agg(g::text, ', ') FROM generate_series(1, 1599) g) || ')'; END $$;
+             UPDATE t_wide SET c1599 = -1 WHERE id = 1;",
+        )
+        .await?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 2, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let messages = read_stream(&js).await?;
+    let inserted = messages[0].body["data"]
+        .as_object()
+        .ok_or_else(|| anyhow::anyhow!("no data: {}", messages[0].body))?;
+    assert_eq!(inserted.len(), 1600);
+    assert_eq!(inserted["c1"], 1);
+    assert_eq!(inserted["c1599"], 1599);
+    assert_eq!(messages[1].body["data"]["c1599"], -1);
+    assert_eq!(messages[1].body["data"]["c1598"], 1598);
+    Ok(())
+}
