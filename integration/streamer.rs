@@ -565,3 +565,108 @@ async fn a_table_with_the_most_columns_postgresql_allows_streams_whole() -> anyh
     assert_eq!(messages[1].body["data"]["c1598"], 1598);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_added_to_and_dropped_from_the_publication_while_streaming() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql(
+            "CREATE TABLE tb_order (id INT PRIMARY KEY, note TEXT);
+             CREATE TABLE tb_refund (id INT PRIMARY KEY, note TEXT);",
+        )
+        .await?;
+    let config = cluster.config(&["public.tb_order"], "")?;
+    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    cluster
+        .sql("INSERT INTO tb_order VALUES (1, 'before')")
+        .await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 1, Duration::from_secs(30)).await?;
+    let client = cluster.client().await?;
+
+    // A DBA adds a table by hand: `replication.tables` decides what is published, so its
+    // changes are passed over while the watched table's go on.
+    cluster
+        .sql("ALTER PUBLICATION walstream ADD TABLE tb_refund")
+        .await?;
+    cluster
+        .sql("INSERT INTO tb_refund VALUES (2, 'added'); INSERT INTO tb_order VALUES (2, 'after')")
+        .await?;
+    wait_for_messages(&js, 2, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+
+    // And drops the watched table: PostgreSQL stops sending its changes, walstream carries
+    // on (and confirms past them).
+    cluster
+        .sql("ALTER PUBLICATION walstream DROP TABLE tb_order")
+        .await?;
+    cluster
+        .sql("INSERT INTO tb_order VALUES (3, 'while out of the publication')")
+        .await?;
+    let written: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    eventually(
+        Duration::from_secs(30),
+        "the slot to pass the write",
+        || async {
+            client
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots
+                 WHERE slot_name = 'walstream'",
+                    &[&written],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, bool>(0))
+        },
+    )
+    .await?;
+    assert!(walstream.try_wait().is_none(), "walstream stopped");
+
+    // At its next start walstream adds the watched table back (create_publication) and
+    // streams it again; the change made while it was out is not in its stream.
+    walstream.terminate(Duration::from_secs(30))?;
+    let _restarted = Walstream::start(&config, &cluster.dir.path().join("restart.log"))?;
+    eventually(
+        Duration::from_secs(30),
+        "tb_order back in the publication",
+        || async {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_publication_tables
+                 WHERE pubname = 'walstream' AND tablename = 'tb_order'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+        },
+    )
+    .await?;
+    cluster
+        .sql("INSERT INTO tb_order VALUES (4, 'back')")
+        .await?;
+    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
+    let messages = read_stream(&js).await?;
+    let seen: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.subject.as_str(),
+                m.body["data"]["note"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("fraiseql.mutation.Order.INSERT", "before"),
+            ("fraiseql.mutation.Order.INSERT", "after"),
+            ("fraiseql.mutation.Order.INSERT", "back"),
+        ]
+    );
+    assert_exactly_once_in_order(&messages);
+    Ok(())
+}
