@@ -144,6 +144,12 @@ fn spawn_walstream(servers: &Servers) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
+/// Kills a child process and reaps it.
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// walstream from start to the last ack of `changes` events: (changes/s, peak RSS MB, bytes/event).
 async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, f64, f64)> {
     let started = Instant::now();
@@ -166,8 +172,7 @@ async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, 
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let rss = peak_rss_mb(&child);
-    let _ = child.kill();
-    let _ = child.wait();
+    stop(&mut child);
     Ok((
         changes as f64 / elapsed.as_secs_f64(),
         rss,

@@ -613,23 +613,16 @@ impl Pipeline {
 
     /// The LSN of the write under way if it has landed.
     fn finished_write(&mut self) -> anyhow::Result<Option<Lsn>> {
-        if !self
-            .persisting
-            .as_ref()
-            .is_some_and(|w| w.write.is_finished())
-        {
+        let Some(under_way) = self.persisting.as_mut() else {
             return Ok(None);
-        }
-        match self.persisting.take() {
-            Some(CheckpointWrite { lsn, write }) => match write.now_or_never() {
-                Some(result) => {
-                    result.map_err(|e| anyhow::anyhow!("the checkpoint write failed: {e}"))??;
-                    Ok(Some(lsn))
-                }
-                None => Ok(None),
-            },
-            None => Ok(None),
-        }
+        };
+        let Some(result) = (&mut under_way.write).now_or_never() else {
+            return Ok(None);
+        };
+        let lsn = under_way.lsn;
+        self.persisting = None;
+        result.map_err(|e| anyhow::anyhow!("the checkpoint write failed: {e}"))??;
+        Ok(Some(lsn))
     }
 
     /// Waits for the write under way, if any.

@@ -32,13 +32,16 @@ pub struct SlotInfo {
     pub confirmed_flush_lsn: Option<Lsn>,
     pub restart_lsn: Option<Lsn>,
     pub wal_status: Option<String>,
+    /// WAL the server keeps for the slot: current WAL LSN minus `restart_lsn`.
+    pub wal_retained_bytes: Option<i64>,
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<SlotInfo>> {
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, \
-                    confirmed_flush_lsn::text, restart_lsn::text, wal_status \
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
+                    (pg_current_wal_lsn() - restart_lsn)::int8 \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -54,6 +57,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<Slo
             confirmed_flush_lsn: lsn(row.get(5)).map_err(anyhow::Error::msg)?,
             restart_lsn: lsn(row.get(6)).map_err(anyhow::Error::msg)?,
             wal_status: row.get(7),
+            wal_retained_bytes: row.get(8),
         })
     })
     .transpose()

@@ -41,15 +41,8 @@ async fn poll(
         Some(existing) if !existing.is_closed() => existing,
         _ => postgres::connect(database_url).await?,
     };
-    let row = connection
-        .query_opt(
-            "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, wal_status \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    match row {
-        Some(row) => metrics.set_slot(row.get(0), row.get::<_, Option<&str>>(1)),
+    match postgres::slot_info(&connection, slot).await? {
+        Some(info) => metrics.set_slot(info.wal_retained_bytes, info.wal_status.as_deref()),
         None => metrics.set_slot(None, None),
     }
     *client = Some(connection);

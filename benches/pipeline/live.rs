@@ -12,8 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{
-    create_stream, peak_rss_mb, spawn_walstream, start_servers, Servers, DATABASE, ROW, TABLE,
-    WINDOW,
+    create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE, ROW,
+    TABLE, WINDOW,
 };
 
 /// Writer connections; each commits single-row transactions one after another.
@@ -100,6 +100,15 @@ async fn wait_stored(js: &jetstream::Context, stream: &str, count: u64, timeout:
     false
 }
 
+/// Fresh servers with the bench table published, and walstream streaming it.
+async fn streaming() -> anyhow::Result<(Servers, jetstream::Context, Child)> {
+    let servers = start_servers().await?;
+    setup_streaming(&servers).await?;
+    let js = jetstream_context(&servers).await?;
+    let walstream = walstream_streaming(&servers, &js).await?;
+    Ok((servers, js, walstream))
+}
+
 /// Starts walstream and waits until it has created its stream, i.e. it is streaming.
 async fn walstream_streaming(servers: &Servers, js: &jetstream::Context) -> anyhow::Result<Child> {
     let child = spawn_walstream(servers)?;
@@ -157,44 +166,43 @@ fn commit_time(message: &jetstream::Message) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(value.as_str(), &Rfc3339).ok()
 }
 
+/// The next message of an ordered consumer and the time JetStream stored it.
+async fn next_stored(
+    messages: &mut jetstream::consumer::pull::Ordered,
+    within: Duration,
+) -> anyhow::Result<(jetstream::Message, OffsetDateTime)> {
+    let message = tokio::time::timeout(within, messages.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("no message within {within:?}"))?
+        .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+    let stored = message
+        .info()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .published;
+    Ok((message, stored))
+}
+
 /// Commit → stored-in-JetStream latency at a fixed write rate. The stored time is the one
 /// JetStream records when it persists the message (and acks the publish), read back from
 /// each message; the commit time is PostgreSQL's, carried in the event.
 pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     eprintln!("steady state at {rate} changes/s for {seconds} s…");
-    let servers = start_servers().await?;
-    setup_streaming(&servers).await?;
-    let js = jetstream_context(&servers).await?;
-    let mut walstream = walstream_streaming(&servers, &js).await?;
+    let (servers, js, mut walstream) = streaming().await?;
     let mut messages = new_messages(&js.get_stream(STREAM).await?).await?;
     let started = Instant::now();
     let written = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1).await?;
     let achieved = written as f64 / started.elapsed().as_secs_f64();
     let mut latencies = Vec::with_capacity(written as usize);
     while (latencies.len() as u64) < written {
-        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+        let (message, stored) = next_stored(&mut messages, Duration::from_secs(30))
             .await
-            .map_err(|_| anyhow::anyhow!("{} of {written} events arrived", latencies.len()))?
-            .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+            .map_err(|e| anyhow::anyhow!("after {} of {written} events: {e}", latencies.len()))?;
         let committed =
             commit_time(&message).ok_or_else(|| anyhow::anyhow!("an event without commit time"))?;
-        let stored = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .published;
         latencies.push((stored - committed).as_seconds_f64() * 1000.0);
-        if std::env::var_os("DEBUG_LAT").is_some() && latencies.len() % 500 == 0 {
-            eprintln!(
-                "{} {:?} {:.1}",
-                latencies.len(),
-                committed.time(),
-                latencies.last().unwrap()
-            );
-        }
     }
     let rss = peak_rss_mb(&walstream);
-    let _ = walstream.kill();
-    let _ = walstream.wait();
+    stop(&mut walstream);
     Ok(summarize("walstream", rate, achieved, latencies, rss))
 }
 
@@ -321,14 +329,7 @@ pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Res
     }
     let mut latencies = Vec::with_capacity(sent as usize);
     for published in &sent_at {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .map_err(|_| anyhow::anyhow!("a stored message did not arrive"))?
-            .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
-        let stored = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .published;
+        let (_, stored) = next_stored(&mut messages, Duration::from_secs(10)).await?;
         latencies.push((stored - *published).as_seconds_f64() * 1000.0);
     }
     let achieved = sent as f64 / seconds as f64;
@@ -435,13 +436,9 @@ async fn live_rate(
 /// while it is down, and a row past `pg_notify`'s payload limit.
 pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<AgainstNotify> {
     eprintln!("live workload through walstream: {changes} single-row transactions…");
-    let servers = start_servers().await?;
-    setup_streaming(&servers).await?;
-    let js = jetstream_context(&servers).await?;
-    let mut walstream = walstream_streaming(&servers, &js).await?;
+    let (servers, js, mut walstream) = streaming().await?;
     let walstream_per_sec = live_rate(&servers, &js, STREAM, changes).await?;
-    let _ = walstream.kill();
-    let _ = walstream.wait();
+    stop(&mut walstream);
     servers
         .postgres
         .execute(DATABASE, &fill(changes + 1, while_down))
@@ -461,8 +458,7 @@ pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<Aga
         Ok(()) => "committed, not delivered".to_owned(),
         Err(e) => format!("INSERT failed: {e}"),
     };
-    let _ = walstream.kill();
-    let _ = walstream.wait();
+    stop(&mut walstream);
     drop(servers);
 
     eprintln!("live workload through the LISTEN/NOTIFY bridge…");
