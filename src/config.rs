@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::event::Op;
+use crate::replay::Retention;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -80,6 +81,17 @@ pub struct ReplicationConfig {
     /// reconnect when it does not (a dead TCP link).
     #[serde(default = "defaults::receive_timeout_secs")]
     pub receive_timeout_secs: u64,
+    /// How much WAL the slot keeps behind the checkpoint so `reset-lsn` can go back: a size
+    /// (`"10GB"`) or a time (`"2h"`). PostgreSQL keeps that WAL on disk.
+    #[serde(default, deserialize_with = "deserialize_retention")]
+    pub replay_retention: Retention,
+}
+
+fn deserialize_retention<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Retention, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    Retention::parse(&text).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]

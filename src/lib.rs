@@ -30,6 +30,7 @@ pub mod pgoutput;
 #[cfg(feature = "server")]
 pub mod pipeline;
 pub mod postgres;
+pub mod replay;
 pub mod secrets;
 pub mod sink;
 #[cfg(feature = "server")]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use walstream::config::{Config, LogFormat};
-use walstream::{app, check, dev, postgres, status};
+use walstream::{app, check, dev, postgres, replay, status};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Deliver every event committed at or after an LSN again, at walstream's next start.
+    ResetLsn {
+        /// A WAL position such as 0/16B3748 (`walstream seek` and the events' `lsn` show them).
+        lsn: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a local PostgreSQL and NATS with the example schema; stream it and serve GraphQL.
     Dev {
         /// Where the local servers keep their data.
@@ -112,7 +120,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let config = Config::load(&cli.config)?;
     // One-shot commands print their answer; routine connection logs would only bury it.
-    let quiet = matches!(cli.command, Command::Status { .. } | Command::Seek { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Status { .. } | Command::Seek { .. } | Command::ResetLsn { .. }
+    );
     let level = config.log.level.as_deref().or(quiet.then_some("warn"));
     init_logging(config.log.format, level);
     match cli.command {
@@ -172,6 +183,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Command::ResetLsn { lsn, json } => {
+            let from = walstream::lsn::parse_lsn(&lsn).map_err(anyhow::Error::msg)?;
+            let request = replay::request(&config, from).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&request)?);
+            } else {
+                request.print();
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dev { .. } => unreachable!("handled above"),
     }

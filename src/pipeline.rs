@@ -20,6 +20,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::postgres::{self, HEARTBEAT_PREFIX};
+use crate::replay::{Confirmer, PositionText, Replay, ResumePlan};
 use crate::sink::{self, Backoff, Sink, StoredEvent};
 use crate::source::ReplicationTarget;
 
@@ -98,7 +99,17 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
-    let durable = checkpointed.unwrap_or(Lsn(0));
+    let plan = ResumePlan::from_tail(tail.position, tail.replay);
+    if let Some(replay) = plan.replay {
+        tracing::info!(
+            replay = replay.id,
+            from = ?plan.from,
+            through = %PositionText(replay.through),
+            "replaying: events up to the replay's end are delivered again, marked as replays"
+        );
+    }
+    // A replay decodes again from where it stands, whatever the checkpoint says.
+    let durable = plan.from.or(checkpointed).unwrap_or(Lsn(0));
     metrics.set_checkpoint(durable.0);
     let mut pipeline = Pipeline {
         sink: Sink::new(
@@ -110,7 +121,9 @@ pub async fn run(
             shutdown.clone(),
         )
         .with_subscribers(subscribers),
-        skip_through: tail.position,
+        skip_through: plan.skip_through,
+        replay: plan.replay,
+        confirmer: Confirmer::new(config.replication.replay_retention, Lsn(0)),
         encoder: Encoder::new(naming),
         checkpoint: Arc::new(checkpoint),
         metrics,
@@ -165,6 +178,10 @@ struct Pipeline {
     /// Events at or before this position are already in the stream: a restart re-reads them
     /// from the slot, and they are not published twice.
     skip_through: Option<Position>,
+    /// The replay under way, if any: events it covers are published again, marked.
+    replay: Option<Replay>,
+    /// What is confirmed to PostgreSQL: the checkpoint, held back by `replay_retention`.
+    confirmer: Confirmer,
     /// Persisted in RocksDB and reported to PostgreSQL.
     durable: Lsn,
     /// Acknowledged by JetStream, not yet persisted.
@@ -200,7 +217,7 @@ impl Pipeline {
                 skip_through = ?self.skip_through,
                 "starting replication"
             );
-            match target.start(start, self.durable).await {
+            match target.start(start, self.confirmer.confirmed()).await {
                 Ok(mut client) => {
                     self.metrics
                         .replication_connected
@@ -275,6 +292,8 @@ impl Pipeline {
         let Some(slot) = slot else {
             anyhow::bail!(slot_gone_message(&self.slot));
         };
+        self.confirmer
+            .slot_confirmed(slot.confirmed_flush_lsn.unwrap_or(Lsn(0)));
         if slot.wal_status.as_deref() == Some("lost") {
             anyhow::bail!(
                 "replication slot {} was invalidated (wal_status = lost): PostgreSQL removed WAL \
@@ -412,8 +431,13 @@ impl Pipeline {
     }
 
     fn begin(&mut self, xid: u32, commit_lsn: Lsn, commit_time_micros: i64) {
+        let mut tx = Transaction::begin(xid, commit_lsn, commit_time_micros);
+        tx.set_replay(
+            self.replay
+                .filter(|replay| commit_lsn <= replay.through.commit_lsn),
+        );
         self.tx = Some(TxState {
-            tx: Transaction::begin(xid, commit_lsn, commit_time_micros),
+            tx,
             commit_time_micros,
         });
     }
@@ -520,6 +544,7 @@ impl Pipeline {
             return Ok(());
         }
         self.skip_through = None;
+        end_replay_before(&mut self.replay, &mut state.tx, position);
         let event = encode(&mut self.encoder, &mut state.tx, &entry.info)?;
         let counter = entry.published[op as usize].clone();
         let commit_time = Some(state.commit_time_micros);
@@ -546,6 +571,7 @@ impl Pipeline {
                     return Ok(());
                 }
                 self.skip_through = None;
+                end_replay_before(&mut self.replay, &mut state.tx, position);
                 let event = self.encoder.logical_message(Some(&mut state.tx), message);
                 let commit_time = Some(state.commit_time_micros);
                 Ok(self.sink.publish(event, counter, commit_time).await?)
@@ -557,7 +583,10 @@ impl Pipeline {
                 };
                 if !already_published(self.skip_through, position) {
                     self.skip_through = None;
-                    let event = self.encoder.logical_message(None, message);
+                    let mut standalone = Transaction::standalone(message.lsn);
+                    standalone.set_replay(self.replay);
+                    end_replay_before(&mut self.replay, &mut standalone, position);
+                    let event = self.encoder.logical_message(Some(&mut standalone), message);
                     self.sink.publish(event, counter, None).await?;
                 }
                 if self.tx.is_none() {
@@ -574,7 +603,7 @@ impl Pipeline {
         self.absorb_progress();
         if let Some(lsn) = self.finished_write()? {
             self.mark_durable(lsn);
-            client.update_applied_lsn(lsn);
+            client.update_applied_lsn(self.confirmer.confirmable(lsn, Instant::now()));
         }
         if self.persisting.is_some() || self.last_persist.elapsed() < PERSIST_INTERVAL {
             return Ok(());
@@ -600,7 +629,7 @@ impl Pipeline {
             self.mark_durable(lsn);
         }
         if let Some(client) = client {
-            client.update_applied_lsn(self.durable);
+            client.update_applied_lsn(self.confirmer.confirmable(self.durable, Instant::now()));
         }
         Ok(())
     }
@@ -696,7 +725,9 @@ impl Pipeline {
         let deadline = Instant::now() + self.status_interval * 2 + Duration::from_secs(1);
         while Instant::now() < deadline {
             match self.slot_info().await {
-                Ok(Some(slot)) if slot.confirmed_flush_lsn >= Some(self.durable) => return,
+                Ok(Some(slot)) if slot.confirmed_flush_lsn >= Some(self.confirmer.confirmed()) => {
+                    return
+                }
                 Ok(_) => {}
                 Err(_) => return,
             }
@@ -706,6 +737,21 @@ impl Pipeline {
             checkpoint = %self.durable,
             "PostgreSQL has not shown the slot confirmed yet; the checkpoint in RocksDB covers it"
         );
+    }
+}
+
+/// At the first event past the replay, the replay is over: from there on events are first
+/// deliveries.
+fn end_replay_before(replay: &mut Option<Replay>, tx: &mut Transaction, position: Position) {
+    if let Some(ended) = replay.filter(|replay| !replay.covers(position)) {
+        tracing::info!(
+            replay = ended.id,
+            "replay finished: every event it covers is delivered again"
+        );
+        *replay = None;
+    }
+    if tx.replay().is_some_and(|replay| !replay.covers(position)) {
+        tx.set_replay(None);
     }
 }
 

@@ -10,6 +10,7 @@ use super::value::{write_binary, write_string, write_value};
 use super::{Naming, Op, Position, RelationInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
+use crate::replay::{Replay, ReplayHeaders};
 
 pub const HEADER_XID: &str = "Walstream-Xid";
 pub const HEADER_LSN: &str = "Walstream-Lsn";
@@ -33,6 +34,8 @@ pub struct Transaction {
     timestamp: String,
     lsn_text: String,
     next_seq: u64,
+    /// Set while the transaction is delivered again by a replay.
+    replay: Option<Replay>,
     /// The headers every event of the transaction shares, built once.
     headers: HeaderMap,
 }
@@ -43,26 +46,48 @@ impl Transaction {
     }
 
     /// A transaction of one non-transactional logical message: no xid, no commit time.
-    fn standalone(lsn: Lsn) -> Self {
+    pub fn standalone(lsn: Lsn) -> Self {
         Self::new(0, lsn, String::new())
     }
 
     fn new(xid: u32, commit_lsn: Lsn, timestamp: String) -> Self {
-        let lsn_text = commit_lsn.to_string();
-        let mut headers = HeaderMap::new();
-        headers.insert(XID, xid.to_string().as_str());
-        headers.insert(LSN, lsn_text.as_str());
-        if !timestamp.is_empty() {
-            headers.insert(COMMIT_TIME, timestamp.as_str());
-        }
-        Self {
+        let mut tx = Self {
             xid,
             commit_lsn,
             timestamp,
-            lsn_text,
+            lsn_text: commit_lsn.to_string(),
             next_seq: 0,
-            headers,
+            replay: None,
+            headers: HeaderMap::new(),
+        };
+        tx.build_headers();
+        tx
+    }
+
+    fn build_headers(&mut self) {
+        let mut headers = HeaderMap::new();
+        headers.insert(XID, self.xid.to_string().as_str());
+        headers.insert(LSN, self.lsn_text.as_str());
+        if !self.timestamp.is_empty() {
+            headers.insert(COMMIT_TIME, self.timestamp.as_str());
         }
+        if let Some(replay) = self.replay {
+            ReplayHeaders { replay, from: None }.write(&mut headers);
+        }
+        self.headers = headers;
+    }
+
+    /// Marks the transaction's next events as delivered again by `replay`, or, with `None`,
+    /// as first deliveries.
+    pub fn set_replay(&mut self, replay: Option<Replay>) {
+        if self.replay != replay {
+            self.replay = replay;
+            self.build_headers();
+        }
+    }
+
+    pub fn replay(&self) -> Option<Replay> {
+        self.replay
     }
 
     /// The position the next change of this transaction will take.
@@ -105,6 +130,8 @@ pub struct EncodedEvent {
     pub headers: HeaderMap,
     pub payload: Bytes,
     pub position: Position,
+    /// Delivered again by a replay (`walstream reset-lsn`).
+    pub replay: bool,
 }
 
 /// The relation changed shape between its Relation message and a row: a protocol violation.
@@ -303,6 +330,9 @@ impl Encoder {
         out.extend_from_slice(b",\"lsn\":\"");
         out.extend_from_slice(tx.lsn_text.as_bytes());
         let _ = write!(out, "\",\"xid\":{},\"seq\":{}", tx.xid, position.seq);
+        if tx.replay.is_some() {
+            out.extend_from_slice(b",\"replay\":true");
+        }
         position
     }
 
@@ -328,13 +358,18 @@ impl Encoder {
             .size_hint
             .max(payload.len().next_power_of_two().min(1 << 20));
         let mut headers = tx.headers.clone();
-        headers.insert(NATS_MESSAGE_ID, self.naming.message_id(tx.xid, position));
+        let replay_id = tx.replay.map(|replay| replay.id);
+        headers.insert(
+            NATS_MESSAGE_ID,
+            self.naming.message_id(tx.xid, position, replay_id),
+        );
         headers.insert(SEQ, position.seq.to_string());
         EncodedEvent {
             subject,
             headers,
             payload: Bytes::from(payload),
             position,
+            replay: replay_id.is_some(),
         }
     }
 }
@@ -539,7 +574,8 @@ mod tests {
                             .as_str()
                             .parse()
                             .unwrap(),
-                        event.position
+                        event.position,
+                        None
                     )
                 );
                 out.push(serde_json::from_slice(&event.payload).expect("valid JSON"));
@@ -566,6 +602,44 @@ mod tests {
             })
         );
         assert!(insert["timestamp"].as_str().unwrap().starts_with("20"));
+    }
+
+    #[test]
+    fn replayed_events_are_marked_and_get_their_own_message_ids() {
+        let mut encoder = Encoder::new(naming());
+        let message = LogicalMessage {
+            transactional: true,
+            lsn: Lsn(0x200),
+            prefix: "audit",
+            content: b"{}",
+        };
+        let mut tx = Transaction::begin(42, Lsn(0x300), 0);
+        let first = encoder.logical_message(Some(&mut tx), &message);
+        let replay = Replay {
+            id: 7,
+            through: Position {
+                commit_lsn: Lsn(0x300),
+                seq: 1,
+            },
+        };
+        let mut tx = Transaction::begin(42, Lsn(0x300), 0);
+        tx.set_replay(Some(replay));
+        let again = encoder.logical_message(Some(&mut tx), &message);
+        let id = |event: &EncodedEvent| event.headers.get(NATS_MESSAGE_ID).unwrap().to_string();
+        assert_eq!(id(&again), format!("{}:r7", id(&first)));
+        assert!(again.replay && !first.replay);
+        let json = |event: &EncodedEvent| -> serde_json::Value {
+            serde_json::from_slice(&event.payload).unwrap()
+        };
+        assert_eq!(json(&again)["replay"], true);
+        assert!(json(&first).get("replay").is_none());
+        assert_eq!(
+            ReplayHeaders::read(&again.headers).unwrap(),
+            Some(ReplayHeaders { replay, from: None })
+        );
+        tx.set_replay(None);
+        let after = encoder.logical_message(Some(&mut tx), &message);
+        assert!(!after.replay && after.headers.get(crate::replay::HEADER_REPLAY).is_none());
     }
 
     #[test]

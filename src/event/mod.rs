@@ -156,12 +156,14 @@ impl Naming {
         subjects
     }
 
-    /// The deterministic `Nats-Msg-Id` of a change.
-    pub fn message_id(&self, xid: u32, position: Position) -> String {
-        format!(
-            "{}:{xid}:{}:{}",
-            self.slot, position.commit_lsn, position.seq
-        )
+    /// The deterministic `Nats-Msg-Id` of a change; a replay's own, so JetStream's dedup
+    /// window does not swallow the second delivery.
+    pub fn message_id(&self, xid: u32, position: Position, replay: Option<u64>) -> String {
+        let (slot, lsn, seq) = (&self.slot, position.commit_lsn, position.seq);
+        match replay {
+            None => format!("{slot}:{xid}:{lsn}:{seq}"),
+            Some(id) => format!("{slot}:{xid}:{lsn}:{seq}:r{id}"),
+        }
     }
 }
 

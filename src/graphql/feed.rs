@@ -200,10 +200,20 @@ async fn consumer(
 async fn next_stored(
     messages: &mut jetstream::consumer::pull::Ordered,
 ) -> Result<Option<(StoredEvent, u64)>, FeedError> {
-    let Some(message) = messages.next().await else {
-        return Ok(None);
+    let message = loop {
+        let Some(message) = messages.next().await else {
+            return Ok(None);
+        };
+        let message = message.map_err(|e| FeedError::Stream(e.to_string()))?;
+        // Subscriptions follow what happens now, not a replay of history.
+        let replayed = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(crate::replay::HEADER_REPLAY).is_some());
+        if !replayed {
+            break message;
+        }
     };
-    let message = message.map_err(|e| FeedError::Stream(e.to_string()))?;
     let info = message
         .info()
         .map_err(|e| FeedError::Stream(e.to_string()))?;

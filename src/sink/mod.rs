@@ -246,7 +246,10 @@ impl Sink {
             self.metrics.commit_to_ack_seconds.observe(latency);
         }
         self.last_position = Some(done.event.position);
-        if let Some(subscribers) = self.stored.as_ref().filter(|s| s.receiver_count() > 0) {
+        // Subscriptions follow what happens now; a replay re-delivers history to consumers
+        // that asked for it through JetStream.
+        let subscribers = self.stored.as_ref().filter(|s| s.receiver_count() > 0);
+        if let Some(subscribers) = subscribers.filter(|_| !done.event.replay) {
             let _ = subscribers.send(Arc::new(StoredEvent {
                 stream_sequence: done.sequence,
                 subject: done.event.subject.to_string(),

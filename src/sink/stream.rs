@@ -8,6 +8,7 @@ use crate::config::{JetStreamConfig, StorageKind};
 use crate::event::Position;
 use crate::event::{HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ};
 use crate::lsn::parse_lsn;
+use crate::replay::ReplayHeaders;
 
 /// The last message of the stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub struct StreamTail {
     pub message_id: Option<String>,
     /// Its WAL position, read from walstream's headers.
     pub position: Option<Position>,
+    /// Set when it is a replay's marker or a replayed event.
+    pub replay: Option<ReplayHeaders>,
 }
 
 /// Creates the stream, or updates it to the configured settings.
@@ -133,6 +136,8 @@ pub async fn read_tail(js: &jetstream::Context, name: &str) -> anyhow::Result<St
             .get(async_nats::header::NATS_MESSAGE_ID)
             .map(|v| v.as_str().to_owned()),
         position: position_of(&message.headers, sequence)?,
+        replay: ReplayHeaders::read(&message.headers)
+            .map_err(|e| anyhow::anyhow!("message {sequence}: {e}"))?,
     })
 }
 
@@ -158,9 +163,12 @@ pub fn position_of(
 #[derive(Debug, Clone)]
 pub struct StoredMeta {
     pub sequence: u64,
-    /// `None` for a message walstream did not publish.
+    /// Its place in WAL order; `None` for a message walstream did not publish. A replayed
+    /// event (and a replay's marker) stands where the replay was asked for, after everything
+    /// it replays, so positions never go backwards along the stream.
     pub position: Option<Position>,
-    /// The commit time walstream wrote, else the time JetStream stored the message.
+    /// The commit time walstream wrote, else the time JetStream stored the message (always,
+    /// for a replayed event: its commit time is old news).
     pub time: time::OffsetDateTime,
 }
 
@@ -205,24 +213,31 @@ pub async fn meta_at_or_after(
             }
             Err(error) => anyhow::bail!("reading message {sequence} of the stream: {error}"),
         };
-        {
-            let time = message
-                .headers
-                .get(HEADER_COMMIT_TIME)
-                .and_then(|v| {
-                    time::OffsetDateTime::parse(
-                        v.as_str(),
-                        &time::format_description::well_known::Rfc3339,
-                    )
-                    .ok()
-                })
-                .unwrap_or(message.time);
+        let replay = ReplayHeaders::read(&message.headers)
+            .map_err(|e| anyhow::anyhow!("message {sequence}: {e}"))?;
+        if let Some(replay) = replay {
             return Ok(Some(StoredMeta {
                 sequence,
-                position: position_of(&message.headers, sequence)?,
-                time,
+                position: Some(replay.replay.through),
+                time: message.time,
             }));
         }
+        let time = message
+            .headers
+            .get(HEADER_COMMIT_TIME)
+            .and_then(|v| {
+                time::OffsetDateTime::parse(
+                    v.as_str(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
+            })
+            .unwrap_or(message.time);
+        return Ok(Some(StoredMeta {
+            sequence,
+            position: position_of(&message.headers, sequence)?,
+            time,
+        }));
     }
     Ok(None)
 }
