@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use crate::lsn::Lsn;
 
 const KEY_CONFIRMED_LSN: &[u8] = b"confirmed_lsn";
+/// Where decoding must restart to rebuild what a backfill under way knows (see `backfill`).
+const KEY_BACKFILL_HOLD: &[u8] = b"backfill_hold";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -78,20 +80,26 @@ impl Checkpoint {
 
     /// The last LSN stored, if any.
     pub fn confirmed_lsn(&self) -> Result<Option<Lsn>, CheckpointError> {
-        let value = self
-            .db
-            .get(KEY_CONFIRMED_LSN)
-            .map_err(|source| CheckpointError::Read {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.read_lsn(KEY_CONFIRMED_LSN, "confirmed_lsn")
+    }
+
+    /// Where a restart must decode from for the backfills under way, if any.
+    pub fn backfill_hold(&self) -> Result<Option<Lsn>, CheckpointError> {
+        self.read_lsn(KEY_BACKFILL_HOLD, "backfill_hold")
+    }
+
+    fn read_lsn(&self, key: &[u8], name: &'static str) -> Result<Option<Lsn>, CheckpointError> {
+        let value = self.db.get(key).map_err(|source| CheckpointError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
         value
             .map(|bytes| {
                 <[u8; 8]>::try_from(bytes.as_slice())
                     .map(|raw| Lsn(u64::from_be_bytes(raw)))
                     .map_err(|_| CheckpointError::Corrupt {
                         path: self.path.clone(),
-                        key: "confirmed_lsn",
+                        key: name,
                         len: bytes.len(),
                     })
             })
@@ -100,10 +108,21 @@ impl Checkpoint {
 
     /// Stores `lsn` and syncs it to disk.
     pub fn store_confirmed_lsn(&self, lsn: Lsn) -> Result<(), CheckpointError> {
+        self.store_progress(lsn, None)
+    }
+
+    /// Stores `lsn` and the backfill hold together, synced to disk.
+    pub fn store_progress(&self, lsn: Lsn, hold: Option<Lsn>) -> Result<(), CheckpointError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(KEY_CONFIRMED_LSN, lsn.0.to_be_bytes());
+        match hold {
+            Some(hold) => batch.put(KEY_BACKFILL_HOLD, hold.0.to_be_bytes()),
+            None => batch.delete(KEY_BACKFILL_HOLD),
+        }
         let mut write_options = rocksdb::WriteOptions::default();
         write_options.set_sync(true);
         self.db
-            .put_opt(KEY_CONFIRMED_LSN, lsn.0.to_be_bytes(), &write_options)
+            .write_opt(batch, &write_options)
             .map_err(|source| CheckpointError::Write {
                 path: self.path.clone(),
                 source,
@@ -125,6 +144,17 @@ mod tests {
         }
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(checkpoint.confirmed_lsn().unwrap(), Some(Lsn(0x16B3748)));
+    }
+
+    #[test]
+    fn the_backfill_hold_is_stored_with_the_lsn_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        checkpoint.store_progress(Lsn(200), Some(Lsn(100))).unwrap();
+        assert_eq!(checkpoint.backfill_hold().unwrap(), Some(Lsn(100)));
+        checkpoint.store_progress(Lsn(300), None).unwrap();
+        assert_eq!(checkpoint.backfill_hold().unwrap(), None);
+        assert_eq!(checkpoint.confirmed_lsn().unwrap(), Some(Lsn(300)));
     }
 
     #[test]

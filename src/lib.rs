@@ -11,6 +11,7 @@
 
 #[cfg(feature = "server")]
 pub mod app;
+pub mod backfill;
 #[cfg(feature = "server")]
 pub mod check;
 #[cfg(feature = "server")]

@@ -76,6 +76,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Emit a table's current rows as BACKFILL events, online, while streaming goes on.
+    Backfill {
+        /// The table (`public.tb_order`, or unqualified when unambiguous in replication.tables).
+        #[arg(long)]
+        table: String,
+        /// Only rows matching this SQL condition (`status = 'open'`).
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// Rows per chunk: each chunk is one short transaction.
+        #[arg(long, default_value_t = 1000)]
+        chunk_size: usize,
+        /// Start over, even if a backfill of the table is unfinished.
+        #[arg(long, conflicts_with = "cancel")]
+        restart: bool,
+        /// Stop an unfinished backfill of the table.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Start a local PostgreSQL and NATS with the example schema; stream it and serve GraphQL.
     Dev {
         /// Where the local servers keep their data.
@@ -122,7 +140,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // One-shot commands print their answer; routine connection logs would only bury it.
     let quiet = matches!(
         cli.command,
-        Command::Status { .. } | Command::Seek { .. } | Command::ResetLsn { .. }
+        Command::Status { .. }
+            | Command::Seek { .. }
+            | Command::ResetLsn { .. }
+            | Command::Backfill { .. }
     );
     let level = config.log.level.as_deref().or(quiet.then_some("warn"));
     init_logging(config.log.format, level);
@@ -192,6 +213,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 request.print();
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill {
+            table,
+            filter,
+            chunk_size,
+            restart,
+            cancel,
+        } => {
+            let args = walstream::backfill::BackfillArgs {
+                table,
+                filter,
+                chunk_size,
+                restart,
+                cancel,
+            };
+            walstream::backfill::run(&config, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { .. } => unreachable!("handled above"),

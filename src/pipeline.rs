@@ -13,12 +13,13 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
 
+use crate::backfill::{self, Watches};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::event::{EncodedEvent, Encoder, Naming, Op, Position, RelationInfo, Transaction};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::pgoutput::{self, Message};
+use crate::pgoutput::{self, Message, TupleData};
 use crate::postgres::{self, HEARTBEAT_PREFIX};
 use crate::replay::{Confirmer, PositionText, Replay, ResumePlan};
 use crate::sink::{self, Backoff, Sink, StoredEvent};
@@ -34,8 +35,9 @@ fn slot_gone_message(slot: &str) -> String {
     format!(
         "replication slot {slot} no longer exists. walstream does not recreate it on its own: \
          the changes committed since it was dropped are not in the WAL any more for it. \
-         Recreate it with `walstream setup` to stream from now on; changes made in between are \
-         not re-delivered (table backfill is not built yet)"
+         Recreate it with `walstream setup` to stream from now on, then re-emit the tables' \
+         current rows with `walstream backfill --table …`: the changes made in between are not \
+         in the WAL for walstream, only their result is in the tables"
     )
 }
 
@@ -111,6 +113,8 @@ pub async fn run(
     // A replay decodes again from where it stands, whatever the checkpoint says.
     let durable = plan.from.or(checkpointed).unwrap_or(Lsn(0));
     metrics.set_checkpoint(durable.0);
+    // A backfill under way needs the changes since it started decoded again after a restart.
+    let rewind_to = checkpoint.backfill_hold()?;
     let mut pipeline = Pipeline {
         sink: Sink::new(
             js,
@@ -124,6 +128,8 @@ pub async fn run(
         skip_through: plan.skip_through,
         replay: plan.replay,
         confirmer: Confirmer::new(config.replication.replay_retention, Lsn(0)),
+        backfills: Watches::default(),
+        rewind_to,
         encoder: Encoder::new(naming),
         checkpoint: Arc::new(checkpoint),
         metrics,
@@ -158,7 +164,7 @@ enum SessionEnd {
 
 struct RelationEntry {
     info: RelationInfo,
-    published: [IntCounter; 4],
+    published: [IntCounter; 5],
 }
 
 struct Pipeline {
@@ -180,8 +186,13 @@ struct Pipeline {
     skip_through: Option<Position>,
     /// The replay under way, if any: events it covers are published again, marked.
     replay: Option<Replay>,
-    /// What is confirmed to PostgreSQL: the checkpoint, held back by `replay_retention`.
+    /// What is confirmed to PostgreSQL: the checkpoint, held back by `replay_retention` and
+    /// by backfills under way.
     confirmer: Confirmer,
+    /// Backfills under way: which of their tables' rows live changes touched.
+    backfills: Watches,
+    /// Where the first session starts decoding if before the checkpoint (a backfill's hold).
+    rewind_to: Option<Lsn>,
     /// Persisted in RocksDB and reported to PostgreSQL.
     durable: Lsn,
     /// Acknowledged by JetStream, not yet persisted.
@@ -298,12 +309,17 @@ impl Pipeline {
             anyhow::bail!(
                 "replication slot {} was invalidated (wal_status = lost): PostgreSQL removed WAL \
                  it still needed (max_slot_wal_keep_size). Changes were lost for it; drop and \
-                 recreate the slot with `walstream setup`; changes made in between are not \
-                 re-delivered (table backfill is not built yet)",
+                 recreate the slot with `walstream setup`, then re-emit the tables' current rows \
+                 with `walstream backfill --table …` (the changes in between are gone, their \
+                 result is in the tables)",
                 self.slot
             );
         }
-        Ok(slot.confirmed_flush_lsn.unwrap_or(Lsn(0)).max(self.durable))
+        let from = match self.rewind_to.take() {
+            Some(rewind) => self.durable.min(rewind),
+            None => self.durable,
+        };
+        Ok(slot.confirmed_flush_lsn.unwrap_or(Lsn(0)).max(from))
     }
 
     async fn slot_info(&mut self) -> anyhow::Result<Option<postgres::SlotInfo>> {
@@ -478,18 +494,26 @@ impl Pipeline {
                 self.type_names.insert(type_info.oid, type_info.name);
             }
             Message::Insert(insert) => {
+                self.observe_for_backfill(insert.relation_oid, &[&insert.new]);
                 self.publish_change(insert.relation_oid, Op::Insert, |encoder, tx, relation| {
                     encoder.insert(tx, relation, &insert.new)
                 })
                 .await?
             }
             Message::Update(update) => {
+                match &update.old {
+                    Some((_, old)) => {
+                        self.observe_for_backfill(update.relation_oid, &[old, &update.new])
+                    }
+                    None => self.observe_for_backfill(update.relation_oid, &[&update.new]),
+                }
                 self.publish_change(update.relation_oid, Op::Update, |encoder, tx, relation| {
                     encoder.update(tx, relation, update.old.as_ref(), &update.new)
                 })
                 .await?
             }
             Message::Delete(delete) => {
+                self.observe_for_backfill(delete.relation_oid, &[&delete.old]);
                 self.publish_change(delete.relation_oid, Op::Delete, |encoder, tx, relation| {
                     encoder.delete(tx, relation, delete.old_kind, &delete.old)
                 })
@@ -551,6 +575,96 @@ impl Pipeline {
         Ok(self.sink.publish(event, counter, commit_time).await?)
     }
 
+    /// Lets a backfill under way know which row a live change touched.
+    fn observe_for_backfill(&mut self, relation_oid: u32, tuples: &[&TupleData<'_>]) {
+        if self.backfills.is_empty() {
+            return;
+        }
+        if let (Some(state), Some(entry)) = (&self.tx, self.relations.get(&relation_oid)) {
+            let (xid, commit_lsn) = (state.tx.xid, state.tx.commit_lsn);
+            self.backfills.observe(&entry.info, tuples, xid, commit_lsn);
+        }
+    }
+
+    /// A backfill's message: starts or ends watching a table, or publishes a chunk's rows
+    /// that no live change has overtaken.
+    async fn backfill_message(&mut self, content: &[u8]) -> anyhow::Result<()> {
+        let Some(state) = self.tx.as_mut() else {
+            tracing::warn!("passing over a backfill message outside a transaction");
+            return Ok(());
+        };
+        let (header, rows) = match backfill::Header::decode(content) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                tracing::error!("passing over a malformed backfill message: {error}");
+                return Ok(());
+            }
+        };
+        let commit_lsn = state.tx.commit_lsn;
+        match header.kind {
+            backfill::Kind::Start => {
+                tracing::info!(table = %header.table, backfill = header.backfill, "backfill started");
+                self.backfills.start(&header, commit_lsn);
+            }
+            backfill::Kind::End => {
+                if self.backfills.end(&header) {
+                    tracing::info!(table = %header.table, backfill = header.backfill, "backfill ended");
+                }
+            }
+            backfill::Kind::Chunk => {
+                let verdict = match self.backfills.chunk(&header, &rows, commit_lsn) {
+                    Ok(verdict) => verdict,
+                    Err(error) => {
+                        tracing::error!("passing over a malformed backfill chunk: {error}");
+                        return Ok(());
+                    }
+                };
+                let info = RelationInfo::new(
+                    &header.relation(),
+                    self.encoder.naming(),
+                    &header
+                        .columns
+                        .iter()
+                        .filter_map(|c| Some((c.type_oid, c.type_name.clone()?)))
+                        .collect(),
+                );
+                if !info.watched {
+                    tracing::warn!(table = %info.qualified, "passing over a backfill chunk of a table walstream does not watch");
+                    return Ok(());
+                }
+                tracing::debug!(
+                    table = %info.qualified,
+                    rows = rows.len(),
+                    dropped = verdict.dropped,
+                    "backfill chunk"
+                );
+                let counter = self
+                    .metrics
+                    .events_published
+                    .with_label_values(&[&info.qualified, Op::Backfill.as_str()]);
+                for (row, keep) in rows.iter().zip(verdict.keep) {
+                    let state = self
+                        .tx
+                        .as_mut()
+                        .context("backfill chunk outside a transaction")?;
+                    let position = state.tx.peek_position();
+                    if !keep || already_published(self.skip_through, position) {
+                        state.tx.skip_change();
+                        continue;
+                    }
+                    self.skip_through = None;
+                    end_replay_before(&mut self.replay, &mut state.tx, position);
+                    let event = self.encoder.backfill(&mut state.tx, &info, row)?;
+                    let commit_time = Some(state.commit_time_micros);
+                    self.sink
+                        .publish(event, counter.clone(), commit_time)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn logical_message(
         &mut self,
         message: &pgoutput::LogicalMessage<'_>,
@@ -558,6 +672,9 @@ impl Pipeline {
         if message.prefix == HEARTBEAT_PREFIX && !message.transactional {
             self.idle_progress(message.lsn);
             return Ok(());
+        }
+        if message.prefix == backfill::PREFIX {
+            return self.backfill_message(message.content).await;
         }
         let counter = self
             .metrics
@@ -603,7 +720,7 @@ impl Pipeline {
         self.absorb_progress();
         if let Some(lsn) = self.finished_write()? {
             self.mark_durable(lsn);
-            client.update_applied_lsn(self.confirmer.confirmable(lsn, Instant::now()));
+            client.update_applied_lsn(self.confirmable(lsn));
         }
         if self.persisting.is_some() || self.last_persist.elapsed() < PERSIST_INTERVAL {
             return Ok(());
@@ -612,9 +729,10 @@ impl Pipeline {
             return Ok(());
         };
         let checkpoint = self.checkpoint.clone();
+        let hold = self.backfills.hold();
         self.persisting = Some(CheckpointWrite {
             lsn,
-            write: tokio::task::spawn_blocking(move || checkpoint.store_confirmed_lsn(lsn)),
+            write: tokio::task::spawn_blocking(move || checkpoint.store_progress(lsn, hold)),
         });
         self.last_persist = Instant::now();
         Ok(())
@@ -625,13 +743,23 @@ impl Pipeline {
         self.settle_write().await?;
         self.absorb_progress();
         if let Some(lsn) = self.pending.take().filter(|lsn| *lsn > self.durable) {
-            self.checkpoint.store_confirmed_lsn(lsn)?;
+            self.checkpoint.store_progress(lsn, self.backfills.hold())?;
             self.mark_durable(lsn);
         }
         if let Some(client) = client {
-            client.update_applied_lsn(self.confirmer.confirmable(self.durable, Instant::now()));
+            client.update_applied_lsn(self.confirmable(self.durable));
         }
         Ok(())
+    }
+
+    /// What may be confirmed to PostgreSQL once `durable` is stored: never past a backfill's
+    /// hold, which a restart must decode again.
+    fn confirmable(&mut self, durable: Lsn) -> Lsn {
+        let held = self
+            .backfills
+            .hold()
+            .map_or(durable, |hold| durable.min(hold));
+        self.confirmer.confirmable(held, Instant::now())
     }
 
     fn absorb_progress(&mut self) {

@@ -14,6 +14,11 @@ use crate::secrets::redact_urls;
 pub const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 \
      -c extra_float_digits=1 -c bytea_output=hex";
 
+/// The same settings for a normal session, so `value::text` reads what pgoutput would send
+/// (`walstream backfill`).
+pub const SESSION_SETTINGS_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 1; SET bytea_output = 'hex'";
+
 /// Where and how to connect for replication, derived from `[database] url`.
 #[derive(Clone)]
 pub struct ReplicationTarget {

@@ -177,6 +177,22 @@ impl Encoder {
         Ok(self.finish(out, relation.subject(Op::Insert), tx, position))
     }
 
+    /// A row's current state, read by `walstream backfill`: shaped like an insert.
+    pub fn backfill(
+        &mut self,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        row: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        check_columns(relation, row)?;
+        let (mut out, position) = self.start(relation, Op::Backfill, tx);
+        let mut unchanged = Vec::new();
+        write_row(&mut out, relation, row, RowPart::All, None, &mut unchanged);
+        out.extend_from_slice(b",\"old\":null");
+        write_unchanged(&mut out, relation, &unchanged);
+        Ok(self.finish(out, relation.subject(Op::Backfill), tx, position))
+    }
+
     pub fn update(
         &mut self,
         tx: &mut Transaction,

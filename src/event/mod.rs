@@ -31,10 +31,18 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// A row's current state, emitted by `walstream backfill`.
+    Backfill,
 }
 
 impl Op {
-    pub const ALL: [Op; 4] = [Op::Insert, Op::Update, Op::Delete, Op::Truncate];
+    pub const ALL: [Op; 5] = [
+        Op::Insert,
+        Op::Update,
+        Op::Delete,
+        Op::Truncate,
+        Op::Backfill,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +50,7 @@ impl Op {
             Op::Update => "UPDATE",
             Op::Delete => "DELETE",
             Op::Truncate => "TRUNCATE",
+            Op::Backfill => "BACKFILL",
         }
     }
 
@@ -63,7 +72,9 @@ impl FromStr for Op {
         Op::ALL
             .into_iter()
             .find(|op| op.as_str().eq_ignore_ascii_case(text))
-            .ok_or_else(|| format!("`{text}` is not one of INSERT, UPDATE, DELETE, TRUNCATE"))
+            .ok_or_else(|| {
+                format!("`{text}` is not one of INSERT, UPDATE, DELETE, TRUNCATE, BACKFILL")
+            })
     }
 }
 
@@ -217,8 +228,8 @@ pub struct RelationInfo {
     pub watched: bool,
     pub columns: Vec<ColumnInfo>,
     /// Per op: `{"event":"…","entity":"…","table":"…","subject":"…"`.
-    heads: [Vec<u8>; 4],
-    subjects: [Subject; 4],
+    heads: [Vec<u8>; 5],
+    subjects: [Subject; 5],
 }
 
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@
 mod reader;
 mod tuple;
 
-pub use tuple::{ColumnValue, TupleData, TupleIter};
+pub use tuple::{encode_tuple, ColumnValue, TupleData, TupleIter};
 
 use crate::lsn::Lsn;
 use reader::Reader;

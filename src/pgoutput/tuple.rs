@@ -53,6 +53,41 @@ impl<'a> TupleData<'a> {
     pub fn get(&self, index: usize) -> Option<ColumnValue<'a>> {
         self.iter().nth(index)
     }
+
+    /// Decodes `count` tuples written back to back, in pgoutput's TupleData format (how
+    /// `walstream backfill` ships rows through the WAL), refusing trailing bytes.
+    pub fn decode_many(bytes: &'a [u8], count: usize) -> Result<Vec<Self>, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let tuples = (0..count)
+            .map(|_| Self::decode(&mut reader))
+            .collect::<Result<Vec<_>, _>>()?;
+        if reader.remaining() != 0 {
+            return Err(DecodeError::TrailingBytes {
+                message: "backfill chunk",
+                extra: reader.remaining(),
+            });
+        }
+        Ok(tuples)
+    }
+}
+
+/// Appends a row in pgoutput's TupleData format: text values, `None` for NULL.
+pub fn encode_tuple<'v>(
+    out: &mut Vec<u8>,
+    values: impl ExactSizeIterator<Item = Option<&'v [u8]>>,
+) -> Result<(), std::num::TryFromIntError> {
+    out.extend_from_slice(&i16::try_from(values.len())?.to_be_bytes());
+    for value in values {
+        match value {
+            None => out.push(b'n'),
+            Some(text) => {
+                out.push(b't');
+                out.extend_from_slice(&i32::try_from(text.len())?.to_be_bytes());
+                out.extend_from_slice(text);
+            }
+        }
+    }
+    Ok(())
 }
 
 pub struct TupleIter<'a> {

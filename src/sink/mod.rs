@@ -11,7 +11,10 @@ mod connect;
 mod stream;
 
 pub use connect::connect;
-pub use stream::{ensure_stream, first_where, meta_at_or_after, read_tail, StoredMeta, StreamTail};
+pub use stream::{
+    ensure_key_value, ensure_stream, first_where, meta_at_or_after, read_tail, StoredMeta,
+    StreamTail,
+};
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
