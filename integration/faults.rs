@@ -551,3 +551,99 @@ async fn an_invalidated_slot_stops_walstream_with_the_recovery() -> anyhow::Resu
     assert!(log.contains("wal_status = lost"), "{log}");
     Ok(())
 }
+
+/// A second instance's config: its own checkpoint directory (empty) and HTTP port, the same
+/// slot, stream and lease.
+fn standby_config(
+    cluster: &Cluster,
+    active: &std::path::Path,
+) -> anyhow::Result<(std::path::PathBuf, u16)> {
+    let text = std::fs::read_to_string(active)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let checkpoint = cluster.log_path().with_file_name("standby-checkpoint");
+    let text = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("path = ") {
+                format!("path = \"{}\"", checkpoint.display())
+            } else if line.starts_with("listen = \"127.0.0.1:") {
+                format!("listen = \"127.0.0.1:{port}\"")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = active.with_file_name("standby.toml");
+    std::fs::write(&path, text)?;
+    Ok((path, port))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_takes_over_a_sigkilled_active_instance_with_nothing_lost_or_duplicated(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "[ha]\nenabled = true\nlease_secs = 3\n")?;
+    let mut active = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    let (standby_config, standby_port) = standby_config(&cluster, &config)?;
+    let standby_log = cluster.log_path().with_file_name("standby.log");
+    let _standby = Walstream::start(&standby_config, &standby_log)?;
+    eventually(
+        Duration::from_secs(20),
+        "the standby to stand by",
+        || async {
+            http_get(standby_port, "/health")
+                .await
+                .is_ok_and(|(status, body)| status == 200 && body.contains(r#""role":"standby""#))
+        },
+    )
+    .await
+    .inspect_err(|_| dump_log(&standby_log))?;
+
+    let writer = tokio::spawn(write_load(
+        cluster.db_url(),
+        1,
+        300,
+        10,
+        Duration::from_millis(10),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    active.kill();
+    let killed = std::time::Instant::now();
+    let js = cluster.jetstream().await?;
+    let before = js.get_stream(STREAM).await?.info().await?.state.messages;
+    eventually(Duration::from_secs(30), "the standby to publish", || {
+        let js = js.clone();
+        async move {
+            let Ok(mut stream) = js.get_stream(STREAM).await else {
+                return false;
+            };
+            stream
+                .info()
+                .await
+                .is_ok_and(|info| info.state.messages > before)
+        }
+    })
+    .await
+    .inspect_err(|_| dump_log(&standby_log))?;
+    println!(
+        "the standby published {:?} after the active instance was killed",
+        killed.elapsed()
+    );
+    let committed = writer.await??;
+    assert_eq!(committed.len(), 3000);
+    let messages = assert_stream_matches_table(&cluster).await?;
+    assert_eq!(messages.len(), 3000);
+    let standby_text = std::fs::read_to_string(&standby_log)?;
+    assert!(
+        standby_text.contains("lease acquired: streaming"),
+        "{standby_text}"
+    );
+    let (_, health) = http_get(standby_port, "/health").await?;
+    assert!(health.contains(r#""role":"active""#), "{health}");
+    Ok(())
+}

@@ -45,6 +45,8 @@ pub struct Config {
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
+    pub ha: HaConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// The GraphQL front end (`walstream serve` / `walstream run`).
     pub graphql: Option<GraphqlConfig>,
@@ -182,6 +184,27 @@ pub struct RouteConfig {
     pub table: String,
     pub event: String,
     pub subject: String,
+}
+
+/// High availability: several instances for one slot, one streaming at a time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Take a lease in the JetStream key-value bucket `walstream_leases` before streaming.
+    #[serde(default)]
+    pub enabled: bool,
+    /// A lease not renewed for this long expires, and a standby takes over.
+    #[serde(default = "defaults::lease_secs")]
+    pub lease_secs: u64,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            lease_secs: defaults::lease_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -333,6 +356,9 @@ mod defaults {
     pub fn replicas() -> usize {
         1
     }
+    pub fn lease_secs() -> u64 {
+        5
+    }
     pub fn http_listen() -> String {
         "127.0.0.1:9187".into()
     }
@@ -439,6 +465,12 @@ impl Config {
         let repl = &self.replication;
         check_identifier(&repl.slot).map_err(|m| ("replication.slot", m))?;
         check_identifier(&repl.publication).map_err(|m| ("replication.publication", m))?;
+        if self.ha.enabled && self.ha.lease_secs < 2 {
+            return Err((
+                "ha.lease_secs",
+                "must be at least 2: the lease is renewed every third of it".into(),
+            ));
+        }
         if repl.tables.is_empty() {
             return Err((
                 "replication.tables",

@@ -58,10 +58,13 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let metrics = &state.metrics;
     let replication = metrics.replication_connected.load(Ordering::Relaxed);
     let nats = metrics.nats_connected.load(Ordering::Relaxed);
-    let healthy = replication && nats;
+    let standby = metrics.standby.get() == 1;
+    // A standby is ready: it serves what it serves (GraphQL in `run`) and waits for the lease.
+    let healthy = (replication || standby) && nats;
     let checkpoint = Lsn(metrics.checkpoint_lsn.get() as u64);
     let body = serde_json::json!({
         "status": if healthy { "healthy" } else { "unhealthy" },
+        "role": if standby { "standby" } else { "active" },
         "replication": { "connected": replication },
         "nats": { "connected": nats, "stream": state.stream },
         "checkpoint_lsn": checkpoint.to_string(),

@@ -24,6 +24,8 @@ pub mod fuzzing;
 #[cfg(feature = "server")]
 pub mod graphql;
 pub mod http;
+#[cfg(feature = "server")]
+pub mod lease;
 pub mod local;
 pub mod lsn;
 pub mod metrics;

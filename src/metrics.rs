@@ -25,6 +25,8 @@ pub struct Metrics {
     connected: IntGaugeVec,
     pub slot_wal_retained_bytes: IntGauge,
     pub slot_wal_status: IntGaugeVec,
+    /// 1 while this instance waits for the lease another instance holds (`[ha]`).
+    pub standby: IntGauge,
     pub replication_connected: AtomicBool,
     pub nats_connected: AtomicBool,
     /// The server's WAL end as last reported, to compute lag.
@@ -100,7 +102,12 @@ impl Metrics {
             ),
             &["status"],
         ));
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let standby = defined(IntGauge::new(
+            "walstream_standby",
+            "1 while this instance stands by for another that holds the slot's lease, else 0",
+        ));
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+            Box::new(standby.clone()),
             Box::new(events_published.clone()),
             Box::new(publish_errors.clone()),
             Box::new(publish_retries.clone()),
@@ -131,6 +138,7 @@ impl Metrics {
             connected,
             slot_wal_retained_bytes,
             slot_wal_status,
+            standby,
             replication_connected: AtomicBool::new(false),
             nats_connected: AtomicBool::new(false),
             server_wal_end: AtomicU64::new(0),
