@@ -12,6 +12,7 @@ use crate::local::{free_port, LocalNats, LocalPostgres};
 
 const EXAMPLE_SCHEMA: &str = include_str!("../sql/example/schema.sql");
 const EXAMPLE_GRAPHQL: &str = include_str!("../sql/example/schema.graphql");
+const EXAMPLE_CONFIG: &str = include_str!("../integration/choreography/walstream.toml");
 /// Signs the tokens `walstream dev` prints; a local development secret, nothing more.
 const DEV_SECRET: &str = "walstream-dev-secret";
 const DATABASE: &str = "walstream_dev";
@@ -44,51 +45,33 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let mut nats = LocalNats::new(&dir, port_or_free(14222)?, &[])?;
     nats.start()?;
 
-    let config_text = format!(
-        r#"# Written by `walstream dev`: the example schema streamed to a local NATS.
-[database]
-url = "{db_url}"
-
-[replication]
-slot = "walstream_dev"
-publication = "walstream_dev"
-tables = ["public.tb_user", "public.tb_product", "public.tb_order", "public.tb_order_item",
-          "public.tb_inventory", "public.tb_payment", "public.tb_shipping"]
-
-[checkpoint]
-path = "{checkpoint}"
-
-[nats]
-url = "{nats_url}"
-
-# The seeds' observer routes: tb_order INSERT/UPDATE also go to events.order.*
-[[routes]]
-table = "tb_order"
-event = "INSERT"
-subject = "events.order.created"
-
-[[routes]]
-table = "tb_order"
-event = "UPDATE"
-subject = "events.order.status_updated"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[graphql]
-schema = "{graphql_schema}"
-listen = "127.0.0.1:{graphql_port}"
-
-[graphql.auth]
-hs256_secret = "{DEV_SECRET}"
-"#,
-        db_url = postgres.url(DATABASE),
-        checkpoint = dir.join("checkpoint").display(),
-        nats_url = nats.url(),
-        http_port = port_or_free(9187)?,
-        graphql_schema = dir.join("schema.graphql").display(),
-        graphql_port = port_or_free(8080)?,
-    );
+    // The choreography's config (its tables and routes), with this machine's servers.
+    let values = [
+        ("DATABASE_URL", postgres.url(DATABASE)),
+        ("NATS_URL", nats.url()),
+        (
+            "WALSTREAM_DATA",
+            dir.join("checkpoint").display().to_string(),
+        ),
+        ("HTTP_LISTEN", format!("127.0.0.1:{}", port_or_free(9187)?)),
+        (
+            "GRAPHQL_LISTEN",
+            format!("127.0.0.1:{}", port_or_free(8080)?),
+        ),
+        ("JWT_SECRET", DEV_SECRET.to_owned()),
+    ];
+    let lookup = |name: &str| {
+        values
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let config_text = crate::config::interpolate(EXAMPLE_CONFIG, &lookup)
+        .map_err(anyhow::Error::msg)?
+        .replace(
+            "\"../../sql/example/schema.graphql\"",
+            &format!("\"{}\"", dir.join("schema.graphql").display()),
+        );
     std::fs::write(dir.join("schema.graphql"), EXAMPLE_GRAPHQL)?;
     let config_path = dir.join("walstream.toml");
     std::fs::write(&config_path, &config_text)?;
@@ -97,7 +80,7 @@ hs256_secret = "{DEV_SECRET}"
     println!(
         "\nwalstream dev is running.\n\
          \n  PostgreSQL  {db}   (wal_level=logical, data in {dir}/pgdata)\
-         \n  NATS        {nats}   (JetStream, stream {stream}, subjects {prefix}.> and events.order.*)\
+         \n  NATS        {nats}   (JetStream, stream {stream}, subjects {prefix}.> and the choreography's events.*)\
          \n  GraphQL     http://{graphql}/graphql   (GraphiQL in a browser; schema {dir}/schema.graphql)\
          \n  health      http://{http}/health\
          \n  metrics     http://{http}/metrics\
@@ -106,10 +89,14 @@ hs256_secret = "{DEV_SECRET}"
          \n  psql {db} -c \"INSERT INTO tb_order (identifier, fk_user, total) VALUES ('order-1', 1, 42.00)\"\
          \nThen watch it arrive: nats --server {nats} sub '>' (with the nats CLI), or\
          \n  curl -s http://{http}/metrics | grep walstream_events_published_total\
-         \n\nOr through GraphQL, as user 1 (alice); the order's event comes from the WAL:\
+         \n\nThe order choreography (README): start the services in another terminal,\
+         \n  cargo run --release --bin order-services -- all --database {db} --nats {nats} \\\
+         \n    --graphql http://{graphql}/graphql --jwt-secret {secret}\
+         \nthen place an order as user 1 (alice) and watch it travel to `shipped`:\
          \n  curl -s http://{graphql}/graphql -H 'Authorization: Bearer {token}' \\\
          \n    -H 'Content-Type: application/json' \\\
-         \n    -d '{{\"query\": \"mutation {{ createOrder(input: {{identifier: \\\"ord-001\\\", total: \\\"49.99\\\"}}) {{ id status }} }}\"}}'\
+         \n    -d '{{\"query\": \"mutation {{ placeOrder(input: {{identifier: \\\"ord-001\\\", items: [{{product: \\\"widget\\\", quantity: 2}}], cardToken: \\\"tok_visa\\\"}}) {{ id status }} }}\"}}'\
+         \n  psql {db} -c \"SELECT event_type, recorded_at FROM tb_event_log ORDER BY pk_event_log\"\
          \n\nCtrl-C stops walstream, NATS and PostgreSQL; their data stays in {dir}.\n",
         db = postgres.url(DATABASE),
         dir = dir.display(),
@@ -120,6 +107,7 @@ hs256_secret = "{DEV_SECRET}"
         config = config_path.display(),
         graphql = config.graphql()?.listen,
         token = dev_token()?,
+        secret = DEV_SECRET,
     );
     let result = app::run_all(config, app::shutdown_on_signal()).await;
     nats.kill();

@@ -16,6 +16,10 @@ use futures::StreamExt;
 use serde_json::Value;
 use walstream::local::{free_port, LocalNats, LocalPostgres};
 
+mod subscriber;
+#[allow(unused_imports)]
+pub use subscriber::{sign_with, Subscriber};
+
 pub const DATABASE: &str = "walstream_test";
 pub const STREAM: &str = "fraiseql_events";
 
@@ -146,6 +150,16 @@ impl Walstream {
 
     /// `walstream <command>` (`stream`, `serve`, `run`).
     pub fn start_command(command: &str, config: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::start_with_env(command, config, log, &[])
+    }
+
+    /// `walstream <command>` with extra environment variables (for `${VAR}` in the config).
+    pub fn start_with_env(
+        command: &str,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -153,6 +167,7 @@ impl Walstream {
         let child = Command::new(walstream_binary())
             .args([command, "--config"])
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "walstream=debug,info")
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
