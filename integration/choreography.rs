@@ -294,8 +294,8 @@ async fn an_order_travels_to_shipped_and_the_subscription_sees_each_status() -> 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_declined_payment_is_compensated_and_short_stock_is_never_charged() -> anyhow::Result<()>
-{
+async fn a_declined_payment_is_compensated_short_stock_never_charged_and_poison_dead_lettered(
+) -> anyhow::Result<()> {
     let flow = Flow::start().await?;
     flow.place_order(
         "ord-declined",
@@ -333,6 +333,55 @@ async fn a_declined_payment_is_compensated_and_short_stock_is_never_charged() ->
         )
         .await?;
     assert_eq!(short_charges, 0, "an order out of stock is never charged");
+    // A message that keeps failing (here a constraint the shipping service cannot get past)
+    // goes to the dead-letter table after max_deliver attempts; the flow goes on.
+    flow.cluster
+        .sql(
+            "CREATE FUNCTION fn_refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF (SELECT identifier FROM tb_order WHERE pk_order = NEW.fk_order) = 'ord-poison'
+                 THEN RAISE EXCEPTION 'no carrier for this address'; END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON tb_shipping
+                 FOR EACH ROW EXECUTE FUNCTION fn_refuse_poison();",
+        )
+        .await?;
+    flow.place_order(
+        "ord-poison",
+        json!([{"product": "widget", "quantity": 1}]),
+        "tok_visa",
+    )
+    .await?;
+    let client = flow.cluster.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead: Vec<(String, String)> = loop {
+        let rows = client
+            .query("SELECT service, error FROM tb_dead_letter", &[])
+            .await?;
+        if !rows.is_empty() {
+            break rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nothing dead-lettered within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "shipping");
+    assert!(dead[0].1.contains("no carrier"), "{dead:?}");
+    flow.place_order(
+        "ord-later",
+        json!([{"product": "widget", "quantity": 1}]),
+        "tok_visa",
+    )
+    .await?;
+    let statuses = flow
+        .settle(&["ord-later".to_owned()], Duration::from_secs(20))
+        .await?;
+    assert_eq!(statuses, ["shipped"], "the flow goes on past a dead letter");
+
     let log = flow.event_log("ord-declined").await?;
     assert!(
         in_order(

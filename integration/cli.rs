@@ -344,3 +344,95 @@ async fn health_turns(status: u16, port: u16, within: Duration, what: &str) -> a
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_least_privilege_role_streams_and_backfills_and_can_do_nothing_else(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql(
+            "CREATE TABLE tb_order (id INT PRIMARY KEY, note TEXT NOT NULL);
+             CREATE TABLE tb_secret (id INT PRIMARY KEY, pin TEXT NOT NULL);
+             INSERT INTO tb_order VALUES (1, 'from before')",
+        )
+        .await?;
+    // What a DBA runs: the table owner's part and the role, as `setup --print-sql` prints it.
+    let admin = cluster.config(&["public.tb_order"], "")?;
+    let printed = walstream(&["setup", "--print-sql", "--role", "walstream_ro"], &admin)?;
+    assert!(printed.status.success(), "{}", text(&printed));
+    // One statement at a time, as psql would: a slot cannot be created in a transaction that
+    // has written.
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    let sql: String = printed
+        .lines()
+        .filter(|line| !line.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        cluster.sql(statement).await?;
+    }
+    let url = cluster.db_url().replacen(
+        "postgres://postgres@",
+        "postgres://walstream_ro:change-me@",
+        1,
+    );
+    assert!(url.contains("walstream_ro"), "{url}");
+    let config = cluster.config_with(
+        &url,
+        &["public.tb_order"],
+        "receive_timeout_secs = 30\ncreate_publication = false",
+        "",
+    )?;
+
+    let check = walstream(&["check"], &config)?;
+    assert!(check.status.success(), "{}", text(&check));
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    cluster
+        .sql("INSERT INTO tb_order VALUES (2, 'live')")
+        .await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 1, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let backfill = walstream(&["backfill", "--table", "public.tb_order"], &config)?;
+    assert!(backfill.status.success(), "{}", text(&backfill));
+    wait_for_messages(&js, 3, Duration::from_secs(30))
+        .await
+        .inspect_err(|_| dump_log(&cluster.log_path()))?;
+    let messages = read_stream(&js).await?;
+    let events: Vec<(&str, i64)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.body["event"].as_str().unwrap_or_default(),
+                m.body["data"]["id"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(events, [("INSERT", 2), ("BACKFILL", 1), ("BACKFILL", 2)]);
+
+    // And nothing else: no other table, no writes, no new objects.
+    let role = walstream::postgres::connect(&url).await?;
+    for (statement, what) in [
+        ("SELECT * FROM tb_secret", "reads an unwatched table"),
+        (
+            "INSERT INTO tb_order VALUES (3, 'x')",
+            "writes a watched table",
+        ),
+        ("DELETE FROM tb_order", "deletes"),
+        ("CREATE TABLE t_new (id INT)", "creates a table"),
+        ("DROP PUBLICATION walstream", "drops the publication"),
+    ] {
+        let error = role
+            .batch_execute(statement)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("the role {what}"));
+        let message = walstream::postgres::db_error(&error);
+        assert!(
+            message.contains("permission denied") || message.contains("must be owner"),
+            "{what}: {message}"
+        );
+    }
+    Ok(())
+}

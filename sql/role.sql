@@ -5,6 +5,8 @@ CREATE ROLE walstream WITH LOGIN REPLICATION PASSWORD 'change-me';
 -- Heartbeats: a tiny WAL message every heartbeat_secs keeps the slot advancing on a quiet
 -- database (set replication.heartbeat_secs = 0 to go without).
 GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO walstream;
+-- Backfill (walstream backfill) writes its chunks the same way, as bytes.
+GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) TO walstream;
 
 GRANT USAGE ON SCHEMA public TO walstream;
 GRANT SELECT ON public.tb_order, public.tb_order_item TO walstream;

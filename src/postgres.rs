@@ -144,7 +144,9 @@ pub fn role_sql(config: &Config, role: &str) -> String {
          CREATE ROLE {role_ident} WITH LOGIN REPLICATION PASSWORD 'change-me';\n\
          -- Catalog lookups (slot state, primary keys) need only the default catalog access.\n\
          -- Heartbeats write a tiny WAL message so an idle slot keeps advancing:\n\
-         GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role_ident};\n"
+         GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role_ident};\n\
+         -- Backfill writes its chunks the same way, as bytes:\n\
+         GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) TO {role_ident};\n"
     );
     for schema in schemas {
         sql.push_str(&format!(

@@ -254,8 +254,10 @@ fn order_of(event: &Value) -> anyhow::Result<i64> {
         .with_context(|| format!("no order in event {event}"))
 }
 
-/// Locks the order; `None` if it does not exist.
-async fn lock_order(tx: &Transaction<'_>, order: i64) -> anyhow::Result<Option<OrderRow>> {
+/// Locks the order. Not finding it is an error to retry, not a message to drop: PostgreSQL
+/// hands a commit to logical decoding once it is in the WAL, a moment before other sessions
+/// see it, so an event can arrive before its row is visible.
+async fn lock_order(tx: &Transaction<'_>, order: i64) -> anyhow::Result<OrderRow> {
     let row = tx
         .query_opt(
             "SELECT id::text, status, total::text, card_token FROM tb_order
@@ -263,12 +265,13 @@ async fn lock_order(tx: &Transaction<'_>, order: i64) -> anyhow::Result<Option<O
             &[&order],
         )
         .await?;
-    Ok(row.map(|row| OrderRow {
+    let row = row.with_context(|| format!("order {order} is not visible (yet)"))?;
+    Ok(OrderRow {
         id: row.get(0),
         status: row.get(1),
         total: row.get(2),
         card_token: row.get(3),
-    }))
+    })
 }
 
 struct OrderRow {
@@ -281,9 +284,7 @@ struct OrderRow {
 /// Inventory: reserve every item's quantity, or fail the order when stock is short.
 async fn reserve_stock(db: &mut Client, order: i64) -> anyhow::Result<()> {
     let tx = db.transaction().await?;
-    if lock_order(&tx, order).await?.is_none() {
-        return Ok(());
-    }
+    lock_order(&tx, order).await?;
     let answered = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM tb_reservation WHERE fk_order = $1)
@@ -353,9 +354,7 @@ async fn fail_order(tx: &Transaction<'_>, order: i64, reason: &str) -> anyhow::R
 /// mark the order paid through GraphQL or compensate: release the stock and fail the order.
 async fn charge(db: &mut Client, args: &Args, order: i64) -> anyhow::Result<()> {
     let tx = db.transaction().await?;
-    let Some(row) = lock_order(&tx, order).await? else {
-        return Ok(());
-    };
+    let row = lock_order(&tx, order).await?;
     let recorded: Option<String> = tx
         .query_opt(
             "SELECT status FROM tb_payment WHERE fk_order = $1",
@@ -428,9 +427,7 @@ async fn mark_paid(args: &Args, order_id: &str) -> anyhow::Result<()> {
 /// Shipping: a label and a tracking number, the reserved stock taken out, the order shipped.
 async fn ship(db: &mut Client, order: i64) -> anyhow::Result<()> {
     let tx = db.transaction().await?;
-    let Some(row) = lock_order(&tx, order).await? else {
-        return Ok(());
-    };
+    let row = lock_order(&tx, order).await?;
     if row.status != "paid" {
         return Ok(tx.commit().await?);
     }
