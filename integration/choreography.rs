@@ -128,12 +128,7 @@ impl Flow {
         items: Value,
         card: &str,
     ) -> anyhow::Result<String> {
-        let token = sign_with(
-            json!({"sub": "alice", "role": "app_user", "user_pk": 1}),
-            SECRET,
-            "choreography",
-            600,
-        );
+        let token = alice_token();
         let body = json!({
             "query": "mutation($i: PlaceOrderInput!) { placeOrder(input: $i) { id status } }",
             "variables": {"i": {"identifier": identifier, "items": items, "cardToken": card}},
@@ -231,6 +226,16 @@ impl Flow {
     }
 }
 
+/// A token for the example's user 1 (alice), as an app would hold it.
+fn alice_token() -> String {
+    sign_with(
+        json!({"sub": "alice", "role": "app_user", "user_pk": 1}),
+        SECRET,
+        "choreography",
+        600,
+    )
+}
+
 /// Whether `wanted` appears in `seen` in this order (other entries may come between).
 fn in_order(seen: &[String], wanted: &[&str]) -> bool {
     let mut rest = seen.iter();
@@ -240,12 +245,7 @@ fn in_order(seen: &[String], wanted: &[&str]) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_order_travels_to_shipped_and_the_subscription_sees_each_status() -> anyhow::Result<()> {
     let flow = Flow::start().await?;
-    let alice = sign_with(
-        json!({"sub": "alice", "role": "app_user", "user_pk": 1}),
-        SECRET,
-        "choreography",
-        600,
-    );
+    let alice = alice_token();
     let mut subscriber = Subscriber::connect(flow.graphql_port, &alice, false).await?;
     subscriber
         .subscribe("subscription { orderChanged { identifier status } }")

@@ -5,6 +5,7 @@
 mod harness;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -286,6 +287,23 @@ async fn settle(
     }
 }
 
+/// Servers with `t_bf` holding `rows` rows from before walstream existed, and its config.
+async fn backfill_table(rows: i32) -> anyhow::Result<(Cluster, PathBuf)> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(BACKFILLED).await?;
+    cluster
+        .client()
+        .await?
+        .execute(
+            "INSERT INTO t_bf SELECT i, 0, 'old' FROM generate_series(1, $1) i",
+            &[&rows],
+        )
+        .await?;
+    let config = cluster.config(&["public.t_bf", "public.t_sentinel"], "")?;
+    setup(&config)?;
+    Ok((cluster, config))
+}
+
 /// The table's rows as the stream tells them: every event of `t_bf` applied in stream order.
 fn fold(messages: &[Stored]) -> HashMap<i64, Value> {
     let mut rows = HashMap::new();
@@ -379,14 +397,7 @@ async fn walstream_killed_during_a_backfill_resumes_and_still_delivers_nothing_s
 /// walstream SIGKILLed and restarted `kill_after` into the backfill; then folds the stream's
 /// events and compares with the table.
 async fn backfill_under_live_changes(kill_after: Option<Duration>) -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(BACKFILLED).await?;
-    // Rows from before walstream existed.
-    cluster
-        .sql("INSERT INTO t_bf SELECT i, 0, 'old' FROM generate_series(1, 100000) i")
-        .await?;
-    let config = cluster.config(&["public.t_bf", "public.t_sentinel"], "")?;
-    setup(&config)?;
+    let (cluster, config) = backfill_table(100_000).await?;
     let mut walstream_process = Walstream::start(&config, &cluster.log_path())?;
     wait_for_slot(&cluster).await?;
     let js = cluster.jetstream().await?;
@@ -438,7 +449,7 @@ async fn backfill_under_live_changes(kill_after: Option<Duration>) -> anyhow::Re
         .map(|(id, row)| (id, row, streamed.get(id)))
         .collect();
     if !wrong.is_empty() {
-        let _ = std::fs::copy(cluster.log_path(), "/tmp/bf.log");
+        dump_log(&cluster.log_path());
     }
     assert!(
         wrong.is_empty(),
@@ -452,13 +463,7 @@ async fn backfill_under_live_changes(kill_after: Option<Duration>) -> anyhow::Re
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_backfill_resumes_after_its_last_chunk_and_emits_each_row_once(
 ) -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    cluster.sql(BACKFILLED).await?;
-    cluster
-        .sql("INSERT INTO t_bf SELECT i, 0, 'old' FROM generate_series(1, 50000) i")
-        .await?;
-    let config = cluster.config(&["public.t_bf", "public.t_sentinel"], "")?;
-    setup(&config)?;
+    let (cluster, config) = backfill_table(50000).await?;
     let js = cluster.jetstream().await?;
 
     let mut first = backfill_command(&config, &["--chunk-size", "200"])
@@ -581,13 +586,7 @@ async fn backfill_mistakes_are_named_and_where_filters_rows() -> anyhow::Result<
 async fn a_restart_between_a_live_change_and_its_stale_chunk_still_drops_the_row(
 ) -> anyhow::Result<()> {
     use walstream::backfill::{ColumnHeader, Header, Kind, PREFIX};
-    let cluster = Cluster::start().await?;
-    cluster.sql(BACKFILLED).await?;
-    cluster
-        .sql("INSERT INTO t_bf SELECT i, 0, 'old' FROM generate_series(1, 3) i")
-        .await?;
-    let config = cluster.config(&["public.t_bf", "public.t_sentinel"], "")?;
-    setup(&config)?;
+    let (cluster, config) = backfill_table(3).await?;
     let mut walstream_process = Walstream::start(&config, &cluster.log_path())?;
     wait_for_slot(&cluster).await?;
     let js = cluster.jetstream().await?;
