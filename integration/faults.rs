@@ -647,3 +647,90 @@ async fn a_standby_takes_over_a_sigkilled_active_instance_with_nothing_lost_or_d
     assert!(health.contains(r#""role":"active""#), "{health}");
     Ok(())
 }
+
+/// Runs a command; an error naming it when it fails.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(program).args(args).status()?;
+    anyhow::ensure!(status.success(), "{program} {args:?}: {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_nothing(
+) -> anyhow::Result<()> {
+    let (cluster, config, mut walstream) = streaming_load_table().await?;
+    write_load(cluster.db_url(), 1, 10, 10, Duration::ZERO).await?;
+    assert_stream_matches_table(&cluster).await?;
+    walstream.terminate(Duration::from_secs(30))?;
+
+    // The checkpoint's disk full: a 2 MB tmpfs holding the store, filled up (CI runs as root).
+    let checkpoint = cluster.dir.path().join("checkpoint");
+    let saved = cluster.dir.path().join("checkpoint-saved");
+    std::fs::rename(&checkpoint, &saved)?;
+    std::fs::create_dir(&checkpoint)?;
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2m",
+            "tmpfs",
+            &checkpoint.display().to_string(),
+        ],
+    )?;
+    let unmount = Unmount(checkpoint.clone());
+    let filler = checkpoint.join("filler");
+    let _ = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", filler.display()),
+            "bs=64k",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status();
+    write_load(cluster.db_url(), 101, 10, 10, Duration::ZERO).await?;
+    let output = Command::new(walstream_binary())
+        .args(["stream", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("No space left") && stderr.contains("The disk is full"),
+        "{stderr}"
+    );
+    // Space again: it resumes where it stood.
+    std::fs::remove_file(&filler)?;
+    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    assert_stream_matches_table(&cluster).await?;
+    walstream.terminate(Duration::from_secs(30))?;
+    drop(unmount);
+
+    // A damaged store: a clear error with the way out, which loses and repeats nothing.
+    std::fs::remove_dir_all(&checkpoint)?;
+    std::fs::rename(&saved, &checkpoint)?;
+    std::fs::write(checkpoint.join("CURRENT"), b"garbage\n")?;
+    write_load(cluster.db_url(), 201, 10, 10, Duration::ZERO).await?;
+    let output = Command::new(walstream_binary())
+        .args(["stream", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("Move the directory away"), "{stderr}");
+    std::fs::remove_dir_all(&checkpoint)?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let messages = assert_stream_matches_table(&cluster).await?;
+    assert_eq!(messages.len(), 300);
+    Ok(())
+}
+
+/// Unmounts a test's tmpfs when dropped, even if the test failed.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -10,10 +10,11 @@ const KEY_BACKFILL_HOLD: &[u8] = b"backfill_hold";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot open the checkpoint store at {path}: {source} (is another walstream using it, or is the directory unwritable?)")]
+    #[error("cannot open the checkpoint store at {path}: {source}. {hint}")]
     Open {
         path: PathBuf,
         source: rocksdb::Error,
+        hint: &'static str,
     },
     #[error("cannot read the checkpoint at {path}: {source}")]
     Read {
@@ -49,6 +50,7 @@ impl Checkpoint {
         options.set_write_buffer_size(1 << 20);
         let db = rocksdb::DB::open(&options, path).map_err(|source| CheckpointError::Open {
             path: path.to_owned(),
+            hint: open_hint(&source),
             source,
         })?;
         Ok(Self {
@@ -66,6 +68,7 @@ impl Checkpoint {
         let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), path, false)
             .map_err(|source| CheckpointError::Open {
                 path: path.to_owned(),
+                hint: open_hint(&source),
                 source,
             })?;
         Ok(Some(Self {
@@ -130,6 +133,22 @@ impl Checkpoint {
     }
 }
 
+/// What the operator can do about a store that does not open.
+fn open_hint(error: &rocksdb::Error) -> &'static str {
+    let text = error.to_string();
+    if error.kind() == rocksdb::ErrorKind::Corruption {
+        "The store is damaged. Move the directory away and start again: with an empty \
+         checkpoint walstream resumes from the slot and the stream's last event, losing and \
+         repeating nothing"
+    } else if text.contains("No space left") {
+        "The disk is full: free space, then start again (nothing was confirmed past what is stored)"
+    } else if text.contains("lock") {
+        "Another walstream is using it: give each instance its own checkpoint.path"
+    } else {
+        "Is the directory writable by walstream's user?"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +181,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = Checkpoint::open(dir.path()).unwrap();
         let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("another walstream"), "{err}");
+        assert!(err.contains("Another walstream"), "{err}");
     }
 }
