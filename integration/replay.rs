@@ -108,6 +108,10 @@ async fn reset_lsn_redelivers_marked_events_inside_the_retained_window() -> anyh
     let request = reset_lsn(&config, &first[3].lsn)?.map_err(anyhow::Error::msg)?;
     assert_eq!(request["marker_sequence"], 11, "{request}");
     let replay_id = request["replay"].as_u64().expect("a replay id");
+    let status = walstream(&["status", "--json"], &config)?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(status["replay"]["state"], "requested", "{status}");
+    assert_eq!(status["replay"]["id"], replay_id, "{status}");
 
     let mut walstream_process = Walstream::start(&config, &cluster.log_path())?;
     // 10 first deliveries, the marker, 7 replayed, then 2 new rows.
@@ -137,6 +141,13 @@ async fn reset_lsn_redelivers_marked_events_inside_the_retained_window() -> anyh
         );
     }
     assert_eq!(messages[18].body["data"]["id"], 11);
+    let status = walstream(&["status", "--json"], &config)?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(
+        status["replay"],
+        Value::Null,
+        "the replay is over: {status}"
+    );
 
     // `seek` finds first deliveries, not their replays.
     let output = walstream(&["seek", "--json", "--lsn", &first[3].lsn], &config)?;

@@ -13,6 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::lsn::{parse_lsn, Lsn};
 use crate::metrics::Metrics;
+use crate::replay::PositionText;
 use crate::sink::{self, StoredMeta};
 use crate::{postgres, secrets};
 
@@ -25,6 +26,17 @@ pub struct Status {
     pub lag_bytes: Option<u64>,
     /// PostgreSQL's own measure of how far behind walstream's confirmations are.
     pub lag_seconds: Option<f64>,
+    /// A replay asked for with `reset-lsn` that has not finished, read from the stream's end.
+    pub replay: Option<ReplayStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplayStatus {
+    pub id: u64,
+    /// `requested` (the marker is the stream's last message) or `in progress`.
+    pub state: &'static str,
+    /// The last event the replay delivers again (`<commit LSN>:<seq>`).
+    pub through: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +56,8 @@ pub struct SlotStatus {
 pub struct CheckpointStatus {
     pub path: String,
     pub lsn: Option<String>,
+    /// Where a restart decodes from while a backfill is under way.
+    pub backfill_hold: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,22 +106,47 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         ),
         None => (None, None, None),
     };
+    let store = Checkpoint::open_read_only(&config.checkpoint.path)?;
+    let read = |lsn: Option<Lsn>| lsn.map(|lsn| lsn.to_string());
     let checkpoint = CheckpointStatus {
         path: config.checkpoint.path.display().to_string(),
-        lsn: Checkpoint::open_read_only(&config.checkpoint.path)?
-            .map(|c| c.confirmed_lsn())
-            .transpose()?
-            .flatten()
-            .map(|lsn| lsn.to_string()),
+        lsn: read(
+            store
+                .as_ref()
+                .map(|c| c.confirmed_lsn())
+                .transpose()?
+                .flatten(),
+        ),
+        backfill_hold: read(
+            store
+                .as_ref()
+                .map(|c| c.backfill_hold())
+                .transpose()?
+                .flatten(),
+        ),
     };
     let js = jetstream_context(config).await?;
     let stream = stream_status(&js, &config.nats.stream_name).await?;
+    let tail = sink::read_tail(&js, &config.nats.stream_name).await?;
+    let replay = tail.replay.and_then(|headers| {
+        let state = match (headers.from, tail.position) {
+            (Some(_), _) => "requested",
+            (None, Some(last)) if last < headers.replay.through => "in progress",
+            (None, _) => return None,
+        };
+        Some(ReplayStatus {
+            id: headers.replay.id,
+            state,
+            through: PositionText(headers.replay.through).to_string(),
+        })
+    });
     Ok(Status {
         slot,
         checkpoint,
         stream,
         lag_bytes,
         lag_seconds,
+        replay,
     })
 }
 
@@ -196,6 +235,15 @@ impl Status {
             self.checkpoint.path,
             self.checkpoint.lsn.as_deref().unwrap_or("none yet")
         );
+        if let Some(hold) = &self.checkpoint.backfill_hold {
+            println!("  a backfill is under way: the slot is held at {hold}");
+        }
+        if let Some(replay) = &self.replay {
+            println!(
+                "replay {}: {}, through {}",
+                replay.id, replay.state, replay.through
+            );
+        }
         let s = &self.stream;
         println!(
             "stream {}: {} messages, {}, sequences {}..{}",
