@@ -2,19 +2,10 @@
 
 mod harness;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use harness::*;
-
-fn walstream(args: &[&str], config: &std::path::Path) -> anyhow::Result<Output> {
-    Ok(Command::new(walstream_binary())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("WALSTREAM_CONFIG")
-        .output()?)
-}
 
 fn text(output: &Output) -> String {
     format!(

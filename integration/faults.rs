@@ -658,10 +658,10 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_nothing(
 ) -> anyhow::Result<()> {
-    let (cluster, config, mut walstream) = streaming_load_table().await?;
+    let (cluster, config, mut streamer) = streaming_load_table().await?;
     write_load(cluster.db_url(), 1, 10, 10, Duration::ZERO).await?;
     assert_stream_matches_table(&cluster).await?;
-    walstream.terminate(Duration::from_secs(30))?;
+    streamer.terminate(Duration::from_secs(30))?;
 
     // The checkpoint's disk full: a 2 MB tmpfs holding the store, filled up (CI runs as root).
     let checkpoint = cluster.dir.path().join("checkpoint");
@@ -690,10 +690,7 @@ async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_n
         .stderr(std::process::Stdio::null())
         .status();
     write_load(cluster.db_url(), 101, 10, 10, Duration::ZERO).await?;
-    let output = Command::new(walstream_binary())
-        .args(["stream", "--config"])
-        .arg(&config)
-        .output()?;
+    let output = walstream(&["stream"], &config)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -702,9 +699,9 @@ async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_n
     );
     // Space again: it resumes where it stood.
     std::fs::remove_file(&filler)?;
-    let mut walstream = Walstream::start(&config, &cluster.log_path())?;
+    let mut streamer = Walstream::start(&config, &cluster.log_path())?;
     assert_stream_matches_table(&cluster).await?;
-    walstream.terminate(Duration::from_secs(30))?;
+    streamer.terminate(Duration::from_secs(30))?;
     drop(unmount);
 
     // A damaged store: a clear error with the way out, which loses and repeats nothing.
@@ -712,10 +709,7 @@ async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_n
     std::fs::rename(&saved, &checkpoint)?;
     std::fs::write(checkpoint.join("CURRENT"), b"garbage\n")?;
     write_load(cluster.db_url(), 201, 10, 10, Duration::ZERO).await?;
-    let output = Command::new(walstream_binary())
-        .args(["stream", "--config"])
-        .arg(&config)
-        .output()?;
+    let output = walstream(&["stream"], &config)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("Move the directory away"), "{stderr}");

@@ -16,22 +16,8 @@ use serde_json::Value;
 
 const TABLE: &str = "CREATE TABLE t_replay (id INT PRIMARY KEY, note TEXT NOT NULL)";
 
-fn walstream(args: &[&str], config: &std::path::Path) -> anyhow::Result<Output> {
-    Ok(Command::new(walstream_binary())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()?)
-}
-
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn setup(config: &std::path::Path) -> anyhow::Result<()> {
-    let output = walstream(&["setup"], config)?;
-    anyhow::ensure!(output.status.success(), "setup: {}", stderr(&output));
-    Ok(())
 }
 
 async fn insert_rows(cluster: &Cluster, ids: std::ops::RangeInclusive<i32>) -> anyhow::Result<()> {

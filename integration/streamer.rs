@@ -21,19 +21,6 @@ const ORDERS: &str = "
         quantity INTEGER NOT NULL
     );";
 
-fn setup(config: &std::path::Path) -> anyhow::Result<()> {
-    let output = Command::new(walstream_binary())
-        .args(["setup", "--config"])
-        .arg(config)
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "walstream setup failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 fn events<'a>(messages: &'a [Stored], table: &str) -> Vec<&'a Value> {
     messages
         .iter()

@@ -16,12 +16,12 @@ use tokio::sync::{broadcast, watch};
 use crate::backfill::{self, Watches};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::event::{EncodedEvent, Encoder, Naming, Op, Position, RelationInfo, Transaction};
+use crate::event::{EncodedEvent, Encoder, Naming, Op, RelationInfo, Transaction};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message, TupleData};
 use crate::postgres::{self, HEARTBEAT_PREFIX};
-use crate::replay::{Confirmer, PositionText, Replay, ResumePlan};
+use crate::replay::{Confirmer, Delivery, PositionText, ResumePlan};
 use crate::sink::{self, Backoff, Sink, StoredEvent};
 use crate::source::ReplicationTarget;
 
@@ -125,8 +125,7 @@ pub async fn run(
             shutdown.clone(),
         )
         .with_subscribers(subscribers),
-        skip_through: plan.skip_through,
-        replay: plan.replay,
+        delivery: Delivery::new(&plan),
         confirmer: Confirmer::new(config.replication.replay_retention, Lsn(0)),
         backfills: Watches::default(),
         rewind_to,
@@ -181,11 +180,8 @@ struct Pipeline {
     relations: HashMap<u32, RelationEntry>,
     type_names: HashMap<u32, String>,
     tx: Option<TxState>,
-    /// Events at or before this position are already in the stream: a restart re-reads them
-    /// from the slot, and they are not published twice.
-    skip_through: Option<Position>,
-    /// The replay under way, if any: events it covers are published again, marked.
-    replay: Option<Replay>,
+    /// Which changes are published (not already in the stream), and which as replays.
+    delivery: Delivery,
     /// What is confirmed to PostgreSQL: the checkpoint, held back by `replay_retention` and
     /// by backfills under way.
     confirmer: Confirmer,
@@ -225,7 +221,7 @@ impl Pipeline {
                 server = target.display(),
                 slot = %self.slot,
                 start = %start,
-                skip_through = ?self.skip_through,
+                skip_through = ?self.delivery.skip_through,
                 "starting replication"
             );
             match target.start(start, self.confirmer.confirmed()).await {
@@ -447,13 +443,8 @@ impl Pipeline {
     }
 
     fn begin(&mut self, xid: u32, commit_lsn: Lsn, commit_time_micros: i64) {
-        let mut tx = Transaction::begin(xid, commit_lsn, commit_time_micros);
-        tx.set_replay(
-            self.replay
-                .filter(|replay| commit_lsn <= replay.through.commit_lsn),
-        );
         self.tx = Some(TxState {
-            tx,
+            tx: Transaction::begin(xid, commit_lsn, commit_time_micros),
             commit_time_micros,
         });
     }
@@ -562,13 +553,13 @@ impl Pipeline {
         let entry = self.relations.get(&relation_oid).with_context(|| {
             format!("pgoutput sent a change for relation {relation_oid} before describing it")
         })?;
-        let position = state.tx.peek_position();
-        if !entry.info.watched || already_published(self.skip_through, position) {
+        if !entry.info.watched {
             state.tx.skip_change();
             return Ok(());
         }
-        self.skip_through = None;
-        end_replay_before(&mut self.replay, &mut state.tx, position);
+        if !self.delivery.admit(&mut state.tx) {
+            return Ok(());
+        }
         let event = encode(&mut self.encoder, &mut state.tx, &entry.info)?;
         let counter = entry.published[op as usize].clone();
         let commit_time = Some(state.commit_time_micros);
@@ -647,13 +638,13 @@ impl Pipeline {
                         .tx
                         .as_mut()
                         .context("backfill chunk outside a transaction")?;
-                    let position = state.tx.peek_position();
-                    if !keep || already_published(self.skip_through, position) {
+                    if !keep {
                         state.tx.skip_change();
                         continue;
                     }
-                    self.skip_through = None;
-                    end_replay_before(&mut self.replay, &mut state.tx, position);
+                    if !self.delivery.admit(&mut state.tx) {
+                        continue;
+                    }
                     let event = self.encoder.backfill(&mut state.tx, &info, row)?;
                     let commit_time = Some(state.commit_time_micros);
                     self.sink
@@ -682,27 +673,16 @@ impl Pipeline {
             .with_label_values(&["_message", "MESSAGE"]);
         match (&mut self.tx, message.transactional) {
             (Some(state), true) => {
-                let position = state.tx.peek_position();
-                if already_published(self.skip_through, position) {
-                    state.tx.skip_change();
+                if !self.delivery.admit(&mut state.tx) {
                     return Ok(());
                 }
-                self.skip_through = None;
-                end_replay_before(&mut self.replay, &mut state.tx, position);
                 let event = self.encoder.logical_message(Some(&mut state.tx), message);
                 let commit_time = Some(state.commit_time_micros);
                 Ok(self.sink.publish(event, counter, commit_time).await?)
             }
             (_, _) => {
-                let position = Position {
-                    commit_lsn: message.lsn,
-                    seq: 0,
-                };
-                if !already_published(self.skip_through, position) {
-                    self.skip_through = None;
-                    let mut standalone = Transaction::standalone(message.lsn);
-                    standalone.set_replay(self.replay);
-                    end_replay_before(&mut self.replay, &mut standalone, position);
+                let mut standalone = Transaction::standalone(message.lsn);
+                if self.delivery.admit(&mut standalone) {
                     let event = self.encoder.logical_message(Some(&mut standalone), message);
                     self.sink.publish(event, counter, None).await?;
                 }
@@ -804,7 +784,7 @@ impl Pipeline {
     async fn finish_in_flight(&mut self) -> anyhow::Result<()> {
         self.sink.flush().await?;
         self.persist_now(None).await?;
-        self.skip_through = self.sink.last_position().or(self.skip_through);
+        self.delivery.skip_through = self.sink.last_position().or(self.delivery.skip_through);
         Ok(())
     }
 
@@ -866,25 +846,6 @@ impl Pipeline {
             "PostgreSQL has not shown the slot confirmed yet; the checkpoint in RocksDB covers it"
         );
     }
-}
-
-/// At the first event past the replay, the replay is over: from there on events are first
-/// deliveries.
-fn end_replay_before(replay: &mut Option<Replay>, tx: &mut Transaction, position: Position) {
-    if let Some(ended) = replay.filter(|replay| !replay.covers(position)) {
-        tracing::info!(
-            replay = ended.id,
-            "replay finished: every event it covers is delivered again"
-        );
-        *replay = None;
-    }
-    if tx.replay().is_some_and(|replay| !replay.covers(position)) {
-        tx.set_replay(None);
-    }
-}
-
-fn already_published(skip_through: Option<Position>, position: Position) -> bool {
-    skip_through.is_some_and(|last| position <= last)
 }
 
 /// Writes heartbeat messages into the WAL every `heartbeat_secs`, when configured.

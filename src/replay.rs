@@ -16,7 +16,7 @@ use async_nats::HeaderMap;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::event::Position;
+use crate::event::{Position, Transaction};
 use crate::lsn::{parse_lsn, Lsn};
 use crate::{postgres, sink};
 
@@ -140,6 +140,47 @@ impl ResumePlan {
                 replay: None,
             },
         }
+    }
+}
+
+/// Decides, change by change in WAL order, whether an event is published (not already in the
+/// stream) and whether as a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Events at or before this position are already in the stream: a restart re-reads them
+    /// from the slot, and they are not published twice.
+    pub skip_through: Option<Position>,
+    /// The replay under way, if any: events it covers are published again, marked.
+    pub replay: Option<Replay>,
+}
+
+impl Delivery {
+    pub fn new(plan: &ResumePlan) -> Self {
+        Self {
+            skip_through: plan.skip_through,
+            replay: plan.replay,
+        }
+    }
+
+    /// Whether the transaction's next change is published; if not, its position is passed
+    /// over. A published change is marked as a replay exactly when the replay covers it.
+    pub fn admit(&mut self, tx: &mut Transaction) -> bool {
+        let position = tx.peek_position();
+        if self.skip_through.is_some_and(|last| position <= last) {
+            tx.skip_change();
+            return false;
+        }
+        self.skip_through = None;
+        let covering = self.replay.filter(|replay| replay.covers(position));
+        if let (Some(ended), None) = (self.replay, covering) {
+            tracing::info!(
+                replay = ended.id,
+                "replay finished: every event it covers is delivered again"
+            );
+            self.replay = None;
+        }
+        tx.set_replay(covering);
+        true
     }
 }
 
@@ -298,9 +339,7 @@ pub async fn request(config: &Config, from: Lsn) -> anyhow::Result<ReplayRequest
              the slot then stays that far behind walstream's checkpoint"
         );
     }
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    let nats = sink::connect(&config.nats, metrics, Duration::from_secs(10)).await?;
-    let js = async_nats::jetstream::new(nats);
+    let js = sink::jetstream_for_command(&config.nats).await?;
     let name = &config.nats.stream_name;
     let tail = sink::read_tail(&js, name)
         .await
@@ -439,6 +478,26 @@ mod tests {
         // Stopped on the replay's last event: the replay is over.
         let done = ResumePlan::from_tail(Some(at(500, 2)), Some(replayed));
         assert_eq!(done.replay, None);
+    }
+
+    #[test]
+    fn delivery_skips_what_is_stored_and_marks_what_the_replay_covers() {
+        let replay = Replay {
+            id: 3,
+            through: at(200, 1),
+        };
+        let mut delivery = Delivery {
+            skip_through: Some(at(200, 0)),
+            replay: Some(replay),
+        };
+        let mut tx = Transaction::begin(7, Lsn(200), 0);
+        assert!(!delivery.admit(&mut tx), "already in the stream");
+        assert!(delivery.admit(&mut tx), "the next one is not");
+        assert_eq!(tx.replay(), Some(replay));
+        assert_eq!(delivery.skip_through, None);
+        tx.skip_change();
+        assert!(delivery.admit(&mut tx), "past the replay's end");
+        assert_eq!((tx.replay(), delivery.replay), (None, None));
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! Operator views: `walstream status` (slot, checkpoint, stream, lag) and `walstream seek`
 //! (the stream sequence where an LSN or a commit time begins).
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use async_nats::jetstream;
 use serde::Serialize;
@@ -12,7 +10,6 @@ use time::OffsetDateTime;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::lsn::{parse_lsn, Lsn};
-use crate::metrics::Metrics;
 use crate::replay::PositionText;
 use crate::sink::{self, StoredMeta};
 use crate::{postgres, secrets};
@@ -125,7 +122,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
                 .flatten(),
         ),
     };
-    let js = jetstream_context(config).await?;
+    let js = sink::jetstream_for_command(&config.nats).await?;
     let stream = stream_status(&js, &config.nats.stream_name).await?;
     let tail = sink::read_tail(&js, &config.nats.stream_name).await?;
     let replay = tail.replay.and_then(|headers| {
@@ -148,12 +145,6 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         lag_seconds,
         replay,
     })
-}
-
-async fn jetstream_context(config: &Config) -> anyhow::Result<jetstream::Context> {
-    let metrics = std::sync::Arc::new(Metrics::new());
-    let nats = sink::connect(&config.nats, metrics, Duration::from_secs(10)).await?;
-    Ok(jetstream::new(nats))
 }
 
 async fn stream_status(js: &jetstream::Context, name: &str) -> anyhow::Result<StreamStatus> {
@@ -327,7 +318,7 @@ pub struct SeekResult {
 
 /// The stream sequence of the first event at or after `target`.
 pub async fn seek(config: &Config, target: SeekTarget) -> anyhow::Result<SeekResult> {
-    let js = jetstream_context(config).await?;
+    let js = sink::jetstream_for_command(&config.nats).await?;
     let name = &config.nats.stream_name;
     let mut stream = js
         .get_stream(name)

@@ -132,6 +132,27 @@ impl Drop for Cluster {
     }
 }
 
+/// Runs `walstream <args> --config <config>` to completion (a one-shot command).
+pub fn walstream(args: &[&str], config: &Path) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(walstream_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("WALSTREAM_CONFIG")
+        .output()?)
+}
+
+/// `walstream setup`: the publication and the slot.
+pub fn setup(config: &Path) -> anyhow::Result<()> {
+    let output = walstream(&["setup"], config)?;
+    anyhow::ensure!(
+        output.status.success(),
+        "walstream setup failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 /// The walstream binary built by cargo for these tests.
 pub fn walstream_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walstream"))

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use postgres_protocol::escape::escape_identifier;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
@@ -19,6 +19,8 @@ use crate::sink;
 use crate::source::SESSION_SETTINGS_SQL;
 
 const BUCKET: &str = "walstream_backfill";
+/// Writes a backfill message into the WAL, in the caller's transaction.
+const EMIT_MESSAGE: &str = "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)";
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -288,12 +290,9 @@ async fn read_and_emit_chunk(
         rows: rows.len(),
         snapshot: Some(snapshot),
     };
-    tx.execute(
-        "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
-        &[&PREFIX, &header.encode(&tuples)],
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("writing a chunk into the WAL: {}", db_error(&e)))?;
+    tx.execute(EMIT_MESSAGE, &[&PREFIX, &header.encode(&tuples)])
+        .await
+        .map_err(|e| anyhow::anyhow!("writing a chunk into the WAL: {}", db_error(&e)))?;
     progress.pending = Some(Pending {
         xid,
         after: after.clone(),
@@ -541,10 +540,7 @@ fn end_header(backfill: u64, table: &str) -> Header {
 /// Writes a message without rows in a transaction of its own.
 async fn emit(client: &Client, header: &Header) -> anyhow::Result<()> {
     client
-        .execute(
-            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
-            &[&PREFIX, &header.encode(&[])],
-        )
+        .execute(EMIT_MESSAGE, &[&PREFIX, &header.encode(&[])])
         .await
         .map_err(|e| {
             anyhow::anyhow!(
@@ -558,9 +554,7 @@ async fn emit(client: &Client, header: &Header) -> anyhow::Result<()> {
 }
 
 async fn progress_bucket(config: &Config) -> anyhow::Result<kv::Store> {
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    let nats = sink::connect(&config.nats, metrics, Duration::from_secs(10)).await?;
-    let js = jetstream::new(nats);
+    let js = sink::jetstream_for_command(&config.nats).await?;
     sink::ensure_key_value(
         &js,
         BUCKET,

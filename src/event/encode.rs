@@ -168,13 +168,7 @@ impl Encoder {
         relation: &RelationInfo,
         new: &TupleData<'_>,
     ) -> Result<EncodedEvent, ColumnCountMismatch> {
-        check_columns(relation, new)?;
-        let (mut out, position) = self.start(relation, Op::Insert, tx);
-        let mut unchanged = Vec::new();
-        write_row(&mut out, relation, new, RowPart::All, None, &mut unchanged);
-        out.extend_from_slice(b",\"old\":null");
-        write_unchanged(&mut out, relation, &unchanged);
-        Ok(self.finish(out, relation.subject(Op::Insert), tx, position))
+        self.whole_row(Op::Insert, tx, relation, new)
     }
 
     /// A row's current state, read by `walstream backfill`: shaped like an insert.
@@ -184,13 +178,24 @@ impl Encoder {
         relation: &RelationInfo,
         row: &TupleData<'_>,
     ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        self.whole_row(Op::Backfill, tx, relation, row)
+    }
+
+    /// An event carrying a whole row and no old values: an insert, or a backfilled row.
+    fn whole_row(
+        &mut self,
+        op: Op,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        row: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
         check_columns(relation, row)?;
-        let (mut out, position) = self.start(relation, Op::Backfill, tx);
+        let (mut out, position) = self.start(relation, op, tx);
         let mut unchanged = Vec::new();
         write_row(&mut out, relation, row, RowPart::All, None, &mut unchanged);
         out.extend_from_slice(b",\"old\":null");
         write_unchanged(&mut out, relation, &unchanged);
-        Ok(self.finish(out, relation.subject(Op::Backfill), tx, position))
+        Ok(self.finish(out, relation.subject(op), tx, position))
     }
 
     pub fn update(

@@ -10,6 +10,15 @@ use crate::config::NatsConfig;
 use crate::metrics::Metrics;
 use crate::secrets::redact_urls;
 
+/// JetStream for a one-shot command (`status`, `seek`, `reset-lsn`, `backfill`): gives up
+/// after 10 s, and reports to no one's metrics.
+pub async fn jetstream_for_command(
+    config: &NatsConfig,
+) -> anyhow::Result<async_nats::jetstream::Context> {
+    let nats = connect(config, Arc::new(Metrics::new()), Duration::from_secs(10)).await?;
+    Ok(async_nats::jetstream::new(nats))
+}
+
 /// Connects to NATS, retrying with backoff until it answers or `give_up_after` passes.
 pub async fn connect(
     config: &NatsConfig,

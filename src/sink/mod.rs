@@ -10,7 +10,7 @@
 mod connect;
 mod stream;
 
-pub use connect::connect;
+pub use connect::{connect, jetstream_for_command};
 pub use stream::{
     ensure_key_value, ensure_stream, first_where, meta_at_or_after, read_tail, StoredMeta,
     StreamTail,
