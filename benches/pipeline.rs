@@ -384,6 +384,7 @@ fn main() -> anyhow::Result<()> {
         for rate in rates.split(',').filter_map(|r| r.trim().parse().ok()) {
             steady.push(live::steady_raw(rate, seconds).await?);
             steady.push(live::steady_publish(rate, seconds, 500).await?);
+            steady.push(live::steady_relay(rate, seconds, 500).await?);
             steady.push(live::steady(rate, seconds).await?);
         }
         let against_notify =

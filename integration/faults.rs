@@ -648,13 +648,6 @@ async fn a_standby_takes_over_a_sigkilled_active_instance_with_nothing_lost_or_d
     Ok(())
 }
 
-/// Runs a command; an error naming it when it fails.
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(program).args(args).status()?;
-    anyhow::ensure!(status.success(), "{program} {args:?}: {status}");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_nothing(
 ) -> anyhow::Result<()> {
@@ -667,28 +660,9 @@ async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_n
     let checkpoint = cluster.dir.path().join("checkpoint");
     let saved = cluster.dir.path().join("checkpoint-saved");
     std::fs::rename(&checkpoint, &saved)?;
-    std::fs::create_dir(&checkpoint)?;
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m",
-            "tmpfs",
-            &checkpoint.display().to_string(),
-        ],
-    )?;
-    let unmount = Unmount(checkpoint.clone());
+    let disk = Tmpfs::mount(&checkpoint, "2m")?;
     let filler = checkpoint.join("filler");
-    let _ = Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            &format!("of={}", filler.display()),
-            "bs=64k",
-        ])
-        .stderr(std::process::Stdio::null())
-        .status();
+    disk.fill(&filler);
     write_load(cluster.db_url(), 101, 10, 10, Duration::ZERO).await?;
     let output = walstream(&["stream"], &config)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -702,7 +676,7 @@ async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_n
     let mut streamer = Walstream::start(&config, &cluster.log_path())?;
     assert_stream_matches_table(&cluster).await?;
     streamer.terminate(Duration::from_secs(30))?;
-    drop(unmount);
+    drop(disk);
 
     // A damaged store: a clear error with the way out, which loses and repeats nothing.
     std::fs::remove_dir_all(&checkpoint)?;
@@ -718,13 +692,4 @@ async fn a_full_disk_or_a_damaged_checkpoint_stops_walstream_clearly_and_loses_n
     let messages = assert_stream_matches_table(&cluster).await?;
     assert_eq!(messages.len(), 300);
     Ok(())
-}
-
-/// Unmounts a test's tmpfs when dropped, even if the test failed.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }

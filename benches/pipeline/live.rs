@@ -237,22 +237,11 @@ fn summarize(
 /// pgwire-replication alone; a transaction's latency is its commit's arrival minus its commit
 /// time.
 pub async fn steady_raw(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
-    use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+    use pgwire_replication::{ReplicationClient, ReplicationEvent};
     eprintln!("raw slot read at {rate} changes/s for {seconds} s…");
     let servers = start_servers().await?;
     setup_streaming(&servers).await?;
-    let config = ReplicationConfig::new(
-        "127.0.0.1",
-        "postgres",
-        "",
-        DATABASE,
-        "walstream",
-        "walstream",
-    )
-    .with_port(servers.postgres.port)
-    .with_tls(pgwire_replication::TlsConfig::disabled())
-    .with_status_interval(Duration::from_secs(1));
-    let mut client = ReplicationClient::connect(config).await?;
+    let mut client = ReplicationClient::connect(raw_replication_config(&servers)).await?;
     let started = Instant::now();
     let writer = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1);
     let reader = async {
@@ -289,6 +278,95 @@ pub async fn steady_raw(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     let achieved = written as f64 / seconds as f64;
     let _ = client.shutdown().await;
     Ok(summarize("raw slot read", rate, achieved, latencies, 0.0))
+}
+
+/// The floor under the combined load: the same writer, the slot read by pgwire-replication and
+/// each commit relayed to JetStream as one message of `size` bytes with the same in-flight
+/// window — walstream without decoding, encoding or checkpoint. Latency is measured as
+/// walstream's is: the time JetStream stored the message minus the commit time.
+pub async fn steady_relay(rate: u64, seconds: u64, size: usize) -> anyhow::Result<Steady> {
+    use pgwire_replication::{ReplicationClient, ReplicationEvent};
+    eprintln!("raw relay (slot → JetStream) at {rate} changes/s for {seconds} s…");
+    let servers = start_servers().await?;
+    setup_streaming(&servers).await?;
+    let js = jetstream_context(&servers).await?;
+    let stream = create_stream(&js, "relay").await?;
+    let mut messages = new_messages(&stream).await?;
+    let mut client = ReplicationClient::connect(raw_replication_config(&servers)).await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let writer = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1);
+    let relay = async {
+        let mut acks = FuturesOrdered::new();
+        let mut relayed = 0u64;
+        loop {
+            tokio::select! {
+                Some(ack) = acks.next(), if !acks.is_empty() => {
+                    let ack: Result<_, async_nats::jetstream::context::PublishError> = ack;
+                    ack?;
+                }
+                event = tokio::time::timeout(Duration::from_secs(2), client.recv()) => match event {
+                    Ok(Ok(Some(ReplicationEvent::Commit { end_lsn, commit_time_micros, .. }))) => {
+                        if acks.len() >= WINDOW {
+                            if let Some(ack) = acks.next().await {
+                                ack?;
+                            }
+                        }
+                        let micros = PG_EPOCH_MICROS + i128::from(commit_time_micros);
+                        let committed = OffsetDateTime::from_unix_timestamp_nanos(micros * 1000)?
+                            .format(&Rfc3339)?;
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Walstream-Commit-Time", committed.as_str());
+                        let publish = jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .headers(headers)
+                            .message_id(format!("relay:{relayed}"));
+                        acks.push_back(js.send_publish("relay.bench", publish).await?.into_future());
+                        relayed += 1;
+                        client.update_applied_lsn(end_lsn);
+                    }
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                    Err(_) if started.elapsed() > Duration::from_secs(seconds) => break,
+                    Err(_) => {}
+                },
+            }
+        }
+        while let Some(ack) = acks.next().await {
+            ack?;
+        }
+        anyhow::Ok(relayed)
+    };
+    let (written, relayed) = futures::join!(writer, relay);
+    let (written, relayed) = (written?, relayed?);
+    anyhow::ensure!(
+        relayed >= written,
+        "the relay saw {relayed} of {written} commits"
+    );
+    let mut latencies = Vec::with_capacity(relayed as usize);
+    for _ in 0..relayed {
+        let (message, stored) = next_stored(&mut messages, Duration::from_secs(10)).await?;
+        let committed = commit_time(&message)
+            .ok_or_else(|| anyhow::anyhow!("a message without commit time"))?;
+        latencies.push((stored - committed).as_seconds_f64() * 1000.0);
+    }
+    let _ = client.shutdown().await;
+    let achieved = written as f64 / seconds as f64;
+    Ok(summarize("raw relay", rate, achieved, latencies, 0.0))
+}
+
+fn raw_replication_config(servers: &Servers) -> pgwire_replication::ReplicationConfig {
+    pgwire_replication::ReplicationConfig::new(
+        "127.0.0.1",
+        "postgres",
+        "",
+        DATABASE,
+        "walstream",
+        "walstream",
+    )
+    .with_port(servers.postgres.port)
+    .with_tls(pgwire_replication::TlsConfig::disabled())
+    .with_status_interval(Duration::from_secs(1))
 }
 
 /// The other floor: JetStream alone, a publisher at `rate` messages/s of `size` bytes with

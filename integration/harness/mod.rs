@@ -461,6 +461,45 @@ async fn forward(
     }
 }
 
+/// A tmpfs of `size` mounted at a directory, unmounted when dropped even if the test failed
+/// (mounting needs root, as CI runs).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .context("cannot run mount")?;
+        anyhow::ensure!(
+            status.success(),
+            "mount tmpfs at {}: {status}",
+            path.display()
+        );
+        Ok(Self(path.to_owned()))
+    }
+
+    /// Fills the file system with `filler` until no space is left.
+    pub fn fill(&self, filler: &Path) {
+        let _ = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}", filler.display()),
+                "bs=64k",
+            ])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A plain HTTP/1.1 GET on 127.0.0.1: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     http_request(port, "GET", path, &[], "").await
