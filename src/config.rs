@@ -635,22 +635,13 @@ impl GraphqlConfig {
     }
 }
 
-/// A PostgreSQL URL walstream can use. TLS to PostgreSQL is not built yet, so a URL that
-/// demands it is refused here rather than failing obscurely at connect time.
+/// A PostgreSQL URL walstream can use, its TLS settings included.
 fn check_database_url(url: &str) -> Result<(), String> {
-    let parsed: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
-    match parsed.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer => {
-            Ok(())
-        }
-        _ => Err(
-            "sslmode=require is not supported yet: walstream does not speak TLS to PostgreSQL \
-             (planned). Use sslmode=disable, or prefer (plaintext when the server allows it)"
-                .into(),
-        ),
-    }
+    let (plain, _) = crate::tls::split_url(url)?;
+    plain
+        .parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("not a PostgreSQL URL: {e}"))
 }
 
 /// Splits `schema.table`, refusing anything else.
@@ -912,16 +903,21 @@ mod tests {
     }
 
     #[test]
-    fn a_url_demanding_tls_is_refused_with_the_reason() {
+    fn a_url_with_downgradable_tls_or_a_bad_port_is_refused_with_the_reason() {
         let text = MINIMAL.replace(
             "postgres://u@localhost/db",
-            "postgres://u@h/d?sslmode=require",
+            "postgres://u@h/d?sslmode=prefer",
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(
-            err.contains("database.url") && err.contains("sslmode=require is not supported"),
+            err.contains("database.url") && err.contains("sslmode=verify-full"),
             "{err}"
         );
+        let text = MINIMAL.replace(
+            "postgres://u@localhost/db",
+            "postgres://u@h/d?sslmode=verify-full",
+        );
+        assert!(parse(&text).is_ok());
         let text = MINIMAL.replace("postgres://u@localhost/db", "postgres://u@h:notaport/d");
         assert!(parse(&text)
             .unwrap_err()

@@ -41,3 +41,4 @@ pub mod slot_watch;
 pub mod source;
 #[cfg(feature = "server")]
 pub mod status;
+pub mod tls;

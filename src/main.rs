@@ -104,6 +104,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    walstream::tls::install_crypto_provider();
     // The streamer is one sequential loop and runs best on one thread; the GraphQL server
     // answers many requests at once and wants every core.
     let runtime = match cli.command {

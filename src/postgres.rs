@@ -2,23 +2,76 @@
 //! lookups, heartbeats.
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{parse_qualified_table, Config};
 use crate::lsn::{parse_lsn, Lsn};
 use crate::secrets::redact_urls;
+use crate::tls::PostgresTls;
+
+/// `database.url` as tokio-postgres' config, TLS required when the URL asks for it, and the
+/// TLS settings to connect with.
+pub fn parse_url(url: &str) -> anyhow::Result<(tokio_postgres::Config, PostgresTls)> {
+    let (plain, tls) =
+        crate::tls::split_url(url).map_err(|e| anyhow::anyhow!("database.url: {e}"))?;
+    let mut config: tokio_postgres::Config = plain.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "database.url `{}` is not a PostgreSQL URL: {e}",
+            redact_urls(url)
+        )
+    })?;
+    config.ssl_mode(if tls.enabled() {
+        SslMode::Require
+    } else {
+        SslMode::Disable
+    });
+    Ok((config, tls))
+}
 
 /// Connects and drives the connection in the background.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| {
-        anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", redact_urls(url))
-    })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!("PostgreSQL control connection ended: {error}");
-        }
-    });
+    let (config, tls) = parse_url(url)?;
+    let failed = |e: tokio_postgres::Error| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {}: {}",
+            redact_urls(url),
+            error_chain(&e)
+        )
+    };
+    let client = if tls.enabled() {
+        let (client, connection) = config.connect(tls.connector()?).await.map_err(failed)?;
+        tokio::spawn(drive(connection));
+        client
+    } else {
+        let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+        tokio::spawn(drive(connection));
+        client
+    };
     Ok(client)
+}
+
+/// tokio-postgres says only "db error" or "error performing TLS handshake"; the server's
+/// message or the certificate problem is in the error's sources.
+fn error_chain(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = connection.await {
+        tracing::debug!("PostgreSQL control connection ended: {error}");
+    }
 }
 
 /// A row of `pg_replication_slots`.

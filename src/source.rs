@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
 
 use crate::config::Config;
 use crate::lsn::Lsn;
-use crate::secrets::redact_urls;
 
 /// Pins how the walsender renders values: UTC, ISO dates and intervals, hex bytea, shortest
 /// exact floats. pgoutput formats text values with these session settings.
@@ -28,13 +27,7 @@ pub struct ReplicationTarget {
 
 impl ReplicationTarget {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let url = &config.database.url;
-        let parsed: tokio_postgres::Config = url.parse().map_err(|e| {
-            anyhow::anyhow!(
-                "database.url `{}` is not a PostgreSQL URL: {e}",
-                redact_urls(url)
-            )
-        })?;
+        let (parsed, tls) = crate::postgres::parse_url(&config.database.url)?;
         let host = match parsed.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
@@ -64,9 +57,7 @@ impl ReplicationTarget {
             repl.publication.clone(),
         )
         .with_port(port)
-        // TLS to PostgreSQL is not built yet for the normal connection; config validation
-        // refuses URLs that demand it, and both connections stay plaintext alike.
-        .with_tls(TlsConfig::disabled())
+        .with_tls(tls.replication())
         .with_options(SESSION_OPTIONS)
         .with_application_name(format!("walstream:{}", repl.slot))
         .with_status_interval(Duration::from_secs(repl.status_interval_secs))

@@ -47,9 +47,7 @@ pub struct Statement<'a> {
 
 impl Database {
     pub fn new(url: &str, size: usize, statement_timeout_ms: u64) -> anyhow::Result<Self> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("database.url: {e}"))?;
+        let (mut config, tls) = crate::postgres::parse_url(url)?;
         if config.get_options().is_none() {
             // DateTime fields come out of `data` in UTC whatever the server's time zone.
             config.options("-c TimeZone=UTC");
@@ -57,13 +55,14 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("walstream-graphql");
         }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = if tls.enabled() {
+            Manager::from_config(config, tls.connector()?, manager_config)
+        } else {
+            Manager::from_config(config, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(size)
             .build()

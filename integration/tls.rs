@@ -1,0 +1,275 @@
+//! TLS and credentials against servers that require them: a PostgreSQL that accepts only TLS
+//! connections, and a nats-server that speaks only TLS and admits only an nkey user.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use harness::*;
+
+/// A CA and a server certificate it signed for `names`, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path, names: &[&str]) -> anyhow::Result<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "walstream test CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = CertificateParams::new(names)?.signed_by(&key, &ca_cert, &ca_key)?;
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&pki.ca, ca_cert.pem())?;
+    std::fs::write(&pki.cert, cert.pem())?;
+    std::fs::write(&pki.key, key.serialize_pem())?;
+    Ok(pki)
+}
+
+/// Turns TLS on and every plaintext connection away, then restarts PostgreSQL.
+fn require_tls(cluster: &Cluster, pki: &Pki) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let data = &cluster.postgres.data_dir;
+    for (from, to) in [(&pki.cert, "server.crt"), (&pki.key, "server.key")] {
+        std::fs::copy(from, data.join(to))?;
+        std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(0o600))?;
+        if unsafe { libc::geteuid() } == 0 {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(data.join(to))
+                .status()?;
+            anyhow::ensure!(status.success(), "chown {to}");
+        }
+    }
+    let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+    conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    std::fs::write(data.join("postgresql.conf"), conf)?;
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\n\
+         hostssl all all 127.0.0.1/32 trust\n\
+         hostssl replication all 127.0.0.1/32 trust\n\
+         hostnossl all all 0.0.0.0/0 reject\n\
+         hostnossl replication all 0.0.0.0/0 reject\n",
+    )?;
+    cluster.postgres.stop("fast")?;
+    cluster.postgres.start()
+}
+
+/// `walstream check` with `config`: (success, stdout + stderr).
+fn check(config: &Path) -> anyhow::Result<(bool, String)> {
+    let output = walstream(&["check"], config)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.success(), text))
+}
+
+/// A copy of `config` with another database URL.
+fn with_url(cluster: &Cluster, config: &Path, url: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(config)?.replace(&cluster.db_url(), url);
+    let path = cluster.dir.path().join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_over_verified_tls_streams_and_plaintext_or_a_wrong_name_or_ca_is_refused(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql("CREATE TABLE t_tls (id INT PRIMARY KEY, note TEXT)")
+        .await?;
+    let pki = pki(&cluster.dir.path().join("pki"), &["localhost"])?;
+    require_tls(&cluster, &pki)?;
+    let port = cluster.postgres.port;
+    let tls_url = |host: &str, mode: &str, ca: &Path| {
+        format!(
+            "postgres://postgres@{host}:{port}/{DATABASE}?sslmode={mode}&sslrootcert={}",
+            ca.display()
+        )
+    };
+    let plain = cluster.config(&["public.t_tls"], "")?;
+
+    // Verified TLS, by the name in the certificate: set up, stream, and both connections
+    // (control and replication) are encrypted.
+    let url = tls_url("localhost", "verify-full", &pki.ca);
+    let config = with_url(&cluster, &plain, &url, "tls.toml")?;
+    setup(&config)?;
+    let (ok, report) = check(&config)?;
+    assert!(ok, "{report}");
+    let mut streamer = Walstream::start(&config, &cluster.log_path())?;
+    let client = walstream::postgres::connect(&url).await?;
+    eventually(Duration::from_secs(30), "walstream streaming", || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    client
+        .batch_execute("INSERT INTO t_tls SELECT g, 'over tls' FROM generate_series(1, 3) g")
+        .await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
+    let messages = read_stream(&js).await?;
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[2].body["data"]["note"], "over tls");
+    // This client, walstream's control connection and its walsender: all encrypted.
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE ssl), count(*) FROM pg_stat_ssl \
+             JOIN pg_stat_activity USING (pid) \
+             WHERE backend_type IN ('client backend', 'walsender')",
+            &[],
+        )
+        .await?;
+    let (encrypted, connections): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        encrypted == connections && connections >= 3,
+        "{encrypted} of {connections} connections encrypted"
+    );
+
+    // Plaintext is turned away by the server; TLS that does not verify is refused by walstream.
+    let refusals = [
+        (
+            format!("postgres://postgres@localhost:{port}/{DATABASE}"),
+            "no encryption",
+        ),
+        (
+            tls_url("127.0.0.1", "verify-full", &pki.ca),
+            "not valid for name",
+        ),
+        (
+            tls_url("localhost", "verify-full", &pki_other(cluster.dir.path())?),
+            "invalid peer certificate",
+        ),
+        (
+            format!("postgres://postgres@localhost:{port}/{DATABASE}?sslmode=prefer"),
+            "falls back to plaintext",
+        ),
+    ];
+    for (n, (url, reason)) in refusals.iter().enumerate() {
+        let config = with_url(&cluster, &plain, url, &format!("refused-{n}.toml"))?;
+        let (ok, report) = check(&config)?;
+        assert!(!ok && report.contains(reason), "{url}: {report}");
+    }
+    // verify-ca checks the chain and not the name: the address works.
+    streamer.terminate(Duration::from_secs(30))?;
+    let config = with_url(
+        &cluster,
+        &plain,
+        &tls_url("127.0.0.1", "verify-ca", &pki.ca),
+        "verify-ca.toml",
+    )?;
+    let (ok, report) = check(&config)?;
+    assert!(ok, "{report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_over_verified_tls_with_an_nkey_user_streams_and_anything_less_is_refused(
+) -> anyhow::Result<()> {
+    walstream::tls::install_crypto_provider();
+    let files = tempfile::Builder::new()
+        .prefix("walstream-tls-")
+        .tempdir()?;
+    let pki = pki(&files.path().join("pki"), &["localhost"])?;
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed()?;
+    let nats_conf = files.path().join("nats.conf");
+    std::fs::write(
+        &nats_conf,
+        format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 2\n}}\n\
+             authorization {{\n  users: [ {{ nkey: \"{}\" }} ]\n}}\n",
+            pki.cert.display(),
+            pki.key.display(),
+            user.public_key()
+        ),
+    )?;
+    let cluster = Cluster::start_with_nats_args(&["-c", &nats_conf.display().to_string()]).await?;
+    cluster
+        .sql("CREATE TABLE t_tls (id INT PRIMARY KEY, note TEXT)")
+        .await?;
+    let nats_url = format!("nats://localhost:{}", cluster.nats.port);
+    let config_for = |name: &str, ca: &Path, nkey: Option<&str>| -> anyhow::Result<PathBuf> {
+        let path = cluster.config(&["public.t_tls"], "")?;
+        let mut nats = format!("url = \"{nats_url}\"\ntls_ca_file = \"{}\"\n", ca.display());
+        if let Some(seed) = nkey {
+            nats.push_str(&format!("nkey_seed = \"{seed}\"\n"));
+        }
+        let text = std::fs::read_to_string(&path)?
+            .replace(&format!("url = \"{}\"\n", cluster.nats.url()), &nats);
+        let named = cluster.dir.path().join(name);
+        std::fs::write(&named, text)?;
+        Ok(named)
+    };
+
+    let config = config_for("nats-tls.toml", &pki.ca, Some(&seed))?;
+    setup(&config)?;
+    let (ok, report) = check(&config)?;
+    assert!(ok, "{report}");
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    cluster
+        .sql("INSERT INTO t_tls SELECT g, 'to a nats that wants tls' FROM generate_series(1, 3) g")
+        .await?;
+    let nats = async_nats::ConnectOptions::with_nkey(seed.clone())
+        .add_root_certificates(pki.ca.clone())
+        .require_tls(true)
+        .connect(&nats_url)
+        .await?;
+    let js = async_nats::jetstream::new(nats);
+    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
+    let messages = read_stream(&js).await?;
+    assert_eq!(messages.len(), 3);
+    let (_, health) = http_get(cluster.http_port, "/health").await?;
+    assert!(!health.contains(&seed), "the nkey seed leaked into /health");
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(!log.contains(&seed), "the nkey seed leaked into the log");
+
+    let other_ca = pki_other(files.path())?;
+    for (name, ca, nkey, reason) in [
+        ("no-nkey.toml", pki.ca.clone(), None, "uthorization"),
+        (
+            "wrong-ca.toml",
+            other_ca,
+            Some(seed.as_str()),
+            "certificate",
+        ),
+    ] {
+        let config = config_for(name, &ca, nkey)?;
+        let (ok, report) = check(&config)?;
+        assert!(!ok && report.contains(reason), "{name}: {report}");
+        assert!(
+            !report.contains(&seed),
+            "the nkey seed leaked into check's output"
+        );
+    }
+    Ok(())
+}
+
+/// A CA that signed nothing the servers present.
+fn pki_other(dir: &Path) -> anyhow::Result<PathBuf> {
+    Ok(pki(&dir.join("other"), &["localhost"])?.ca)
+}
