@@ -273,3 +273,163 @@ async fn nats_over_verified_tls_with_an_nkey_user_streams_and_anything_less_is_r
 fn pki_other(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(pki(&dir.join("other"), &["localhost"])?.ca)
 }
+
+/// A NATS JWT (`ed25519-nkey`) with `claims` about `subject`, signed by `issuer`.
+fn nats_jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &str,
+    name: &str,
+    nats: serde_json::Value,
+) -> anyhow::Result<String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{subject}{now}"),
+        "iat": now,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?);
+    let signed = format!("{header}.{claims}");
+    let signature = issuer
+        .sign(signed.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
+}
+
+/// A nats-server in operator (JWT) mode: its config, and a user's credentials file.
+fn operator_mode(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "walstream-test",
+        serde_json::json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
+    )?;
+    let account_jwt = |key: &nkeys::KeyPair, name: &str, limits: serde_json::Value| {
+        nats_jwt(
+            &operator,
+            &key.public_key(),
+            name,
+            serde_json::json!({"type": "account", "version": 2, "limits": limits}),
+        )
+    };
+    let system_jwt = account_jwt(
+        &system,
+        "SYS",
+        serde_json::json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1, "leaf": -1}),
+    )?;
+    let app_jwt = account_jwt(&account, "APP", unlimited)?;
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "walstream",
+        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    )?;
+    let config = dir.join("operator.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "operator: \"{operator_jwt}\"\nsystem_account: \"{}\"\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: \"{system_jwt}\"\n  {}: \"{app_jwt}\"\n}}\n",
+            system.public_key(),
+            system.public_key(),
+            account.public_key()
+        ),
+    )?;
+    let seed = user.seed().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let creds = dir.join("walstream.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\
+             NKEYs are sensitive and should be treated as secrets.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+             *************************************************************\n"
+        ),
+    )?;
+    Ok((config, creds, seed))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_in_operator_mode_admits_walstream_by_its_credentials_file_only(
+) -> anyhow::Result<()> {
+    let files = tempfile::Builder::new()
+        .prefix("walstream-creds-")
+        .tempdir()?;
+    let (nats_conf, creds, seed) = operator_mode(files.path())?;
+    let cluster = Cluster::start_with_nats_args(&["-c", &nats_conf.display().to_string()]).await?;
+    cluster
+        .sql("CREATE TABLE t_creds (id INT PRIMARY KEY)")
+        .await?;
+    let plain = cluster.config(&["public.t_creds"], "")?;
+    let with_creds = |name: &str, creds: &Path| -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(&plain)?.replace(
+            &format!("url = \"{}\"\n", cluster.nats.url()),
+            &format!(
+                "url = \"{}\"\ncredentials_file = \"{}\"\n",
+                cluster.nats.url(),
+                creds.display()
+            ),
+        );
+        let path = cluster.dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+
+    let (ok, report) = check(&plain)?;
+    assert!(
+        !ok && report.contains("uthoriz"),
+        "without credentials: {report}"
+    );
+    let config = with_creds("creds.toml", &creds)?;
+    setup(&config)?;
+    let (ok, report) = check(&config)?;
+    assert!(ok, "{report}");
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    cluster
+        .sql("INSERT INTO t_creds SELECT generate_series(1, 3)")
+        .await?;
+    let nats = async_nats::ConnectOptions::with_credentials_file(&creds)
+        .await?
+        .connect(cluster.nats.url())
+        .await?;
+    let js = async_nats::jetstream::new(nats);
+    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
+    assert_eq!(read_stream(&js).await?.len(), 3);
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(
+        !log.contains(&seed),
+        "the credentials' seed leaked into the log"
+    );
+    let (_, health) = http_get(cluster.http_port, "/health").await?;
+    assert!(!health.contains(&seed));
+
+    // A credentials file from another operator is refused.
+    let foreign_dir = files.path().join("foreign");
+    std::fs::create_dir_all(&foreign_dir)?;
+    let (_, foreign, _) = operator_mode(&foreign_dir)?;
+    let (ok, report) = check(&with_creds("foreign.toml", &foreign)?)?;
+    assert!(
+        !ok && report.contains("uthoriz"),
+        "foreign credentials: {report}"
+    );
+    Ok(())
+}
