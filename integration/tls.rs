@@ -81,12 +81,34 @@ fn check(config: &Path) -> anyhow::Result<(bool, String)> {
     Ok((output.status.success(), text))
 }
 
-/// A copy of `config` with another database URL.
-fn with_url(cluster: &Cluster, config: &Path, url: &str, name: &str) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string(config)?.replace(&cluster.db_url(), url);
+/// A copy of `config`, named `name`, with `from` replaced by `to`.
+fn rewritten(
+    cluster: &Cluster,
+    config: &Path,
+    from: &str,
+    to: &str,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(config)?.replace(from, to);
     let path = cluster.dir.path().join(name);
     std::fs::write(&path, text)?;
     Ok(path)
+}
+
+/// A copy of `config` with another database URL.
+fn with_url(cluster: &Cluster, config: &Path, url: &str, name: &str) -> anyhow::Result<PathBuf> {
+    rewritten(cluster, config, &cluster.db_url(), url, name)
+}
+
+/// A copy of `config` whose `[nats]` url line is replaced by `settings`.
+fn with_nats(
+    cluster: &Cluster,
+    config: &Path,
+    settings: &str,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
+    let url_line = format!("url = \"{}\"\n", cluster.nats.url());
+    rewritten(cluster, config, &url_line, settings, name)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -212,17 +234,13 @@ async fn nats_over_verified_tls_with_an_nkey_user_streams_and_anything_less_is_r
         .sql("CREATE TABLE t_tls (id INT PRIMARY KEY, note TEXT)")
         .await?;
     let nats_url = format!("nats://localhost:{}", cluster.nats.port);
-    let config_for = |name: &str, ca: &Path, nkey: Option<&str>| -> anyhow::Result<PathBuf> {
-        let path = cluster.config(&["public.t_tls"], "")?;
+    let plain = cluster.config(&["public.t_tls"], "")?;
+    let config_for = |name: &str, ca: &Path, nkey: Option<&str>| {
         let mut nats = format!("url = \"{nats_url}\"\ntls_ca_file = \"{}\"\n", ca.display());
         if let Some(seed) = nkey {
             nats.push_str(&format!("nkey_seed = \"{seed}\"\n"));
         }
-        let text = std::fs::read_to_string(&path)?
-            .replace(&format!("url = \"{}\"\n", cluster.nats.url()), &nats);
-        let named = cluster.dir.path().join(name);
-        std::fs::write(&named, text)?;
-        Ok(named)
+        with_nats(&cluster, &plain, &nats, name)
     };
 
     let config = config_for("nats-tls.toml", &pki.ca, Some(&seed))?;
@@ -379,18 +397,13 @@ async fn a_nats_in_operator_mode_admits_walstream_by_its_credentials_file_only(
         .sql("CREATE TABLE t_creds (id INT PRIMARY KEY)")
         .await?;
     let plain = cluster.config(&["public.t_creds"], "")?;
-    let with_creds = |name: &str, creds: &Path| -> anyhow::Result<PathBuf> {
-        let text = std::fs::read_to_string(&plain)?.replace(
-            &format!("url = \"{}\"\n", cluster.nats.url()),
-            &format!(
-                "url = \"{}\"\ncredentials_file = \"{}\"\n",
-                cluster.nats.url(),
-                creds.display()
-            ),
+    let with_creds = |name: &str, creds: &Path| {
+        let settings = format!(
+            "url = \"{}\"\ncredentials_file = \"{}\"\n",
+            cluster.nats.url(),
+            creds.display()
         );
-        let path = cluster.dir.path().join(name);
-        std::fs::write(&path, text)?;
-        Ok(path)
+        with_nats(&cluster, &plain, &settings, name)
     };
 
     let (ok, report) = check(&plain)?;
