@@ -31,6 +31,29 @@ const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why walstream stops when its slot is gone, and what the operator can do.
+/// Reads the stream's end, waiting out a JetStream cluster electing the stream's leader.
+async fn read_tail_patiently(
+    js: &jetstream::Context,
+    stream_name: &str,
+    give_up_after: Duration,
+) -> anyhow::Result<sink::StreamTail> {
+    let mut backoff = sink::Backoff::new();
+    loop {
+        match sink::read_tail(js, stream_name).await {
+            Ok(tail) => return Ok(tail),
+            Err(error) if backoff.elapsed() < give_up_after => {
+                tracing::warn!(
+                    stream = stream_name,
+                    "the stream's end is not readable yet ({error}); retrying in {:?}",
+                    backoff.peek()
+                );
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 fn slot_gone_message(slot: &str) -> String {
     format!(
         "replication slot {slot} no longer exists. walstream does not recreate it on its own: \
@@ -65,7 +88,7 @@ pub async fn run(
         &config.nats.jetstream,
     )
     .await?;
-    let tail = sink::read_tail(&js, &stream_name)
+    let tail = read_tail_patiently(&js, &stream_name, Duration::from_secs(60))
         .await
         .with_context(|| format!("cannot read the end of stream {stream_name}"))?;
     tracing::info!(

@@ -33,6 +33,10 @@ use crate::event::{EncodedEvent, Position};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 
+/// How long a stream may report an end before what JetStream acknowledged. A replica elected
+/// leader answers from its log for a moment after a failover; longer than this is real loss.
+const STREAM_BEHIND_LIMIT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error(
@@ -53,6 +57,19 @@ pub enum SinkError {
          publisher; point other publishers at another stream"
     )]
     ForeignPublisher { stream: String, found: String },
+    #[error(
+        "stream {stream} has ended at sequence {found} for over {limit:?}, before sequence \
+         {acknowledged} that JetStream had acknowledged: the stream was deleted and recreated, or \
+         the JetStream cluster lost acknowledged messages. walstream stops rather than guess; its \
+         checkpoint holds the last commit it knows stored. Restart walstream to publish from \
+         that checkpoint onward (`walstream status` shows both ends)"
+    )]
+    StreamWentBack {
+        stream: String,
+        acknowledged: u64,
+        found: u64,
+        limit: Duration,
+    },
     #[error("NATS JetStream: {0}")]
     Fatal(String),
     #[error("shutting down with publishes unconfirmed")]
@@ -310,13 +327,38 @@ impl Sink {
             "publish failed ({failure}); re-syncing with the stream and re-sending"
         );
         let mut backoff = Backoff::new();
+        // Since when every answer put the stream's end before what JetStream acknowledged.
+        let mut behind_since: Option<Instant> = None;
         loop {
             // Let every outstanding ack resolve so nothing sent earlier lands after the re-sync.
             while self.acks.next().await.is_some() {}
             self.metrics.inflight_acks.set(0);
-            match self.resync().await {
+            let result = self.resync().await;
+            if !matches!(result, Err(ResyncError::Behind { .. })) {
+                behind_since = None;
+            }
+            match result {
                 Ok(()) => return Ok(()),
                 Err(ResyncError::Fatal(error)) => return Err(error),
+                Err(ResyncError::Behind { found }) => {
+                    let since = *behind_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > STREAM_BEHIND_LIMIT {
+                        return Err(SinkError::StreamWentBack {
+                            stream: self.stream_name.clone(),
+                            acknowledged: self.last_stored.0,
+                            found,
+                            limit: STREAM_BEHIND_LIMIT,
+                        });
+                    }
+                    tracing::warn!(
+                        stream = %self.stream_name,
+                        acknowledged = self.last_stored.0,
+                        found,
+                        "the stream reports an end before what JetStream acknowledged (a \
+                         replica answering during a leader election?); reading it again in {:?}",
+                        backoff.peek()
+                    );
+                }
                 Err(ResyncError::Retry(reason)) => {
                     tracing::warn!(
                         stream = %self.stream_name,
@@ -341,13 +383,45 @@ impl Sink {
         let tail = read_tail(&self.js, &self.stream_name)
             .await
             .map_err(|e| ResyncError::Retry(e.to_string()))?;
-        let stored = self.stored_prefix(&tail)?;
+        tracing::debug!(
+            stream = %self.stream_name,
+            tail_sequence = tail.sequence,
+            tail_id = ?tail.message_id,
+            last_sequence = self.last_stored.0,
+            last_id = ?self.last_stored.1.message_id(),
+            unacked = self.unacked.len(),
+            first_unacked = ?self.unacked.front().and_then(|u| message_id(&u.event)),
+            "re-sync read the stream's tail"
+        );
+        let unacked: Vec<(u64, Option<String>)> = self
+            .unacked
+            .iter()
+            .map(|u| (u.sequence, message_id(&u.event)))
+            .collect();
+        let last = (self.last_stored.0, self.last_stored.1.message_id());
+        let stored = match match_tail(&tail, &last, &unacked) {
+            TailMatch::Stored(count) => count,
+            TailMatch::Behind => {
+                return Err(ResyncError::Behind {
+                    found: tail.sequence,
+                })
+            }
+            TailMatch::Foreign(found) => {
+                return Err(ResyncError::Fatal(SinkError::ForeignPublisher {
+                    stream: self.stream_name.clone(),
+                    found,
+                }))
+            }
+        };
         for _ in 0..stored {
             self.acknowledge_front();
         }
-        // The stream may have moved past what we knew without a message id to match (expired
-        // by max_age); its sequence is then the truth.
-        self.last_stored = (tail.sequence, LastId::Read(tail.message_id));
+        // A tail with an id has been matched above, so it is the truth. Without one (expired
+        // by max_age) only its sequence is: keep the id walstream knows for that sequence, or
+        // the next re-sync could not recognise the message once it is readable again.
+        if tail.message_id.is_some() || tail.sequence != self.last_stored.0 {
+            self.last_stored = (tail.sequence, LastId::Read(tail.message_id));
+        }
         let resend = self.unacked.len();
         for (offset, entry) in self.unacked.iter_mut().enumerate() {
             entry.sequence = tail.sequence + offset as u64 + 1;
@@ -366,32 +440,6 @@ impl Sink {
         Ok(())
     }
 
-    /// How many of the unacknowledged events the stream already holds.
-    fn stored_prefix(&self, tail: &StreamTail) -> Result<usize, ResyncError> {
-        if let Some(found) = &tail.message_id {
-            if self.last_stored.1.message_id().as_ref() == Some(found) {
-                return Ok(0);
-            }
-            if let Some(index) = self
-                .unacked
-                .iter()
-                .position(|u| message_id(&u.event).as_ref() == Some(found))
-            {
-                return Ok(index + 1);
-            }
-            return Err(ResyncError::Fatal(SinkError::ForeignPublisher {
-                stream: self.stream_name.clone(),
-                found: found.clone(),
-            }));
-        }
-        // The tail message is gone (expired): fall back to sequence arithmetic.
-        Ok(self
-            .unacked
-            .iter()
-            .take_while(|u| u.sequence <= tail.sequence)
-            .count())
-    }
-
     fn too_large(&self) -> SinkError {
         let max = self.js.client().server_info().max_payload;
         match self.unacked.back() {
@@ -407,6 +455,52 @@ impl Sink {
             None => SinkError::Fatal("a publish was refused as too large".into()),
         }
     }
+}
+
+/// What a re-sync learns from the stream's tail.
+#[derive(Debug, PartialEq, Eq)]
+enum TailMatch {
+    /// The stream holds this many of the unacknowledged events.
+    Stored(usize),
+    /// The tail is before the last message known stored: a stale answer, or loss.
+    Behind,
+    /// The tail is a message walstream did not publish (its id).
+    Foreign(String),
+}
+
+/// Places the stream's `tail` against the last message known stored (`last`: sequence and id,
+/// when known) and the unacknowledged events (expected sequence and id, oldest first).
+fn match_tail(
+    tail: &StreamTail,
+    last: &(u64, Option<String>),
+    unacked: &[(u64, Option<String>)],
+) -> TailMatch {
+    if tail.sequence < last.0 {
+        return TailMatch::Behind;
+    }
+    let Some(found) = &tail.message_id else {
+        // The tail message is gone (expired): sequences are all there is.
+        return TailMatch::Stored(
+            unacked
+                .iter()
+                .take_while(|(sequence, _)| *sequence <= tail.sequence)
+                .count(),
+        );
+    };
+    if last.1.as_ref() == Some(found) {
+        return TailMatch::Stored(0);
+    }
+    if let Some(index) = unacked
+        .iter()
+        .position(|(_, id)| id.as_ref() == Some(found))
+    {
+        return TailMatch::Stored(index + 1);
+    }
+    // The last message known stored, whose id walstream could not read then (it had expired).
+    if last.1.is_none() && tail.sequence == last.0 {
+        return TailMatch::Stored(0);
+    }
+    TailMatch::Foreign(found.clone())
 }
 
 /// The `Nats-Msg-Id` of the stream's last message as walstream knows it.
@@ -428,6 +522,10 @@ impl LastId {
 
 enum ResyncError {
     Retry(String),
+    /// The stream reports an end before the last message known stored.
+    Behind {
+        found: u64,
+    },
     Fatal(SinkError),
 }
 
@@ -535,5 +633,97 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tail(sequence: u64, id: Option<&str>) -> StreamTail {
+        StreamTail {
+            sequence,
+            message_id: id.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
+    fn unacked(first: u64, ids: &[&str]) -> Vec<(u64, Option<String>)> {
+        (first..)
+            .zip(ids)
+            .map(|(sequence, id)| (sequence, Some(id.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn a_tail_among_the_unacknowledged_counts_what_is_stored() {
+        let last = (10, Some("a".to_owned()));
+        let sent = unacked(11, &["b", "c", "d"]);
+        assert_eq!(
+            match_tail(&tail(10, Some("a")), &last, &sent),
+            TailMatch::Stored(0)
+        );
+        assert_eq!(
+            match_tail(&tail(12, Some("c")), &last, &sent),
+            TailMatch::Stored(2)
+        );
+        assert_eq!(
+            match_tail(&tail(13, Some("d")), &last, &sent),
+            TailMatch::Stored(3)
+        );
+    }
+
+    #[test]
+    fn a_tail_before_what_was_acknowledged_is_behind_not_foreign() {
+        let last = (10, Some("a".to_owned()));
+        assert_eq!(
+            match_tail(&tail(7, Some("x")), &last, &[]),
+            TailMatch::Behind
+        );
+        assert_eq!(match_tail(&tail(0, None), &last, &[]), TailMatch::Behind);
+    }
+
+    #[test]
+    fn an_expired_tail_falls_back_to_sequences() {
+        let last = (10, Some("a".to_owned()));
+        let sent = unacked(11, &["b", "c", "d"]);
+        assert_eq!(
+            match_tail(&tail(12, None), &last, &sent),
+            TailMatch::Stored(2)
+        );
+        assert_eq!(
+            match_tail(&tail(10, None), &last, &sent),
+            TailMatch::Stored(0)
+        );
+    }
+
+    // The cluster-failover bug: a re-sync that could not read the tail's id, then a second one
+    // that could, took walstream's own last message for another publisher's.
+    #[test]
+    fn the_last_message_known_only_by_its_sequence_is_recognised_once_readable() {
+        let last = (10, None);
+        let sent = unacked(11, &["b", "c"]);
+        assert_eq!(
+            match_tail(&tail(10, Some("a")), &last, &sent),
+            TailMatch::Stored(0)
+        );
+        assert_eq!(
+            match_tail(&tail(11, Some("b")), &last, &sent),
+            TailMatch::Stored(1)
+        );
+    }
+
+    #[test]
+    fn a_message_walstream_did_not_send_is_foreign() {
+        let last = (10, Some("a".to_owned()));
+        let sent = unacked(11, &["b"]);
+        assert_eq!(
+            match_tail(&tail(11, Some("x")), &last, &sent),
+            TailMatch::Foreign("x".to_owned())
+        );
+        assert_eq!(
+            match_tail(&tail(10, Some("x")), &last, &sent),
+            TailMatch::Foreign("x".to_owned())
+        );
     }
 }

@@ -157,16 +157,16 @@ pub async fn read_tail(js: &jetstream::Context, name: &str) -> anyhow::Result<St
     }
     let message = match stream.get_raw_message(sequence).await {
         Ok(message) => message,
-        Err(error) => {
-            tracing::debug!(
-                sequence,
-                "last message of the stream is not readable: {error}"
-            );
+        // Expired (max_age) or deleted: the sequence is all there is.
+        Err(error) if is_no_message(&error) => {
             return Ok(StreamTail {
                 sequence,
                 ..Default::default()
-            });
+            })
         }
+        // Anything else (a timeout during a leader election) says nothing about the message;
+        // a tail without its id would be mistaken for one whose message is gone.
+        Err(error) => anyhow::bail!("reading the stream's last message ({sequence}): {error}"),
     };
     Ok(StreamTail {
         sequence,
