@@ -42,16 +42,38 @@ struct Api {
 /// The example schema loaded, a second user added, and walstream started as `commands`
 /// (`run`, or `stream` + `serve`), with `graphql_extra` appended to `[graphql]`.
 async fn start(commands: &[&str], graphql_extra: &str) -> anyhow::Result<Api> {
+    start_extended(commands, graphql_extra, "", None).await
+}
+
+/// As `start`, with `sql` run after the example's and, when given, `schema` (SDL text) in
+/// place of the example schema.
+async fn start_extended(
+    commands: &[&str],
+    graphql_extra: &str,
+    sql: &str,
+    schema: Option<String>,
+) -> anyhow::Result<Api> {
     let cluster = Cluster::start().await?;
     cluster.sql(EXAMPLE_SQL).await?;
     cluster
         .sql("INSERT INTO tb_user (identifier, email, name) VALUES ('bob', 'bob@example.com', 'Bob')")
         .await?;
+    if !sql.is_empty() {
+        cluster.sql(sql).await?;
+    }
+    let schema_path = match schema {
+        Some(text) => {
+            let path = cluster.dir.path().join("schema.graphql");
+            std::fs::write(&path, text)?;
+            path
+        }
+        None => example_schema(),
+    };
     let port = walstream::local::free_port()?;
     let extra = format!(
         "[graphql]\nschema = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n{graphql_extra}\n\
          [graphql.auth]\nhs256_secret = \"{SECRET}\"\nissuer = \"{ISSUER}\"\n",
-        example_schema().display()
+        schema_path.display()
     );
     let config = cluster.config(&["public.tb_order"], &extra)?;
     let mut processes = Vec::new();
@@ -917,5 +939,213 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
     assert_eq!(sequences, (3..=15).collect::<Vec<_>>());
     let extra = tokio::time::timeout(Duration::from_millis(500), deliveries.recv()).await;
     assert!(extra.is_err(), "nothing more: {extra:?}");
+    Ok(())
+}
+
+/// A repeated query is answered from a compiled plan (SQL plus a projection of `data`): it
+/// must answer exactly as the executor does, for every user, and hand back to the executor
+/// whatever it cannot answer the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_queries_answer_as_the_executor_does_for_each_user() -> anyhow::Result<()> {
+    // Embedded types, read per user through the claims (user 2's customer has no email,
+    // which its non-null type forbids).
+    let detail_view = "CREATE VIEW v_order_detail AS
+         SELECT o.id, jsonb_build_object(
+             'identifier', o.identifier, 'total', o.total,
+             'customer', jsonb_build_object('name', u.name,
+                                            'email', CASE WHEN u.pk_user = 1 THEN u.email END),
+             'lines', jsonb_build_array(jsonb_build_object('sku', 'W-1', 'qty', 2),
+                                        jsonb_build_object('sku', 'G-7', 'qty', 1))) AS data
+         FROM tb_order o JOIN tb_user u ON u.pk_user = o.fk_user
+         WHERE o.fk_user = (current_setting('request.jwt.claims', true)::jsonb->>'user_pk')::bigint;
+         GRANT SELECT ON v_order_detail TO app_user;";
+    let schema = std::fs::read_to_string(example_schema())?.replace(
+        "type Query {",
+        "type Customer { name: String! email: String! }\ntype Line { sku: String! qty: Int! }\n\
+         type OrderDetail @view(name: \"v_order_detail\") { identifier: String! total: Decimal! \
+         customer: Customer! lines: [Line!]! }\n\
+         type Query {\n  orderDetails: [OrderDetail!]!",
+    );
+    // Two connections: the users' requests share them, so each switches identity often.
+    let api = start_extended(&["serve"], "pool_size = 2", detail_view, Some(schema)).await?;
+    for (user, identifier, total) in [(1, "a-1", "10.50"), (1, "a-2", "99"), (2, "b-1", "7.25")] {
+        api.create_order(user, identifier, total).await;
+    }
+    let id_of_a1: String = api
+        .cluster
+        .client()
+        .await?
+        .query_one(
+            "SELECT id::text FROM tb_order WHERE identifier = 'a-1'",
+            &[],
+        )
+        .await?
+        .get(0);
+
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "query($id: ID!) { order(id: $id) { id identifier total status createdAt __typename } }",
+            json!({"id": id_of_a1}),
+        ),
+        (
+            "query($id: ID!) { order(id: $id) { identifier } }",
+            json!({"id": "00000000-0000-0000-0000-000000000000"}),
+        ),
+        (
+            "{ first: orders(orderBy: [{identifier: ASC}], limit: 1) { identifier total } all: orders { id } }",
+            json!({}),
+        ),
+        (
+            "query($like: String, $n: Int) { orders(where: {identifier: {like: $like}}, orderBy: [{total: DESC}], limit: $n) { identifier total } }",
+            json!({"like": "%-%", "n": 5}),
+        ),
+        (
+            "{ orderDetails(orderBy: [{identifier: ASC}]) { identifier total customer { name email } lines { sku qty __typename } } }",
+            json!({}),
+        ),
+    ];
+    for (query, variables) in &cases {
+        // Learned from the executor's first answer, then answered from the plan: for
+        // each user in turn, the plan's answer is the executor's (a root `__typename`, taken
+        // out of the answer, keeps the second text away from any plan).
+        let executor_only = format!("{} __typename }}", query.trim_end_matches('}'));
+        let learned = api.gql(1, query, variables.clone()).await;
+        assert!(learned.get("errors").is_none(), "{query}: {learned}");
+        for user in [1, 2, 1, 2, 2, 1] {
+            let planned = api.gql(user, query, variables.clone()).await;
+            let mut executed = api.gql(user, &executor_only, variables.clone()).await;
+            if let Some(data) = executed["data"].as_object_mut() {
+                data.remove("__typename");
+            }
+            assert_eq!(planned, executed, "user {user}: {query}");
+        }
+    }
+
+    // Row-level security follows each request's token through the shared connections.
+    let mine = "{ orders(orderBy: [{identifier: ASC}]) { identifier } }";
+    for _ in 0..4 {
+        let alice = api.gql(1, mine, json!({})).await;
+        assert_eq!(
+            alice["data"]["orders"],
+            json!([{"identifier": "a-1"}, {"identifier": "a-2"}])
+        );
+        let bob = api.gql(2, mine, json!({})).await;
+        assert_eq!(bob["data"]["orders"], json!([{"identifier": "b-1"}]));
+    }
+
+    // Data that does not fit the schema (user 2's null email) goes back to the executor,
+    // which reports it where it is.
+    let details = api.gql(2, cases[4].0, json!({})).await;
+    assert_eq!(
+        details["errors"][0]["path"],
+        json!(["orderDetails", 0, "customer", "email"]),
+        "{details}"
+    );
+
+    // A variable of the wrong type gets the executor's validation error, every time.
+    let paged = "query($n: Int) { orders(limit: $n) { identifier } }";
+    api.gql(1, paged, json!({"n": 1})).await;
+    for _ in 0..2 {
+        let wrong = api.gql(1, paged, json!({"n": "many"})).await;
+        assert!(wrong["errors"][0]["message"].as_str().is_some(), "{wrong}");
+        assert!(wrong.get("data").is_none_or(Value::is_null), "{wrong}");
+    }
+    let missing = "query($id: ID!) { order(id: $id) { id } }";
+    api.gql(1, missing, json!({"id": id_of_a1})).await;
+    let without = api.gql(1, missing, json!({})).await;
+    assert!(
+        without["errors"][0]["message"].as_str().is_some(),
+        "{without}"
+    );
+    // A bad argument value, caught by the SQL side, is reported as the executor reports it.
+    let hostile = api.gql(1, missing, json!({"id": "x' OR 1=1 --"})).await;
+    assert_eq!(error_code(&hostile), "BAD_USER_INPUT", "{hostile}");
+
+    // Mutations: once learned, a plan calls the function and answers success and failure as
+    // the executor does; a variable the executor would refuse never reaches the function.
+    let update = "mutation($id: ID!, $s: String!) { updateOrderStatus(orderId: $id, status: $s) { id status } }";
+    let learned = api
+        .gql(1, update, json!({"id": id_of_a1, "s": "paid"}))
+        .await;
+    assert_eq!(
+        learned["data"]["updateOrderStatus"]["status"], "paid",
+        "{learned}"
+    );
+    let nowhere = json!({"id": "00000000-0000-0000-0000-000000000000", "s": "paid"});
+    let mut planned = api.gql(1, update, nowhere.clone()).await;
+    // The same field through a fragment, which no plan takes: the same answer but where the
+    // field stands in the text.
+    let by_executor = "mutation($id: ID!, $s: String!) { ...F } fragment F on Mutation { updateOrderStatus(orderId: $id, status: $s) { id status } }";
+    let mut executed = api.gql(1, by_executor, nowhere).await;
+    let column = |text: &str| text.find("updateOrderStatus").map(|i| i + 1);
+    let located = |response: &mut Value| {
+        response["errors"][0]
+            .as_object_mut()
+            .and_then(|e| e.remove("locations"))
+    };
+    assert_eq!(
+        located(&mut planned),
+        Some(json!([{"line": 1, "column": column(update)}])),
+        "{planned}"
+    );
+    assert_eq!(
+        located(&mut executed),
+        Some(json!([{"line": 1, "column": column(by_executor)}]))
+    );
+    assert_eq!(
+        planned["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{planned}"
+    );
+    assert_eq!(planned, executed);
+    let shipped = api
+        .gql(1, update, json!({"id": id_of_a1, "s": "shipped"}))
+        .await;
+    assert_eq!(
+        shipped["data"]["updateOrderStatus"],
+        json!({"id": id_of_a1, "status": "shipped"}),
+        "{shipped}"
+    );
+
+    let create =
+        "mutation($i: CreateOrderInput!) { createOrder(input: $i) { identifier total status } }";
+    for identifier in ["c-1", "c-2", "c-3"] {
+        let created = api
+            .gql(
+                1,
+                create,
+                json!({"i": {"identifier": identifier, "total": "5.50"}}),
+            )
+            .await;
+        assert_eq!(
+            created["data"]["createOrder"],
+            json!({"identifier": identifier, "total": "5.50", "status": "pending"}),
+            "{created}"
+        );
+    }
+    let count = |identifier: &'static str| {
+        let cluster = &api.cluster;
+        async move {
+            let client = cluster.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM tb_order WHERE identifier = $1",
+                    &[&identifier],
+                )
+                .await?;
+            anyhow::Ok(row.get::<_, i64>(0))
+        }
+    };
+    for refused in [
+        json!({"i": {"identifier": "c-4"}}),
+        json!({"i": {"identifier": "c-4", "total": "5.50", "extra": 1}}),
+        json!({"i": {"identifier": "c-4", "total": "lots"}}),
+    ] {
+        let response = api.gql(1, create, refused.clone()).await;
+        assert!(
+            response["errors"][0]["message"].is_string(),
+            "{refused}: {response}"
+        );
+    }
+    assert_eq!(count("c-4").await?, 0, "a refused input wrote nothing");
     Ok(())
 }

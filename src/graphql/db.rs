@@ -1,7 +1,8 @@
-//! PostgreSQL for GraphQL requests: a connection pool, and one transaction per resolver that
-//! carries the caller's identity, sent to the server in a single round trip.
+//! PostgreSQL for GraphQL requests: a pool of sessions that remember whose identity they
+//! carry, so a read is one statement, and a transaction per mutation, each in one round trip.
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool::managed::{self, Metrics, RecycleResult};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Row};
 
@@ -12,11 +13,14 @@ use super::sql::Param;
 /// in as many shapes as clients write, so the cache must not grow without bound.
 const STATEMENT_CACHE_LIMIT: usize = 512;
 
-const SETTINGS: &str = "SELECT set_config('request.jwt.claims', $1, true), \
-                        set_config('statement_timeout', $2, true)";
-const SETTINGS_WITH_ROLE: &str = "SELECT set_config('request.jwt.claims', $1, true), \
-                                  set_config('statement_timeout', $2, true), \
-                                  set_config('role', $3, true)";
+/// The identity for one transaction (mutations). A failure aborts the transaction, so nothing
+/// after it runs as anyone.
+const LOCAL_SETTINGS: &str = "SELECT set_config('request.jwt.claims', $1, true), \
+                              set_config('role', $2, true)";
+/// The identity for the session (reads), sent inside a transaction so that it is kept only if
+/// the read beside it succeeded; `role` 'none' is the pool's own user.
+const SESSION_SETTINGS: &str = "SELECT set_config('request.jwt.claims', $1, false), \
+                                set_config('role', $2, false)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -26,10 +30,54 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
+type Pool = managed::Pool<SessionManager>;
+
+/// A pooled connection and the identity its session carries.
+pub struct Session {
+    pub client: ClientWrapper,
+    /// The claims and role last set for the whole session and committed; `None` before the
+    /// first, and while a change is in flight (a cancelled request leaves it unknown).
+    identity: Option<(String, Option<String>)>,
+}
+
+impl Session {
+    fn carries(&self, identity: &Identity) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|(claims, role)| *claims == identity.claims_json && *role == identity.role)
+    }
+}
+
+/// deadpool-postgres' manager, with each connection's session identity beside it.
+pub struct SessionManager(Manager);
+
+impl managed::Manager for SessionManager {
+    type Type = Session;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<Session, Self::Error> {
+        Ok(Session {
+            client: managed::Manager::create(&self.0).await?,
+            identity: None,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        session: &mut Session,
+        metrics: &Metrics,
+    ) -> RecycleResult<Self::Error> {
+        managed::Manager::recycle(&self.0, &mut session.client, metrics).await
+    }
+
+    fn detach(&self, session: &mut Session) {
+        managed::Manager::detach(&self.0, &mut session.client);
+    }
+}
+
 #[derive(Clone)]
 pub struct Database {
     pool: Pool,
-    statement_timeout_ms: String,
 }
 
 /// Whether a transaction may write.
@@ -48,10 +96,14 @@ pub struct Statement<'a> {
 impl Database {
     pub fn new(url: &str, size: usize, statement_timeout_ms: u64) -> anyhow::Result<Self> {
         let (mut config, tls) = crate::postgres::parse_url(url)?;
-        if config.get_options().is_none() {
-            // DateTime fields come out of `data` in UTC whatever the server's time zone.
-            config.options("-c TimeZone=UTC");
-        }
+        // DateTime fields come out of `data` in UTC whatever the server's time zone. Sessions
+        // are read-only unless a mutation's transaction says otherwise.
+        let options = format!(
+            "{} -c TimeZone=UTC -c statement_timeout={statement_timeout_ms} \
+             -c default_transaction_read_only=on",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim_start());
         if config.get_application_name().is_none() {
             config.application_name("walstream-graphql");
         }
@@ -63,35 +115,65 @@ impl Database {
         } else {
             Manager::from_config(config, NoTls, manager_config)
         };
-        let pool = Pool::builder(manager)
+        let pool = Pool::builder(SessionManager(manager))
             .max_size(size)
             .build()
             .map_err(|e| anyhow::anyhow!("connection pool: {e}"))?;
-        Ok(Self {
-            pool,
-            statement_timeout_ms: statement_timeout_ms.to_string(),
-        })
+        Ok(Self { pool })
     }
 
-    pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
-        self.pool
+    pub async fn client(&self) -> Result<managed::Object<SessionManager>, DbError> {
+        let session = self
+            .pool
             .get()
             .await
-            .map_err(|e| DbError::Pool(crate::secrets::redact_urls(&e.to_string())))
+            .map_err(|e| DbError::Pool(crate::secrets::redact_urls(&e.to_string())))?;
+        if session.client.statement_cache.size() > STATEMENT_CACHE_LIMIT {
+            session.client.statement_cache.clear();
+        }
+        Ok(session)
     }
 
-    /// Runs one read-only statement as `identity`.
+    /// Runs one read-only statement as `identity`: the statement alone when the session
+    /// already carries that identity, else inside a transaction that sets it for the session.
     pub async fn read(
         &self,
         identity: &Identity,
         sql: &str,
         params: &[Param],
     ) -> Result<Vec<Row>, DbError> {
-        let statement = Statement { sql, params };
-        let mut results = self
-            .transaction(identity, Access::ReadOnly, &[statement])
+        let mut session = self.client().await?;
+        let types: Vec<Type> = params.iter().map(Param::sql_type).collect();
+        let statement = session.client.prepare_typed_cached(sql, &types).await?;
+        let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(Param::as_sql).collect();
+        if session.carries(identity) {
+            return Ok(session.client.query(&statement, &values).await?);
+        }
+        let settings = session
+            .client
+            .prepare_typed_cached(SESSION_SETTINGS, &[Type::TEXT, Type::TEXT])
             .await?;
-        Ok(results.pop().unwrap_or_default())
+        let role = identity.role.as_deref().unwrap_or("none");
+        session.identity = None;
+        let client = &session.client;
+        let setting_values: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&identity.claims_json, &role];
+        // futures::join! polls in order, and each future sends its request on first poll:
+        // the server receives BEGIN, the settings, the read and COMMIT in that order, and a
+        // failed setting aborts the transaction before the read runs.
+        let (begun, set, rows, committed) = futures::join!(
+            client.batch_execute("BEGIN READ ONLY"),
+            client.query(&settings, &setting_values),
+            client.query(&statement, &values),
+            client.batch_execute("COMMIT"),
+        );
+        begun?;
+        set?;
+        let rows = rows?;
+        committed?;
+        session.identity = Some((identity.claims_json.clone(), identity.role.clone()));
+        Ok(rows)
     }
 
     /// Runs `statements` in one transaction as `identity`. BEGIN, the identity's settings, the
@@ -103,35 +185,24 @@ impl Database {
         access: Access,
         statements: &[Statement<'_>],
     ) -> Result<Vec<Vec<Row>>, DbError> {
-        let client = self.client().await?;
-        if client.statement_cache.size() > STATEMENT_CACHE_LIMIT {
-            client.statement_cache.clear();
-        }
-        let settings_sql = if identity.role.is_some() {
-            SETTINGS_WITH_ROLE
-        } else {
-            SETTINGS
-        };
+        let session = self.client().await?;
+        let client = &session.client;
         let settings = client
-            .prepare_typed_cached(
-                settings_sql,
-                &[Type::TEXT, Type::TEXT, Type::TEXT]
-                    [..if identity.role.is_some() { 3 } else { 2 }],
-            )
+            .prepare_typed_cached(LOCAL_SETTINGS, &[Type::TEXT, Type::TEXT])
             .await?;
         let mut prepared = Vec::with_capacity(statements.len());
         for statement in statements {
             let types: Vec<Type> = statement.params.iter().map(Param::sql_type).collect();
             prepared.push(client.prepare_typed_cached(statement.sql, &types).await?);
         }
-        let mut setting_values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&identity.claims_json, &self.statement_timeout_ms];
-        if let Some(role) = &identity.role {
-            setting_values.push(role);
-        }
+        // Without a role claim, 'none': the login user, not a role an earlier read left on the
+        // session.
+        let role = identity.role.as_deref().unwrap_or("none");
+        let setting_values: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&identity.claims_json, &role];
         let begin = match access {
             Access::ReadOnly => "BEGIN READ ONLY",
-            Access::ReadWrite => "BEGIN",
+            Access::ReadWrite => "BEGIN READ WRITE",
         };
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = statements
             .iter()

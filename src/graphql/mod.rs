@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod catalog;
+mod compiled;
 pub mod db;
 pub mod feed;
 pub mod mutation;
@@ -30,7 +31,8 @@ use tokio::sync::broadcast;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::sink::{self, StoredEvent};
-use auth::{AuthError, Authenticator};
+use auth::{AuthError, Authenticator, Identity};
+use compiled::{Lookup, Plans};
 use db::Database;
 use feed::Feed;
 use query_cache::QueryCache;
@@ -41,6 +43,7 @@ struct Endpoint {
     schema: Schema,
     auth: Arc<Authenticator>,
     queries: Arc<QueryCache>,
+    plans: Arc<Plans>,
     graphiql: bool,
     max_batch: usize,
     connection_init_timeout: Duration,
@@ -81,12 +84,13 @@ pub async fn router(
         default_limit: graphql.default_limit,
         max_limit: graphql.max_limit,
     });
-    let schema = schema::build(&sdl, &file, graphql, &**client, runtime).await?;
+    let (schema, reads) = schema::build(&sdl, &file, graphql, &*client.client, runtime).await?;
     drop(client);
     let endpoint = Endpoint {
         schema,
         auth,
         queries: Arc::default(),
+        plans: Arc::new(Plans::new(reads)),
         graphiql: graphql.graphiql,
         max_batch: graphql.max_batch,
         connection_init_timeout: Duration::from_secs(graphql.connection_init_timeout_secs),
@@ -119,6 +123,19 @@ async fn graphql_post(
         Ok(identity) => identity,
         Err(error) => return unauthorized(error),
     };
+    let plain = serde_json::from_slice::<PlainRequest>(&body).ok();
+    let mut learn = false;
+    if let Some(plain) = &plain {
+        match endpoint.plans.lookup(&plain.query) {
+            Lookup::Plan(plan) => {
+                if let Some(response) = answer_compiled(&endpoint, &plan, plain, &identity).await {
+                    return response;
+                }
+            }
+            Lookup::Unknown => learn = true,
+            Lookup::NotCompilable => {}
+        }
+    }
     let mut request: async_graphql::BatchRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => {
@@ -138,7 +155,41 @@ async fn graphql_post(
         endpoint.queries.prepare(single);
     }
     let response = endpoint.schema.execute_batch(request.data(identity)).await;
+    if let Some(plain) = plain.filter(|_| learn && response.is_ok()) {
+        if let Some(document) = endpoint.queries.lookup(&plain.query) {
+            endpoint
+                .plans
+                .learn(&plain.query, plain.operation_name.as_deref(), &document);
+        }
+    }
     Json(response).into_response()
+}
+
+/// A single GraphQL request as posted, read without copying the query text.
+#[derive(serde::Deserialize)]
+struct PlainRequest<'a> {
+    #[serde(borrow)]
+    query: std::borrow::Cow<'a, str>,
+    #[serde(default, rename = "operationName")]
+    operation_name: Option<String>,
+    #[serde(default)]
+    variables: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+async fn answer_compiled(
+    endpoint: &Endpoint,
+    plan: &compiled::Plan,
+    request: &PlainRequest<'_>,
+    identity: &Identity,
+) -> Option<Response> {
+    let no_variables = serde_json::Map::new();
+    let variables = request.variables.as_ref().unwrap_or(&no_variables);
+    let body = endpoint
+        .plans
+        .answer(plan, request.operation_name.as_deref(), variables, identity)
+        .await
+        .ok()?;
+    Some(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 fn bad_request(message: String) -> Response {

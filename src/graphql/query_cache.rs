@@ -37,7 +37,8 @@ impl QueryCache {
         }
     }
 
-    fn lookup(&self, query: &str) -> Option<ExecutableDocument> {
+    /// The parsed document kept for `query`, if any.
+    pub fn lookup(&self, query: &str) -> Option<ExecutableDocument> {
         let documents = self.documents.lock().ok()?;
         documents.get(query).cloned()
     }

@@ -1,12 +1,12 @@
 //! The executable schema: SDL types become async-graphql dynamic types whose resolvers read
 //! views, call functions and follow the change feed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_graphql::dynamic::{
-    Enum, Field, FieldFuture, FieldValue, InputObject, InputValue, Object, ResolverContext, Scalar,
-    Schema, SchemaBuilder, Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
+    Enum, Field, FieldFuture, FieldValue, InputObject, InputValue, Object, Scalar, Schema,
+    SchemaBuilder, Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
 };
 use async_graphql::{ErrorExtensions, Name, Value};
 use futures::StreamExt;
@@ -18,7 +18,7 @@ use super::db::{client_error, Access, Database, Statement};
 use super::feed::{format_cursor, parse_cursor, Feed};
 use super::mutation::{interpret, Outcome};
 use super::sdl::{
-    snake_case, ArgDef, EventSource, MutationDef, ObjectDef, QueryDef, Sdl, SdlError,
+    snake_case, ArgDef, EventSource, InputDef, MutationDef, ObjectDef, QueryDef, Sdl, SdlError,
     SubscriptionDef, TypeExpr, SCALARS,
 };
 use super::sql::{scalar_sql_type, value_text, Column, FilterKind, Param, Select};
@@ -35,7 +35,7 @@ pub struct Runtime {
 
 /// How a named type is used in output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     Scalar,
     Enum,
     Object,
@@ -87,7 +87,7 @@ pub async fn build(
     config: &GraphqlConfig,
     client: &impl GenericClient,
     runtime: Arc<Runtime>,
-) -> anyhow::Result<Schema> {
+) -> anyhow::Result<(Schema, ReadCatalog)> {
     let error = |line: usize, message: String| SdlError {
         file: file.to_owned(),
         line,
@@ -146,6 +146,7 @@ pub async fn build(
     }
 
     let mut filtered_types = BTreeSet::new();
+    let mut reads = HashMap::new();
     let mut query = Object::new("Query");
     for def in &sdl.queries {
         let object = &sdl.objects[def.ty.base_name()];
@@ -165,7 +166,9 @@ pub async fn build(
         if def.ty.is_list() {
             filtered_types.insert(object.name.clone());
         }
-        query = query.field(query_field(def, table));
+        let read = Arc::new(QueryRead::new(def, table));
+        reads.insert(def.name.clone(), read.clone());
+        query = query.field(query_field(def, read));
     }
     if sdl.queries.is_empty() {
         return Err(error(
@@ -179,6 +182,7 @@ pub async fn build(
     }
     builder = builder.register(query);
 
+    let mut mutations = HashMap::new();
     if !sdl.mutations.is_empty() {
         let mut mutation = Object::new("Mutation");
         for def in &sdl.mutations {
@@ -187,7 +191,9 @@ pub async fn build(
                 .map_err(|e| error(def.line, format!("mutation {}: {e}", def.name)))?;
             let plan = MutationPlan::new(def, function, sdl, &views, &kinds)
                 .map_err(|(line, m)| error(line, format!("mutation {}: {m}", def.name)))?;
-            mutation = mutation.field(mutation_field(def, Arc::new(plan)));
+            let plan = Arc::new(plan);
+            mutations.insert(def.name.clone(), (def.clone(), plan.clone()));
+            mutation = mutation.field(mutation_field(def, plan));
         }
         builder = builder.register(mutation);
     }
@@ -202,6 +208,19 @@ pub async fn build(
         builder = builder.register(subscription);
     }
 
+    let catalog = ReadCatalog {
+        queries: reads,
+        mutations,
+        inputs: sdl.inputs.clone(),
+        objects: sdl.objects.clone(),
+        enums: sdl
+            .enums
+            .values()
+            .map(|e| (e.name.clone(), e.values.iter().cloned().collect()))
+            .collect(),
+        kinds: kinds.clone(),
+        runtime: runtime.clone(),
+    };
     builder = builder
         .data(runtime)
         .limit_depth(config.max_depth)
@@ -209,9 +228,28 @@ pub async fn build(
     if !config.introspection {
         builder = builder.disable_introspection();
     }
-    builder
+    let schema = builder
         .finish()
-        .map_err(|e| anyhow::anyhow!("{file}: the schema is not valid GraphQL: {e}"))
+        .map_err(|e| anyhow::anyhow!("{file}: the schema is not valid GraphQL: {e}"))?;
+    Ok((schema, catalog))
+}
+
+/// What compiled plans need of the schema: each query field's read, each mutation's call,
+/// the types, inputs and enums.
+pub struct ReadCatalog {
+    pub queries: HashMap<String, Arc<QueryRead>>,
+    pub mutations: HashMap<String, (MutationDef, Arc<MutationPlan>)>,
+    pub inputs: BTreeMap<String, InputDef>,
+    pub objects: BTreeMap<String, ObjectDef>,
+    pub enums: BTreeMap<String, BTreeSet<String>>,
+    kinds: Kinds,
+    pub runtime: Arc<Runtime>,
+}
+
+impl ReadCatalog {
+    pub fn kind(&self, type_name: &str) -> Option<Kind> {
+        self.kinds.get(type_name).copied()
+    }
 }
 
 fn kinds(sdl: &Sdl) -> Kinds {
@@ -267,7 +305,7 @@ fn register_scalars(builder: SchemaBuilder) -> SchemaBuilder {
         .register(Scalar::new("JSON").description("Any JSON value"))
 }
 
-fn is_decimal(text: &str) -> bool {
+pub(super) fn is_decimal(text: &str) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
     let (whole, fraction) = digits.split_once('.').unwrap_or((digits, "0"));
     !whole.is_empty()
@@ -276,7 +314,7 @@ fn is_decimal(text: &str) -> bool {
         && fraction.bytes().all(|b| b.is_ascii_digit())
 }
 
-fn is_uuid(text: &str) -> bool {
+pub(super) fn is_uuid(text: &str) -> bool {
     text.len() == 36
         && text.bytes().enumerate().all(|(i, b)| match i {
             8 | 13 | 18 | 23 => b == b'-',
@@ -365,7 +403,10 @@ fn output<'a>(
     }
 }
 
-fn scalar_output(scalar: &str, value: &serde_json::Value) -> async_graphql::Result<Value> {
+pub(super) fn scalar_output(
+    scalar: &str,
+    value: &serde_json::Value,
+) -> async_graphql::Result<Value> {
     use serde_json::Value as Json;
     Ok(match (scalar, value) {
         ("Int", Json::Number(n)) => Value::Number(
@@ -472,23 +513,22 @@ fn register_scalar_filter(builder: SchemaBuilder, scalar: &str, kind: FilterKind
     builder.register(input)
 }
 
-fn query_field(def: &QueryDef, table: Arc<Table>) -> Field {
+fn query_field(def: &QueryDef, read: Arc<QueryRead>) -> Field {
     let list = def.ty.is_list();
     let declared: BTreeSet<String> = def.args.iter().map(|a| a.name.clone()).collect();
-    let equality_args: Vec<String> = def
-        .args
-        .iter()
-        .filter(|a| !is_paging_arg(def, &a.name))
-        .map(|a| a.name.clone())
-        .collect();
     let type_name = def.ty.base_name().to_owned();
     let mut field = Field::new(&def.name, type_ref(&def.ty), move |ctx| {
-        let table = table.clone();
-        let equality_args = equality_args.clone();
+        let read = read.clone();
         FieldFuture::new(async move {
             let runtime = ctx.data::<Arc<Runtime>>()?;
             let identity = ctx.data::<Identity>()?;
-            let (sql, params) = query_sql(&ctx, &table, &equality_args, list, runtime)?;
+            let argument = |name: &str| {
+                ctx.args
+                    .get(name)
+                    .filter(|v| !v.is_null())
+                    .map(|v| v.as_value().clone())
+            };
+            let (sql, params) = read.sql(argument, runtime)?;
             let rows = runtime
                 .db
                 .read(identity, &sql, &params)
@@ -531,79 +571,113 @@ fn query_field(def: &QueryDef, table: Arc<Table>) -> Field {
     field
 }
 
-fn query_sql(
-    ctx: &ResolverContext<'_>,
-    table: &Table,
-    equality_args: &[String],
-    list: bool,
-    runtime: &Runtime,
-) -> async_graphql::Result<(String, Vec<Param>)> {
-    let bad_input = |e: super::sql::BuildError| user_error("BAD_USER_INPUT", e.to_string());
-    let mut select = Select::new(&table.columns);
-    let mut conditions = Vec::new();
-    for name in equality_args {
-        let Some(value) = ctx.args.get(name).filter(|v| !v.is_null()) else {
-            continue;
-        };
-        let column = &table.columns[name];
-        let p = select.bind(Param::Text(value_text(value.as_value())));
-        conditions.push(format!("{} = {p}::text::{}", column.expr, column.sql_type));
-    }
-    let mut order_terms = Vec::new();
-    let mut limit = if list { runtime.default_limit } else { 1 };
-    let mut offset = 0;
-    if list {
-        if let Some(filter) = ctx.args.get("where").filter(|v| !v.is_null()) {
-            conditions.push(
-                select
-                    .condition(filter.object()?.as_index_map())
-                    .map_err(bad_input)?,
-            );
-        }
-        if let Some(order) = ctx.args.get("orderBy").filter(|v| !v.is_null()) {
-            order_terms = select
-                .order_by(order.list()?.as_values_slice())
-                .map_err(bad_input)?;
-        }
-        if let Some(value) = ctx.args.get("limit").filter(|v| !v.is_null()) {
-            limit = value.i64()?;
-        }
-        if let Some(value) = ctx.args.get("offset").filter(|v| !v.is_null()) {
-            offset = value.i64()?;
-        }
-        if !(0..=runtime.max_limit).contains(&limit) {
-            return Err(user_error(
-                "BAD_USER_INPUT",
-                format!(
-                    "limit must be between 0 and {} (graphql.max_limit)",
-                    runtime.max_limit
-                ),
-            ));
-        }
-        if offset < 0 {
-            return Err(user_error("BAD_USER_INPUT", "offset must not be negative"));
-        }
-    }
-    let condition = if conditions.is_empty() {
-        "TRUE".to_owned()
-    } else {
-        conditions.join(" AND ")
-    };
-    let mut sql = table.select_sql(&condition);
-    if !order_terms.is_empty() {
-        sql.push_str(" ORDER BY ");
-        sql.push_str(&order_terms.join(", "));
-    }
-    let limit_param = select.bind(Param::Text(Some(limit.to_string())));
-    sql.push_str(&format!(" LIMIT {limit_param}::text::bigint"));
-    if offset > 0 {
-        let offset_param = select.bind(Param::Text(Some(offset.to_string())));
-        sql.push_str(&format!(" OFFSET {offset_param}::text::bigint"));
-    }
-    Ok((sql, select.params))
+/// How a query field reads its view: the table, and which arguments filter by equality.
+pub struct QueryRead {
+    pub def: QueryDef,
+    table: Arc<Table>,
+    equality_args: Vec<String>,
 }
 
-fn parse_data(text: Option<&str>) -> async_graphql::Result<serde_json::Value> {
+impl QueryRead {
+    fn new(def: &QueryDef, table: Arc<Table>) -> Self {
+        let equality_args = def
+            .args
+            .iter()
+            .filter(|a| !is_paging_arg(def, &a.name))
+            .map(|a| a.name.clone())
+            .collect();
+        Self {
+            def: def.clone(),
+            table,
+            equality_args,
+        }
+    }
+
+    /// The statement for one call; `argument` gives each argument's value, `None` when it is
+    /// absent or null (after defaults).
+    pub fn sql(
+        &self,
+        argument: impl Fn(&str) -> Option<Value>,
+        runtime: &Runtime,
+    ) -> async_graphql::Result<(String, Vec<Param>)> {
+        let bad_input = |e: super::sql::BuildError| user_error("BAD_USER_INPUT", e.to_string());
+        let list = self.def.ty.is_list();
+        let table = &self.table;
+        let mut select = Select::new(&table.columns);
+        let mut conditions = Vec::new();
+        for name in &self.equality_args {
+            let Some(value) = argument(name) else {
+                continue;
+            };
+            let column = &table.columns[name];
+            let p = select.bind(Param::Text(value_text(&value)));
+            conditions.push(format!("{} = {p}::text::{}", column.expr, column.sql_type));
+        }
+        let mut order_terms = Vec::new();
+        let mut limit = if list { runtime.default_limit } else { 1 };
+        let mut offset = 0;
+        if list {
+            if let Some(filter) = argument("where") {
+                let Value::Object(filter) = filter else {
+                    return Err(user_error("BAD_USER_INPUT", "where must be an object"));
+                };
+                conditions.push(select.condition(&filter).map_err(bad_input)?);
+            }
+            if let Some(order) = argument("orderBy") {
+                let terms = match order {
+                    Value::List(items) => items,
+                    single => vec![single],
+                };
+                order_terms = select.order_by(&terms).map_err(bad_input)?;
+            }
+            if let Some(value) = argument("limit") {
+                limit = integer(&value, "limit")?;
+            }
+            if let Some(value) = argument("offset") {
+                offset = integer(&value, "offset")?;
+            }
+            if !(0..=runtime.max_limit).contains(&limit) {
+                return Err(user_error(
+                    "BAD_USER_INPUT",
+                    format!(
+                        "limit must be between 0 and {} (graphql.max_limit)",
+                        runtime.max_limit
+                    ),
+                ));
+            }
+            if offset < 0 {
+                return Err(user_error("BAD_USER_INPUT", "offset must not be negative"));
+            }
+        }
+        let condition = if conditions.is_empty() {
+            "TRUE".to_owned()
+        } else {
+            conditions.join(" AND ")
+        };
+        let mut sql = table.select_sql(&condition);
+        if !order_terms.is_empty() {
+            sql.push_str(" ORDER BY ");
+            sql.push_str(&order_terms.join(", "));
+        }
+        let limit_param = select.bind(Param::Text(Some(limit.to_string())));
+        sql.push_str(&format!(" LIMIT {limit_param}::text::bigint"));
+        if offset > 0 {
+            let offset_param = select.bind(Param::Text(Some(offset.to_string())));
+            sql.push_str(&format!(" OFFSET {offset_param}::text::bigint"));
+        }
+        Ok((sql, select.params))
+    }
+}
+
+fn integer(value: &Value, name: &str) -> async_graphql::Result<i64> {
+    match value {
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+    .ok_or_else(|| user_error("BAD_USER_INPUT", format!("{name} must be an integer")))
+}
+
+pub(super) fn parse_data(text: Option<&str>) -> async_graphql::Result<serde_json::Value> {
     match text {
         None => Ok(serde_json::Value::Null),
         Some(text) => serde_json::from_str(text)
@@ -635,7 +709,7 @@ struct Binding {
 }
 
 /// A mutation, resolved against its function's signature at start-up.
-struct MutationPlan {
+pub struct MutationPlan {
     function: Function,
     bindings: Vec<Binding>,
     /// Re-reads the entity by `entity_id` when the function returns none.
@@ -755,7 +829,7 @@ impl MutationPlan {
     /// The call and its parameters for one request.
     fn call(
         &self,
-        ctx: &ResolverContext<'_>,
+        argument: &impl Fn(&str) -> Option<Value>,
         identity: &Identity,
     ) -> async_graphql::Result<(String, Vec<Param>)> {
         let mut params = Vec::new();
@@ -766,7 +840,7 @@ impl MutationPlan {
             };
             let (param, cast) = match source {
                 Source::Argument { path, shape } => {
-                    let Some(value) = lookup(ctx, path) else {
+                    let Some(value) = lookup(argument, path) else {
                         if binding.param.has_default {
                             continue;
                         }
@@ -835,12 +909,77 @@ impl MutationPlan {
         );
         Ok((sql, params))
     }
+
+    /// Calls the function with the arguments `argument` gives, as `identity`: the entity to
+    /// return (`None` for none), or the error the caller gets.
+    pub async fn run(
+        &self,
+        argument: &impl Fn(&str) -> Option<Value>,
+        identity: &Identity,
+        runtime: &Runtime,
+    ) -> async_graphql::Result<Option<serde_json::Value>> {
+        let (call_sql, params) = self.call(argument, identity)?;
+        let mut statements = vec![Statement {
+            sql: &call_sql,
+            params: &params,
+        }];
+        if let Some(reread) = &self.reread_sql {
+            statements.push(Statement {
+                sql: reread,
+                params: &[],
+            });
+        }
+        let rows = runtime
+            .db
+            .transaction(identity, Access::ReadWrite, &statements)
+            .await
+            .map_err(client_error)?;
+        let response = rows
+            .first()
+            .and_then(|r| r.first())
+            .map(|row| parse_data(row.get(0)))
+            .transpose()?
+            .ok_or_else(|| user_error("INTERNAL", "the function returned no row"))?;
+        let entity = match interpret(self.function.response, &response) {
+            Ok(Outcome::Success { entity }) => entity,
+            Ok(Outcome::Failure(failure)) => {
+                let error =
+                    async_graphql::Error::new(failure.message.clone()).extend_with(|_, e| {
+                        e.set("code", failure.code.clone());
+                        e.set("status", failure.status.clone());
+                        if let Some(detail) = failure
+                            .detail
+                            .clone()
+                            .and_then(|d| Value::from_json(d).ok())
+                        {
+                            e.set("detail", detail);
+                        }
+                    });
+                return Err(error);
+            }
+            Err(inconsistent) => {
+                tracing::error!(function = %self.function.sql_name, "inconsistent mutation_response: {inconsistent}");
+                return Err(user_error(
+                    "INTERNAL",
+                    "the function returned an inconsistent mutation_response; the server log has the details",
+                ));
+            }
+        };
+        let entity = match entity {
+            Some(entity) => Some(entity),
+            None => match rows.get(1).and_then(|r| r.first()) {
+                Some(row) => Some(parse_data(row.get(0))?),
+                None => None,
+            },
+        };
+        Ok(entity)
+    }
 }
 
 /// A request argument by path (`input.total`); `None` when absent.
-fn lookup(ctx: &ResolverContext<'_>, path: &[String]) -> Option<Value> {
+fn lookup(argument: &impl Fn(&str) -> Option<Value>, path: &[String]) -> Option<Value> {
     let (first, rest) = path.split_first()?;
-    let mut value = ctx.args.get(first)?.as_value().clone();
+    let mut value = argument(first)?;
     for key in rest {
         value = match value {
             Value::Object(mut map) => map.shift_remove(key.as_str())?,
@@ -856,60 +995,8 @@ fn mutation_field(def: &MutationDef, plan: Arc<MutationPlan>) -> Field {
         FieldFuture::new(async move {
             let runtime = ctx.data::<Arc<Runtime>>()?;
             let identity = ctx.data::<Identity>()?;
-            let (call_sql, params) = plan.call(&ctx, identity)?;
-            let mut statements = vec![Statement {
-                sql: &call_sql,
-                params: &params,
-            }];
-            if let Some(reread) = &plan.reread_sql {
-                statements.push(Statement {
-                    sql: reread,
-                    params: &[],
-                });
-            }
-            let rows = runtime
-                .db
-                .transaction(identity, Access::ReadWrite, &statements)
-                .await
-                .map_err(client_error)?;
-            let response = rows
-                .first()
-                .and_then(|r| r.first())
-                .map(|row| parse_data(row.get(0)))
-                .transpose()?
-                .ok_or_else(|| user_error("INTERNAL", "the function returned no row"))?;
-            let entity = match interpret(plan.function.response, &response) {
-                Ok(Outcome::Success { entity }) => entity,
-                Ok(Outcome::Failure(failure)) => {
-                    let error =
-                        async_graphql::Error::new(failure.message.clone()).extend_with(|_, e| {
-                            e.set("code", failure.code.clone());
-                            e.set("status", failure.status.clone());
-                            if let Some(detail) = failure
-                                .detail
-                                .clone()
-                                .and_then(|d| Value::from_json(d).ok())
-                            {
-                                e.set("detail", detail);
-                            }
-                        });
-                    return Err(error);
-                }
-                Err(inconsistent) => {
-                    tracing::error!(function = %plan.function.sql_name, "inconsistent mutation_response: {inconsistent}");
-                    return Err(user_error(
-                        "INTERNAL",
-                        "the function returned an inconsistent mutation_response; the server log has the details",
-                    ));
-                }
-            };
-            let entity = match entity {
-                Some(entity) => Some(entity),
-                None => match rows.get(1).and_then(|r| r.first()) {
-                    Some(row) => Some(parse_data(row.get(0))?),
-                    None => None,
-                },
-            };
+            let argument = |name: &str| ctx.args.get(name).map(|v| v.as_value().clone());
+            let entity = plan.run(&argument, identity, runtime).await?;
             Ok(entity.map(FieldValue::owned_any))
         })
     });

@@ -31,7 +31,7 @@ pub enum TypeExpr {
 }
 
 impl TypeExpr {
-    fn from_parsed(ty: &Type) -> Self {
+    pub fn from_parsed(ty: &Type) -> Self {
         match &ty.base {
             BaseType::Named(name) => TypeExpr::Named {
                 name: name.to_string(),
@@ -54,6 +54,12 @@ impl TypeExpr {
 
     pub fn is_list(&self) -> bool {
         matches!(self, TypeExpr::List { .. })
+    }
+
+    pub fn is_nullable(&self) -> bool {
+        match self {
+            TypeExpr::Named { nullable, .. } | TypeExpr::List { nullable, .. } => *nullable,
+        }
     }
 }
 

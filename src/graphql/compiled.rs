@@ -1,0 +1,681 @@
+//! Compiled plans: a document of view lookups, or of one mutation, once the executor has
+//! answered it without error, is answered again from its SQL and a projection of each row's
+//! JSON, without parsing, validating or resolving field by field. What a plan is not sure to
+//! answer as the executor would (a variable of the wrong type; for reads, a database error or
+//! data that does not fit the schema) goes back to the executor before anything is written.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_graphql::parser::types::{
+    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+};
+use async_graphql::{ErrorExtensions, Name, Pos, Value};
+use serde_json::Value as Json;
+
+use super::auth::Identity;
+use super::schema::{is_decimal, is_uuid, parse_data, Kind, MutationPlan, QueryRead, ReadCatalog};
+use super::sdl::{snake_case, ArgDef, MutationDef, TypeExpr};
+
+/// Plans kept before the cache starts over (as for parsed documents).
+const MAX_PLANS: usize = 1024;
+
+/// The plans learned so far, by query text.
+pub struct Plans {
+    catalog: ReadCatalog,
+    /// `None`: the document was looked at and is not one a plan can answer.
+    plans: Mutex<HashMap<Arc<str>, Option<Arc<Plan>>>>,
+}
+
+/// What to do with a request's query text.
+pub enum Lookup {
+    Plan(Arc<Plan>),
+    /// Not seen yet: let the executor answer, then `learn` from it.
+    Unknown,
+    NotCompilable,
+}
+
+/// One compiled document.
+pub struct Plan {
+    operation_name: Option<String>,
+    variables: Vec<VariablePlan>,
+    operation: OperationPlan,
+}
+
+enum OperationPlan {
+    /// Root fields that each read a view.
+    Reads(Vec<ReadPlan>),
+    /// One mutation field.
+    Mutation(Box<MutationRoot>),
+}
+
+struct VariablePlan {
+    name: Name,
+    ty: TypeExpr,
+    default: Option<Value>,
+}
+
+/// A root field written in the document: its response key, arguments (variables still to be
+/// substituted) and selection.
+struct RootField {
+    response_key: String,
+    arguments: Vec<(String, async_graphql_value::Value)>,
+    selection: Vec<FieldPlan>,
+    position: Pos,
+}
+
+struct ReadPlan {
+    field: RootField,
+    read: Arc<QueryRead>,
+}
+
+struct MutationRoot {
+    field: RootField,
+    def: MutationDef,
+    plan: Arc<MutationPlan>,
+}
+
+/// A field of an object, read from its parent's JSON.
+struct FieldPlan {
+    response_key: String,
+    output: FieldOutput,
+}
+
+enum FieldOutput {
+    Typename(String),
+    Data {
+        json_key: String,
+        name: String,
+        ty: TypeExpr,
+        selection: Vec<FieldPlan>,
+    },
+}
+
+/// Why a plan hands a request back to the executor.
+#[derive(Debug)]
+pub struct Fallback;
+
+impl Plans {
+    pub fn new(catalog: ReadCatalog) -> Self {
+        Self {
+            catalog,
+            plans: Mutex::default(),
+        }
+    }
+
+    pub fn lookup(&self, query: &str) -> Lookup {
+        let Ok(plans) = self.plans.lock() else {
+            return Lookup::NotCompilable;
+        };
+        match plans.get(query) {
+            Some(Some(plan)) => Lookup::Plan(plan.clone()),
+            Some(None) => Lookup::NotCompilable,
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// Records a plan for `query` (or that it has none). Call it only after the executor
+    /// answered the document without errors: the plan skips the validation it passed.
+    pub fn learn(&self, query: &str, operation_name: Option<&str>, document: &ExecutableDocument) {
+        let plan = compile(&self.catalog, operation_name, document).map(Arc::new);
+        let Ok(mut plans) = self.plans.lock() else {
+            return;
+        };
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
+        }
+        plans.insert(Arc::from(query), plan);
+    }
+
+    /// The response body for `plan` with these variables, or `Fallback`.
+    pub async fn answer(
+        &self,
+        plan: &Plan,
+        operation_name: Option<&str>,
+        variables: &serde_json::Map<String, Json>,
+        identity: &Identity,
+    ) -> Result<Vec<u8>, Fallback> {
+        if operation_name.is_some() && operation_name != plan.operation_name.as_deref() {
+            return Err(Fallback);
+        }
+        let variables = bind_variables(&plan.variables, variables, &self.catalog)?;
+        match &plan.operation {
+            OperationPlan::Reads(reads) => self.answer_reads(reads, &variables, identity).await,
+            OperationPlan::Mutation(root) => self.answer_mutation(root, &variables, identity).await,
+        }
+    }
+
+    async fn answer_reads(
+        &self,
+        reads: &[ReadPlan],
+        variables: &HashMap<Name, Value>,
+        identity: &Identity,
+    ) -> Result<Vec<u8>, Fallback> {
+        let runtime = &self.catalog.runtime;
+        let results = futures::future::join_all(reads.iter().map(|plan| async {
+            let mut arguments =
+                root_arguments(&plan.read.def.args, &plan.field.arguments, variables)?;
+            arguments.retain(|_, value| *value != Value::Null);
+            let (sql, params) = plan
+                .read
+                .sql(|name| arguments.get(name).cloned(), runtime)
+                .map_err(|_| Fallback)?;
+            let rows = runtime
+                .db
+                .read(identity, &sql, &params)
+                .await
+                .map_err(|_| Fallback)?;
+            rows.iter()
+                .map(|row| parse_data(row.get(0)).map_err(|_| Fallback))
+                .collect::<Result<Vec<Json>, Fallback>>()
+        }))
+        .await;
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"data\":{");
+        for (index, (plan, rows)) in reads.iter().zip(results).enumerate() {
+            let rows = rows?;
+            if index > 0 {
+                out.push(b',');
+            }
+            write_key(&mut out, &plan.field.response_key);
+            let ty = &plan.read.def.ty;
+            if ty.is_list() {
+                write_list(&mut out, &rows, ty, &plan.field.selection, &self.catalog)?;
+            } else {
+                let row = rows.into_iter().next().unwrap_or(Json::Null);
+                write_value(&mut out, &row, ty, &plan.field.selection, &self.catalog)?;
+            }
+        }
+        out.extend_from_slice(b"}}");
+        Ok(out)
+    }
+
+    /// Runs the mutation and answers whatever comes of it: once the function is called, the
+    /// request is never handed back (that would call it twice).
+    async fn answer_mutation(
+        &self,
+        root: &MutationRoot,
+        variables: &HashMap<Name, Value>,
+        identity: &Identity,
+    ) -> Result<Vec<u8>, Fallback> {
+        let arguments = root_arguments(&root.def.args, &root.field.arguments, variables)?;
+        let argument = |name: &str| arguments.get(name).cloned();
+        let error = match root
+            .plan
+            .run(&argument, identity, &self.catalog.runtime)
+            .await
+        {
+            Ok(entity) => {
+                let entity = entity.unwrap_or(Json::Null);
+                let mut out = Vec::with_capacity(256);
+                out.extend_from_slice(b"{\"data\":{");
+                write_key(&mut out, &root.field.response_key);
+                let written = write_value(
+                    &mut out,
+                    &entity,
+                    &root.def.ty,
+                    &root.field.selection,
+                    &self.catalog,
+                );
+                if written.is_ok() {
+                    out.extend_from_slice(b"}}");
+                    return Ok(out);
+                }
+                async_graphql::Error::new(
+                    "the entity the mutation returned does not fit the schema's type",
+                )
+                .extend_with(|_, e| e.set("code", "SCHEMA_MISMATCH"))
+            }
+            Err(error) => error,
+        };
+        Ok(error_response(&root.field, error))
+    }
+}
+
+/// The executor's answer to a mutation whose field failed: no data, the error at the field.
+fn error_response(field: &RootField, error: async_graphql::Error) -> Vec<u8> {
+    let mut response = async_graphql::Response::new(Value::Null);
+    response.errors = vec![error.into_server_error(field.position)];
+    serde_json::to_vec(&response).unwrap_or_default()
+}
+
+fn compile(
+    catalog: &ReadCatalog,
+    operation_name: Option<&str>,
+    document: &ExecutableDocument,
+) -> Option<Plan> {
+    if !document.fragments.is_empty() {
+        return None;
+    }
+    let (name, operation) = match &document.operations {
+        DocumentOperations::Single(operation) => (None, operation),
+        DocumentOperations::Multiple(operations) => {
+            let wanted = operation_name?;
+            let (name, operation) = operations.iter().find(|(n, _)| n.as_str() == wanted)?;
+            (Some(name.to_string()), operation)
+        }
+    };
+    let operation = &operation.node;
+    if !operation.directives.is_empty() {
+        return None;
+    }
+    let variables = operation
+        .variable_definitions
+        .iter()
+        .map(|definition| {
+            let definition = &definition.node;
+            if !definition.directives.is_empty() {
+                return None;
+            }
+            Some(VariablePlan {
+                name: definition.name.node.clone(),
+                ty: TypeExpr::from_parsed(&definition.var_type.node),
+                default: definition.default_value.as_ref().map(|v| v.node.clone()),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let mut fields = Vec::new();
+    let mut keys = BTreeSet::new();
+    for selection in &operation.selection_set.node.items {
+        let Selection::Field(field) = &selection.node else {
+            return None;
+        };
+        let position = field.pos;
+        let field = &field.node;
+        let response_key = field.response_key().node.to_string();
+        if !field.directives.is_empty() || !keys.insert(response_key.clone()) {
+            return None;
+        }
+        fields.push((field, response_key, position));
+    }
+    let root =
+        |(field, response_key, position): (&async_graphql::parser::types::Field, String, Pos),
+         type_name: &str| {
+            Some(RootField {
+                response_key,
+                arguments: field
+                    .arguments
+                    .iter()
+                    .map(|(name, value)| (name.node.to_string(), value.node.clone()))
+                    .collect(),
+                selection: object_selection(&field.selection_set.node, type_name, catalog)?,
+                position,
+            })
+        };
+    let operation = match operation.ty {
+        OperationType::Query => OperationPlan::Reads(
+            fields
+                .into_iter()
+                .map(|field| {
+                    let read = catalog.queries.get(field.0.name.node.as_str())?.clone();
+                    let field = root(field, read.def.ty.base_name())?;
+                    Some(ReadPlan { field, read })
+                })
+                .collect::<Option<Vec<_>>>()?,
+        ),
+        // Several mutation fields run one after another, each seeing the last: the executor's.
+        OperationType::Mutation if fields.len() == 1 => {
+            let field = fields.pop()?;
+            let (def, plan) = catalog.mutations.get(field.0.name.node.as_str())?.clone();
+            let field = root(field, def.ty.base_name())?;
+            OperationPlan::Mutation(Box::new(MutationRoot { field, def, plan }))
+        }
+        _ => return None,
+    };
+    Some(Plan {
+        operation_name: name,
+        variables,
+        operation,
+    })
+}
+
+/// The plan for the fields selected on an object type.
+fn object_selection(
+    set: &SelectionSet,
+    type_name: &str,
+    catalog: &ReadCatalog,
+) -> Option<Vec<FieldPlan>> {
+    let object = catalog.objects.get(type_name)?;
+    let mut fields = Vec::with_capacity(set.items.len());
+    let mut keys = BTreeSet::new();
+    for selection in &set.items {
+        let Selection::Field(field) = &selection.node else {
+            return None;
+        };
+        let field = &field.node;
+        let response_key = field.response_key().node.to_string();
+        if !field.directives.is_empty()
+            || !field.arguments.is_empty()
+            || !keys.insert(response_key.clone())
+        {
+            return None;
+        }
+        let name = field.name.node.as_str();
+        if name == "__typename" {
+            fields.push(FieldPlan {
+                response_key,
+                output: FieldOutput::Typename(type_name.to_owned()),
+            });
+            continue;
+        }
+        let def = object.fields.iter().find(|f| f.name == name)?;
+        let selection = match catalog.kind(def.ty.base_name())? {
+            Kind::Object => {
+                object_selection(&field.selection_set.node, def.ty.base_name(), catalog)?
+            }
+            Kind::Scalar | Kind::Enum => Vec::new(),
+            Kind::Input => return None,
+        };
+        fields.push(FieldPlan {
+            response_key,
+            output: FieldOutput::Data {
+                json_key: snake_case(name),
+                name: name.to_owned(),
+                ty: def.ty.clone(),
+                selection,
+            },
+        });
+    }
+    Some(fields)
+}
+
+/// The request's variables as GraphQL values, checked as the executor would check them.
+fn bind_variables(
+    plans: &[VariablePlan],
+    given: &serde_json::Map<String, Json>,
+    catalog: &ReadCatalog,
+) -> Result<HashMap<Name, Value>, Fallback> {
+    let mut bound = HashMap::with_capacity(plans.len());
+    for plan in plans {
+        let value = match given.get(plan.name.as_str()) {
+            Some(json) => input(&plan.ty, json, catalog)?,
+            None => match &plan.default {
+                Some(default) => default.clone(),
+                None if plan.ty.is_nullable() => Value::Null,
+                None => return Err(Fallback),
+            },
+        };
+        bound.insert(plan.name.clone(), value);
+    }
+    Ok(bound)
+}
+
+/// A JSON input value of type `ty`, coerced as the executor coerces variables.
+fn input(ty: &TypeExpr, json: &Json, catalog: &ReadCatalog) -> Result<Value, Fallback> {
+    if json.is_null() {
+        return if ty.is_nullable() {
+            Ok(Value::Null)
+        } else {
+            Err(Fallback)
+        };
+    }
+    match ty {
+        TypeExpr::List { item, .. } => match json {
+            Json::Array(items) => items
+                .iter()
+                .map(|item_json| input(item, item_json, catalog))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::List),
+            // A single value where a list is expected is a list of one.
+            single => Ok(Value::List(vec![input(item, single, catalog)?])),
+        },
+        TypeExpr::Named { name, .. } => match catalog.kind(name) {
+            Some(Kind::Scalar) => scalar_input(name, json),
+            Some(Kind::Enum) => {
+                let text = json.as_str().ok_or(Fallback)?;
+                let known = catalog.enums.get(name).is_some_and(|v| v.contains(text));
+                known.then(|| Value::Enum(Name::new(text))).ok_or(Fallback)
+            }
+            Some(Kind::Input) => input_object(name, json, catalog),
+            _ => Err(Fallback),
+        },
+    }
+}
+
+fn input_object(name: &str, json: &Json, catalog: &ReadCatalog) -> Result<Value, Fallback> {
+    let given = json.as_object().ok_or(Fallback)?;
+    let def = catalog.inputs.get(name).ok_or(Fallback)?;
+    if given
+        .keys()
+        .any(|key| !def.fields.iter().any(|field| field.name == *key))
+    {
+        return Err(Fallback);
+    }
+    let mut object =
+        Value::from_json(Json::Object(serde_json::Map::new())).map_err(|_| Fallback)?;
+    let Value::Object(fields) = &mut object else {
+        return Err(Fallback);
+    };
+    for field in &def.fields {
+        let value = match given.get(&field.name) {
+            Some(json) => input(&field.ty, json, catalog)?,
+            None => match &field.default {
+                Some(default) => Value::from_json(default.clone()).map_err(|_| Fallback)?,
+                None if field.ty.is_nullable() => continue,
+                None => return Err(Fallback),
+            },
+        };
+        fields.insert(Name::new(&field.name), value);
+    }
+    Ok(object)
+}
+
+/// A JSON variable as a value of a built-in or walstream scalar; `Fallback` when the executor
+/// would refuse it (and say why).
+fn scalar_input(scalar: &str, json: &Json) -> Result<Value, Fallback> {
+    let fits = match (scalar, json) {
+        (_, Json::Null) => true,
+        ("ID", Json::String(_)) => true,
+        ("ID", Json::Number(n)) => n.is_i64() || n.is_u64(),
+        ("String", Json::String(_)) => true,
+        ("Int", Json::Number(n)) => n.as_i64().is_some_and(|i| i32::try_from(i).is_ok()),
+        ("Float", Json::Number(_)) => true,
+        ("Boolean", Json::Bool(_)) => true,
+        ("UUID", Json::String(s)) => is_uuid(s),
+        ("Decimal", Json::String(s)) => is_decimal(s),
+        ("Decimal", Json::Number(_)) => true,
+        ("DateTime", Json::String(s)) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
+        }
+        ("JSON", _) => true,
+        _ => false,
+    };
+    if !fits {
+        return Err(Fallback);
+    }
+    // The executor turns an integer given for an ID into its string.
+    match (scalar, json) {
+        ("ID", Json::Number(n)) => Ok(Value::String(n.to_string())),
+        _ => Value::from_json(json.clone()).map_err(|_| Fallback),
+    }
+}
+
+/// A root field's arguments with variables substituted and the schema's defaults applied.
+fn root_arguments(
+    declared: &[ArgDef],
+    written: &[(String, async_graphql_value::Value)],
+    variables: &HashMap<Name, Value>,
+) -> Result<HashMap<String, Value>, Fallback> {
+    let mut arguments = HashMap::with_capacity(declared.len());
+    for def in declared {
+        if let Some(default) = &def.default {
+            arguments.insert(
+                def.name.clone(),
+                Value::from_json(default.clone()).map_err(|_| Fallback)?,
+            );
+        }
+    }
+    for (name, value) in written {
+        let value = value
+            .clone()
+            .into_const_with(|variable| variables.get(&variable).cloned().ok_or(Fallback))?;
+        arguments.insert(name.clone(), value);
+    }
+    Ok(arguments)
+}
+
+fn write_key(out: &mut Vec<u8>, key: &str) {
+    write_string(out, key);
+    out.push(b':');
+}
+
+fn write_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// Writes `items` as the GraphQL output of the list type `ty`.
+fn write_list(
+    out: &mut Vec<u8>,
+    items: &[Json],
+    ty: &TypeExpr,
+    selection: &[FieldPlan],
+    catalog: &ReadCatalog,
+) -> Result<(), Fallback> {
+    let TypeExpr::List { item, .. } = ty else {
+        return Err(Fallback);
+    };
+    out.push(b'[');
+    for (index, value) in items.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        write_value(out, value, item, selection, catalog)?;
+    }
+    out.push(b']');
+    Ok(())
+}
+
+/// Writes `value` as the GraphQL output of type `ty`, as the executor's resolvers would.
+/// A null where the type forbids one, or data of another type, falls back: the executor
+/// then reports it with its path.
+fn write_value(
+    out: &mut Vec<u8>,
+    value: &Json,
+    ty: &TypeExpr,
+    selection: &[FieldPlan],
+    catalog: &ReadCatalog,
+) -> Result<(), Fallback> {
+    if value.is_null() {
+        return if ty.is_nullable() {
+            out.extend_from_slice(b"null");
+            Ok(())
+        } else {
+            Err(Fallback)
+        };
+    }
+    match ty {
+        TypeExpr::List { .. } => {
+            let items = value.as_array().ok_or(Fallback)?;
+            write_list(out, items, ty, selection, catalog)
+        }
+        TypeExpr::Named { name, .. } => match catalog.kind(name) {
+            Some(Kind::Object) => write_object(out, value, selection, catalog),
+            Some(Kind::Enum) => {
+                let text = value.as_str().ok_or(Fallback)?;
+                let known = catalog
+                    .enums
+                    .get(name)
+                    .is_some_and(|values| values.contains(text));
+                if !known {
+                    return Err(Fallback);
+                }
+                write_string(out, text);
+                Ok(())
+            }
+            _ => write_scalar(out, name, value),
+        },
+    }
+}
+
+fn write_object(
+    out: &mut Vec<u8>,
+    value: &Json,
+    selection: &[FieldPlan],
+    catalog: &ReadCatalog,
+) -> Result<(), Fallback> {
+    out.push(b'{');
+    for (index, field) in selection.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        write_key(out, &field.response_key);
+        match &field.output {
+            FieldOutput::Typename(name) => write_string(out, name),
+            FieldOutput::Data {
+                json_key,
+                name,
+                ty,
+                selection,
+            } => {
+                let child = value
+                    .get(json_key)
+                    .or_else(|| value.get(name))
+                    .unwrap_or(&Json::Null);
+                write_value(out, child, ty, selection, catalog)?;
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// A scalar as the schema's `scalar_output` turns it into GraphQL output.
+fn write_scalar(out: &mut Vec<u8>, scalar: &str, value: &Json) -> Result<(), Fallback> {
+    match (scalar, value) {
+        ("Int", Json::Number(n)) if n.as_i64().is_some() => {
+            out.extend_from_slice(n.to_string().as_bytes())
+        }
+        ("Float", Json::Number(n)) => out.extend_from_slice(n.to_string().as_bytes()),
+        ("Boolean", Json::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        ("Decimal", Json::Number(n)) => write_string(out, &n.to_string()),
+        ("JSON", other) => {
+            serde_json::to_writer(&mut *out, other).map_err(|_| Fallback)?;
+        }
+        ("ID" | "String" | "Decimal" | "DateTime" | "UUID", Json::String(s)) => {
+            write_string(out, s)
+        }
+        ("ID" | "String", Json::Number(n)) => write_string(out, &n.to_string()),
+        ("String", other) => write_string(out, &other.to_string()),
+        _ => return Err(Fallback),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Every scalar written by a plan is what the executor's resolvers output for it, and
+    /// what they refuse the plan hands back.
+    #[test]
+    fn scalars_are_written_as_the_executor_outputs_them() {
+        let values = [
+            json!(42),
+            json!(-7),
+            json!(1.5),
+            json!(12345678901234_i64),
+            json!("49.99"),
+            json!("text \"quoted\" \u{e9}"),
+            json!(true),
+            json!({"b": 1, "a": [1, "x"]}),
+            json!([1, 2]),
+            json!("2026-11-22T10:00:00Z"),
+        ];
+        for scalar in [
+            "Int", "Float", "Boolean", "Decimal", "JSON", "ID", "String", "DateTime", "UUID",
+        ] {
+            for value in &values {
+                let mut written = Vec::new();
+                let planned = write_scalar(&mut written, scalar, value)
+                    .ok()
+                    .map(|()| serde_json::from_slice::<Json>(&written).expect("valid JSON"));
+                let executed = super::super::schema::scalar_output(scalar, value)
+                    .ok()
+                    .map(|v| v.into_json().expect("JSON"));
+                assert_eq!(planned, executed, "{scalar} from {value}");
+            }
+        }
+    }
+}
