@@ -184,8 +184,6 @@ async fn values_become_typed_json() -> anyhow::Result<()> {
     // exact text below.
     assert_eq!(numbers_as_values(data), numbers_as_values(&expected));
     // Numbers inside JSON keep their exact text: 2.50 stays 2.50, 1.0 stays 1.0.
-    let raw = String::from_utf8(serde_json::to_vec(&messages[0].body)?)?;
-    let _ = raw;
     let js_payload = read_raw_payload(&js, messages[0].sequence).await?;
     assert!(
         js_payload.contains(r#""jb":{"k": [1, 2.50, null]}"#),

@@ -80,13 +80,6 @@ pub struct Database {
     pool: Pool,
 }
 
-/// Whether a transaction may write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    ReadOnly,
-    ReadWrite,
-}
-
 /// One statement of a transaction and its parameters.
 pub struct Statement<'a> {
     pub sql: &'a str,
@@ -176,13 +169,13 @@ impl Database {
         Ok(rows)
     }
 
-    /// Runs `statements` in one transaction as `identity`. BEGIN, the identity's settings, the
-    /// statements and COMMIT are pipelined, so a request costs one round trip; when a
-    /// statement fails, PostgreSQL turns the COMMIT into a ROLLBACK.
-    pub async fn transaction(
+    /// Runs `statements` in one read-write transaction as `identity` (sessions are read-only
+    /// otherwise). BEGIN, the identity's settings, the statements and COMMIT are pipelined, so
+    /// a request costs one round trip; when a statement fails, PostgreSQL turns the COMMIT into
+    /// a ROLLBACK.
+    pub async fn write_transaction(
         &self,
         identity: &Identity,
-        access: Access,
         statements: &[Statement<'_>],
     ) -> Result<Vec<Vec<Row>>, DbError> {
         let session = self.client().await?;
@@ -200,10 +193,6 @@ impl Database {
         let role = identity.role.as_deref().unwrap_or("none");
         let setting_values: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
             [&identity.claims_json, &role];
-        let begin = match access {
-            Access::ReadOnly => "BEGIN READ ONLY",
-            Access::ReadWrite => "BEGIN READ WRITE",
-        };
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = statements
             .iter()
             .map(|s| s.params.iter().map(Param::as_sql).collect())
@@ -211,7 +200,7 @@ impl Database {
         // futures::join! polls in order, and each future sends its request on first poll:
         // the server receives BEGIN, settings, statements, COMMIT in that order.
         let (begun, set, results, committed) = futures::join!(
-            client.batch_execute(begin),
+            client.batch_execute("BEGIN READ WRITE"),
             client.query(&settings, &setting_values),
             futures::future::join_all(
                 prepared

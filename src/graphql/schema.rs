@@ -14,7 +14,7 @@ use tokio_postgres::GenericClient;
 
 use super::auth::Identity;
 use super::catalog::{self, quote_ident, Function, View};
-use super::db::{client_error, Access, Database, Statement};
+use super::db::{client_error, Database, Statement};
 use super::feed::{format_cursor, parse_cursor, Feed};
 use super::mutation::{interpret, Outcome};
 use super::sdl::{
@@ -931,7 +931,7 @@ impl MutationPlan {
         }
         let rows = runtime
             .db
-            .transaction(identity, Access::ReadWrite, &statements)
+            .write_transaction(identity, &statements)
             .await
             .map_err(client_error)?;
         let response = rows
