@@ -81,6 +81,14 @@ fn check(config: &Path) -> anyhow::Result<(bool, String)> {
     Ok((output.status.success(), text))
 }
 
+/// `setup` and a passing `check` with `config`, then walstream streaming with it.
+fn start_checked(cluster: &Cluster, config: &Path) -> anyhow::Result<Walstream> {
+    setup(config)?;
+    let (ok, report) = check(config)?;
+    assert!(ok, "{report}");
+    Walstream::start(config, &cluster.log_path())
+}
+
 /// A copy of `config`, named `name`, with `from` replaced by `to`.
 fn rewritten(
     cluster: &Cluster,
@@ -133,10 +141,7 @@ async fn postgres_over_verified_tls_streams_and_plaintext_or_a_wrong_name_or_ca_
     // (control and replication) are encrypted.
     let url = tls_url("localhost", "verify-full", &pki.ca);
     let config = with_url(&cluster, &plain, &url, "tls.toml")?;
-    setup(&config)?;
-    let (ok, report) = check(&config)?;
-    assert!(ok, "{report}");
-    let mut streamer = Walstream::start(&config, &cluster.log_path())?;
+    let mut streamer = start_checked(&cluster, &config)?;
     let client = walstream::postgres::connect(&url).await?;
     eventually(Duration::from_secs(30), "walstream streaming", || async {
         client
@@ -244,10 +249,7 @@ async fn nats_over_verified_tls_with_an_nkey_user_streams_and_anything_less_is_r
     };
 
     let config = config_for("nats-tls.toml", &pki.ca, Some(&seed))?;
-    setup(&config)?;
-    let (ok, report) = check(&config)?;
-    assert!(ok, "{report}");
-    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let _walstream = start_checked(&cluster, &config)?;
     wait_for_slot(&cluster).await?;
     cluster
         .sql("INSERT INTO t_tls SELECT g, 'to a nats that wants tls' FROM generate_series(1, 3) g")
@@ -412,10 +414,7 @@ async fn a_nats_in_operator_mode_admits_walstream_by_its_credentials_file_only(
         "without credentials: {report}"
     );
     let config = with_creds("creds.toml", &creds)?;
-    setup(&config)?;
-    let (ok, report) = check(&config)?;
-    assert!(ok, "{report}");
-    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    let _walstream = start_checked(&cluster, &config)?;
     wait_for_slot(&cluster).await?;
     cluster
         .sql("INSERT INTO t_creds SELECT generate_series(1, 3)")
