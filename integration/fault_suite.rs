@@ -411,6 +411,9 @@ async fn random_faults_lose_duplicate_and_reorder_nothing() -> anyhow::Result<()
     let seed = seed();
     let seconds = env_u64("WALSTREAM_FAULT_SECS").unwrap_or(60);
     let mut chaos = Chaos::start(seed).await?;
+    chaos
+        .cluster
+        .allow(Duration::from_secs(seconds) + Duration::from_secs(600));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(workload::write(chaos.cluster.db_url(), seed, stop.clone()));
     let started = Instant::now();

@@ -36,18 +36,27 @@ async fn write_load(
         }
         let Some(connected) = &client else { continue };
         let start = first_id + tx * rows_per_tx;
+        // A restart can end the connection after the commit and before its answer: the retry
+        // then meets its own rows. Without `ON CONFLICT` it failed on the key forever, and the
+        // test never ended (it hung a CI run that way).
         let sql = format!(
-            "INSERT INTO t_load SELECT g, 'row ' || g FROM generate_series({start}, {}) g",
+            "INSERT INTO t_load SELECT g, 'row ' || g FROM generate_series({start}, {}) g \
+             ON CONFLICT (id) DO NOTHING",
             start + rows_per_tx - 1
         );
-        match connected.batch_execute(&sql).await {
-            Ok(()) => {
+        // A server restarting under the writer can leave a statement unanswered; it is then
+        // abandoned like a failed one rather than waited on forever.
+        let written = tokio::time::timeout(Duration::from_secs(30), connected.batch_execute(&sql));
+        match written.await {
+            Ok(Ok(())) => {
                 committed.extend(start..start + rows_per_tx);
                 tx += 1;
             }
-            // A failed commit is unknown only if the connection broke mid-commit; the row ids
-            // are then checked against the table at the end rather than assumed.
-            Err(_) => client = None,
+            Ok(Err(_)) => client = None,
+            Err(_) => {
+                eprintln!("write_load: no answer to a transaction within 30 s; reconnecting");
+                client = None;
+            }
         }
         tokio::time::sleep(pause).await;
     }

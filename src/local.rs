@@ -20,6 +20,7 @@ fn is_root() -> bool {
 
 /// A PostgreSQL cluster in a directory, run as the `postgres` user when we are root (initdb
 /// refuses to run as root).
+#[derive(Clone)]
 pub struct LocalPostgres {
     pub data_dir: PathBuf,
     pub socket_dir: PathBuf,

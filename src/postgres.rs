@@ -1,6 +1,8 @@
 //! The normal (non-replication) PostgreSQL connection: slot and publication management, catalog
 //! lookups, heartbeats.
 
+use std::time::Duration;
+
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
@@ -26,12 +28,24 @@ pub fn parse_url(url: &str) -> anyhow::Result<(tokio_postgres::Config, PostgresT
     } else {
         SslMode::Disable
     });
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
     Ok((config, tls))
 }
 
-/// Connects and drives the connection in the background.
+/// How long a connection may take to be ready when `database.url` sets no `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects and drives the connection in the background. `connect_timeout` bounds the whole
+/// handshake, not only the TCP connect as in tokio-postgres: a server that accepts and then
+/// never answers must not hang walstream.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
     let (config, tls) = parse_url(url)?;
+    let limit = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let failed = |e: tokio_postgres::Error| {
         anyhow::anyhow!(
             "cannot connect to PostgreSQL at {}: {}",
@@ -39,16 +53,24 @@ pub async fn connect(url: &str) -> anyhow::Result<Client> {
             error_chain(&e)
         )
     };
-    let client = if tls.enabled() {
-        let (client, connection) = config.connect(tls.connector()?).await.map_err(failed)?;
-        tokio::spawn(drive(connection));
-        client
-    } else {
-        let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
-        tokio::spawn(drive(connection));
-        client
+    let handshake = async {
+        if tls.enabled() {
+            let (client, connection) = config.connect(tls.connector()?).await.map_err(failed)?;
+            tokio::spawn(drive(connection));
+            Ok(client)
+        } else {
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            tokio::spawn(drive(connection));
+            Ok(client)
+        }
     };
-    Ok(client)
+    tokio::time::timeout(limit, handshake).await.map_err(|_| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {}: no answer within {limit:?} (connect_timeout \
+             in database.url changes the limit)",
+            redact_urls(url)
+        )
+    })?
 }
 
 /// tokio-postgres says only "db error" or "error performing TLS handshake"; the server's
@@ -326,3 +348,27 @@ pub async fn emit_heartbeat(client: &Client) -> Result<(), tokio_postgres::Error
 
 /// Prefix of the heartbeat messages walstream writes (and does not publish).
 pub const HEARTBEAT_PREFIX: &str = "walstream.heartbeat";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_answers_is_a_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(socket);
+        });
+        let url = format!("postgres://walstream@127.0.0.1:{port}/db?connect_timeout=1");
+        let started = std::time::Instant::now();
+        let error = connect(&url).await.expect_err("no server answered");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let message = error.to_string();
+        assert!(message.contains("no answer within 1s"), "{message}");
+        assert!(message.contains("connect_timeout"), "{message}");
+        silent.abort();
+    }
+}

@@ -17,8 +17,10 @@ use serde_json::Value;
 use walstream::local::{free_port, LocalNats, LocalPostgres};
 
 mod subscriber;
+mod watchdog;
 #[allow(unused_imports)]
 pub use subscriber::{sign_with, Subscriber};
+use watchdog::Watchdog;
 
 pub const DATABASE: &str = "walstream_test";
 pub const STREAM: &str = "fraiseql_events";
@@ -30,6 +32,7 @@ pub struct Cluster {
     pub nats: LocalNats,
     /// walstream's `/health` and `/metrics` port.
     pub http_port: u16,
+    watchdog: Watchdog,
 }
 
 impl Cluster {
@@ -46,12 +49,22 @@ impl Cluster {
             .await?;
         let mut nats = LocalNats::new(dir.path(), free_port()?, nats_args)?;
         nats.start()?;
+        let logs = ["walstream.log", "postgres.log", "nats.log"]
+            .map(|name| dir.path().join(name))
+            .to_vec();
+        let watchdog = Watchdog::arm(postgres.clone(), logs);
         Ok(Self {
             dir,
             postgres,
             nats,
             http_port: free_port()?,
+            watchdog,
         })
+    }
+
+    /// Lets a test that is long by design run for `limit` before the watchdog stops it.
+    pub fn allow(&self, limit: Duration) {
+        self.watchdog.allow(limit);
     }
 
     pub fn db_url(&self) -> String {

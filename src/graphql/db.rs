@@ -100,6 +100,8 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("walstream-graphql");
         }
+        // A server that accepts and never answers must fail the request, not hold it.
+        let connect_timeout = config.get_connect_timeout().copied();
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -110,6 +112,8 @@ impl Database {
         };
         let pool = Pool::builder(SessionManager(manager))
             .max_size(size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .create_timeout(connect_timeout)
             .build()
             .map_err(|e| anyhow::anyhow!("connection pool: {e}"))?;
         Ok(Self { pool })
