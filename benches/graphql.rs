@@ -1,15 +1,26 @@
 //! GraphQL against pgbench, same machine, same concurrency: `createOrder` through walstream
 //! against `SELECT fn_create_order(…)`, and `order(id)` against the `v_order` lookup.
 //!
+//! The lookup is also measured against a floor: a bare axum + tokio-postgres server answering
+//! the same requests with the same statement and no GraphQL, in its own process on the same
+//! runtime as `walstream serve`. What is between walstream and pgbench that any Rust HTTP
+//! front end on this machine pays shows there.
+//!
 //! Run: `cargo bench --bench graphql` (WALSTREAM_BENCH_CLIENTS=8, WALSTREAM_BENCH_SECONDS=10).
 //! Starts its own PostgreSQL, nats-server and `walstream serve`; writes
 //! `benches/results/graphql-latest.json`.
+
+// Shared with the pipeline bench, which also uses what this one does not.
+#[allow(dead_code)]
+#[path = "common/cpu.rs"]
+mod cpu;
 
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cpu::cpu_seconds;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use walstream::local::{free_port, wait_for_port, LocalNats, LocalPostgres};
 
@@ -46,9 +57,30 @@ struct Comparison {
     /// on a shared machine, and the number to lower when walstream is the bottleneck.
     walstream_cpu_us_per_request: f64,
     ratio: f64,
+    /// The bare axum + tokio-postgres server on the same requests (lookup only).
+    floor: Option<Floor>,
 }
 
+#[derive(Debug, serde::Serialize)]
+struct Floor {
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_request: f64,
+    /// Of pgbench's rate.
+    ratio: f64,
+}
+
+/// Argument that makes this binary the floor server instead of the benchmark.
+const FLOOR_SERVER: &str = "--floor-server";
+
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, port, url, pool_size] = args.as_slice() {
+        if flag == FLOOR_SERVER {
+            return floor::serve(port.parse()?, url, pool_size.parse()?);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -137,6 +169,18 @@ async fn run() -> anyhow::Result<()> {
     let settings =
         "SELECT set_config('request.jwt.claims', '{\"sub\": \"bench\", \"user_pk\": 1}', true), \
                     set_config('role', 'none', true);";
+    let floor_port = free_port()?;
+    let mut floor_server = ServerProcess(
+        Command::new(std::env::current_exe()?)
+            .args([
+                FLOOR_SERVER,
+                &floor_port.to_string(),
+                &postgres.url(DATABASE),
+            ])
+            .arg(clients.to_string())
+            .spawn()?,
+    );
+    wait_for_port(floor_port, Duration::from_secs(30))?;
     for (workload, body, script, transaction) in [
         (
             "order(id) vs SELECT data FROM v_order WHERE id = $1",
@@ -168,6 +212,21 @@ async fn run() -> anyhow::Result<()> {
         let (graphql_rate, p50, p99) = run_graphql(port, &token, clients, seconds, body).await?;
         let cpu = cpu_seconds(server.0.id())? - cpu_before;
         let walstream_cpu_us_per_request = cpu * 1e6 / (graphql_rate * seconds as f64);
+        let floor = if workload.starts_with("order(id)") {
+            let cpu_before = cpu_seconds(floor_server.0.id())?;
+            let (per_sec, p50_ms, p99_ms) =
+                run_graphql(floor_port, &token, clients, seconds, body).await?;
+            let cpu = cpu_seconds(floor_server.0.id())? - cpu_before;
+            Some(Floor {
+                per_sec,
+                p50_ms,
+                p99_ms,
+                cpu_us_per_request: cpu * 1e6 / (per_sec * seconds as f64),
+                ratio: per_sec / pgbench_rate,
+            })
+        } else {
+            None
+        };
         let comparison = Comparison {
             workload,
             clients,
@@ -179,6 +238,7 @@ async fn run() -> anyhow::Result<()> {
             pgbench_same_transaction_per_sec: same_transaction,
             walstream_cpu_us_per_request,
             ratio: graphql_rate / pgbench_rate,
+            floor,
         };
         println!(
             "{workload}: GraphQL {graphql_rate:.0}/s (p50 {p50:.2} ms, p99 {p99:.2} ms), \
@@ -186,8 +246,20 @@ async fn run() -> anyhow::Result<()> {
              walstream CPU {walstream_cpu_us_per_request:.0} µs/request",
             comparison.ratio * 100.0
         );
+        if let Some(floor) = &comparison.floor {
+            println!(
+                "  floor, bare axum + tokio-postgres: {:.0}/s (p50 {:.2} ms, p99 {:.2} ms): {:.0}% \
+                 of pgbench; its CPU {:.0} µs/request",
+                floor.per_sec,
+                floor.p50_ms,
+                floor.p99_ms,
+                floor.ratio * 100.0,
+                floor.cpu_us_per_request
+            );
+        }
         results.push(comparison);
     }
+    floor_server.stop();
     server.stop();
     nats.kill();
     let out = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results");
@@ -358,25 +430,6 @@ impl Drop for StopPostgres<'_> {
     }
 }
 
-/// User plus system CPU seconds a process has used so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may contain spaces; the fields after it are fixed.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
-            .parse()?)
-    };
-    // utime and stime are fields 14 and 15 of stat(5), 11 and 12 after the name; the kernel
-    // counts them in USER_HZ, 100 on Linux.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 struct ServerProcess(Child);
 
 impl ServerProcess {
@@ -389,5 +442,62 @@ impl ServerProcess {
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The floor server: HTTP, the request's JSON, one pooled prepared statement, the row's `data`
+/// as the response; no GraphQL, no identity.
+mod floor {
+    use axum::extract::State;
+    use axum::http::{header, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+    use tokio_postgres::NoTls;
+
+    pub fn serve(port: u16, url: &str, pool_size: usize) -> anyhow::Result<()> {
+        let config: tokio_postgres::Config = url.parse()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager).max_size(pool_size).build()?;
+            let app = axum::Router::new()
+                .route("/graphql", axum::routing::post(lookup))
+                .with_state(pool);
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            axum::serve(listener, app).await?;
+            Ok(())
+        })
+    }
+
+    async fn lookup(State(pool): State<Pool>, body: axum::body::Bytes) -> Response {
+        match answer(&pool, &body).await {
+            Ok(data) => (
+                [(header::CONTENT_TYPE, "application/json")],
+                format!("{{\"data\":{{\"order\":{data}}}}}"),
+            )
+                .into_response(),
+            Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+        }
+    }
+
+    async fn answer(pool: &Pool, body: &[u8]) -> anyhow::Result<String> {
+        let request: serde_json::Value = serde_json::from_slice(body)?;
+        let id = request["variables"]["id"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no id"))?;
+        let client = pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT data::text FROM v_order WHERE id = $1::text::uuid")
+            .await?;
+        let row = client.query_one(&statement, &[&id]).await?;
+        Ok(row.get(0))
     }
 }

@@ -9,6 +9,8 @@
 //! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_LIVE (100000). Starts its own PostgreSQL
 //! and nats-server for each scenario.
 
+#[path = "common/cpu.rs"]
+mod cpu;
 #[path = "pipeline/live.rs"]
 mod live;
 
@@ -53,6 +55,16 @@ struct Scenario {
     raw_slot_read_per_sec: f64,
     raw_publish_per_sec: f64,
     mean_event_bytes: f64,
+    /// CPU per change during walstream's drain, µs: the three processes share two cores, so
+    /// their sum bounds the rate.
+    cpu_us_per_change: CpuPerChange,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct CpuPerChange {
+    walstream: f64,
+    nats_server: f64,
+    postgres: f64,
 }
 
 fn env_count(name: &str, default: u64) -> u64 {
@@ -150,8 +162,30 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// walstream from start to the last ack of `changes` events: (changes/s, peak RSS MB, bytes/event).
-async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, f64, f64)> {
+/// The drain's numbers: changes/s, peak RSS, mean event size, CPU per change.
+struct Drain {
+    per_sec: f64,
+    peak_rss_mb: f64,
+    mean_bytes: f64,
+    cpu: CpuPerChange,
+}
+
+/// CPU seconds so far of nats-server and of PostgreSQL (postmaster and backends).
+fn server_cpu(servers: &Servers) -> anyhow::Result<(f64, f64)> {
+    let nats = servers
+        .nats
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("nats-server not running"))?;
+    let postgres = servers
+        .postgres
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("PostgreSQL not running"))?;
+    Ok((cpu::cpu_seconds(nats)?, cpu::tree_cpu_seconds(postgres)?))
+}
+
+/// walstream from start to the last ack of `changes` events.
+async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<Drain> {
+    let (nats_before, postgres_before) = server_cpu(servers)?;
     let started = Instant::now();
     let mut child = spawn_walstream(servers)?;
     let js = jetstream::new(async_nats::connect(servers.nats.url()).await?);
@@ -171,13 +205,21 @@ async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<(f64, 
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let rss = peak_rss_mb(&child);
+    let (nats_after, postgres_after) = server_cpu(servers)?;
+    let per_change = |seconds: f64| seconds * 1e6 / changes as f64;
+    let cpu = CpuPerChange {
+        walstream: per_change(cpu::cpu_seconds(child.id())?),
+        nats_server: per_change(nats_after - nats_before),
+        postgres: per_change(postgres_after - postgres_before),
+    };
+    let peak_rss_mb = peak_rss_mb(&child);
     stop(&mut child);
-    Ok((
-        changes as f64 / elapsed.as_secs_f64(),
-        rss,
-        bytes as f64 / changes as f64,
-    ))
+    Ok(Drain {
+        per_sec: changes as f64 / elapsed.as_secs_f64(),
+        peak_rss_mb,
+        mean_bytes: bytes as f64 / changes as f64,
+        cpu,
+    })
 }
 
 /// pgwire-replication alone: read the second slot until `changes` row messages, no decoding.
@@ -260,17 +302,18 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
     eprintln!("{name}: raw slot read…");
     let raw_slot_read_per_sec = raw_slot_read(&servers, changes).await?;
     eprintln!("{name}: walstream draining…");
-    let (walstream_per_sec, rss, mean_bytes) = run_walstream(&servers, changes).await?;
+    let drain = run_walstream(&servers, changes).await?;
     eprintln!("{name}: raw JetStream publish…");
-    let raw_publish_per_sec = raw_publish(&servers, changes, mean_bytes as usize).await?;
+    let raw_publish_per_sec = raw_publish(&servers, changes, drain.mean_bytes as usize).await?;
     Ok(Scenario {
         name: name.to_owned(),
         changes,
-        walstream_per_sec,
-        walstream_peak_rss_mb: rss,
+        walstream_per_sec: drain.per_sec,
+        walstream_peak_rss_mb: drain.peak_rss_mb,
         raw_slot_read_per_sec,
         raw_publish_per_sec,
-        mean_event_bytes: mean_bytes,
+        mean_event_bytes: drain.mean_bytes,
+        cpu_us_per_change: drain.cpu,
     })
 }
 
@@ -295,6 +338,19 @@ fn report(results: &Results) -> anyhow::Result<()> {
             r.raw_slot_read_per_sec,
             r.raw_publish_per_sec,
             100.0 * r.walstream_per_sec / ceiling
+        );
+    }
+    println!("\n| scenario | CPU per change during the drain: walstream | nats-server | PostgreSQL | sum |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &results.backlog {
+        let c = &r.cpu_us_per_change;
+        println!(
+            "| {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            r.name,
+            c.walstream,
+            c.nats_server,
+            c.postgres,
+            c.walstream + c.nats_server + c.postgres
         );
     }
     println!("\n| reader | writer rate | achieved | changes | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");

@@ -75,10 +75,9 @@ pub async fn run(
     let control = postgres::connect(&config.database.url).await?;
     let naming = Naming::from_config(&config);
     let nats = sink::connect(&config.nats, metrics.clone(), Duration::from_secs(60)).await?;
+    // The sink publishes on the client itself (sink::acks); the context serves its requests.
     let js = jetstream::ContextBuilder::new()
         .timeout(config.ack_timeout())
-        .max_ack_inflight(config.nats.max_inflight + 64)
-        .backpressure_on_inflight(true)
         .build(nats);
     let stream_name = config.nats.stream_name.clone();
     sink::ensure_stream(
@@ -143,10 +142,12 @@ pub async fn run(
             js,
             stream_name,
             config.nats.max_inflight,
+            config.ack_timeout(),
             &tail,
             metrics.clone(),
             shutdown.clone(),
         )
+        .await?
         .with_subscribers(subscribers),
         delivery: Delivery::new(&plan),
         confirmer: Confirmer::new(config.replication.replay_retention, Lsn(0)),

@@ -1,6 +1,7 @@
 //! Encodes one row change into its NATS message: subject, headers and JSON body.
 
 use std::io::Write as _;
+use std::sync::Arc;
 
 use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::{HeaderMap, Subject};
@@ -37,7 +38,9 @@ pub struct Transaction {
     /// Set while the transaction is delivered again by a replay.
     replay: Option<Replay>,
     /// The headers every event of the transaction shares, built once.
-    headers: HeaderMap,
+    headers: Arc<HeaderMap>,
+    /// `{slot}:{xid}:{commit lsn}:`, the start of each of its events' `Nats-Msg-Id`.
+    message_id_prefix: Option<String>,
 }
 
 impl Transaction {
@@ -58,7 +61,8 @@ impl Transaction {
             lsn_text: commit_lsn.to_string(),
             next_seq: 0,
             replay: None,
-            headers: HeaderMap::new(),
+            headers: Arc::default(),
+            message_id_prefix: None,
         };
         tx.build_headers();
         tx
@@ -74,7 +78,7 @@ impl Transaction {
         if let Some(replay) = self.replay {
             ReplayHeaders { replay, from: None }.write(&mut headers);
         }
-        self.headers = headers;
+        self.headers = Arc::new(headers);
     }
 
     /// Marks the transaction's next events as delivered again by `replay`, or, with `None`,
@@ -127,11 +131,26 @@ pub fn format_pg_timestamp(micros: i64) -> String {
 #[derive(Debug, Clone)]
 pub struct EncodedEvent {
     pub subject: Subject,
-    pub headers: HeaderMap,
     pub payload: Bytes,
     pub position: Position,
     /// Delivered again by a replay (`walstream reset-lsn`).
     pub replay: bool,
+    /// Its `Nats-Msg-Id`.
+    pub message_id: String,
+    /// The headers its transaction's events share.
+    tx_headers: Arc<HeaderMap>,
+}
+
+impl EncodedEvent {
+    /// The message's headers: its transaction's, its id and its place in the transaction.
+    /// Built for each publish rather than kept: async-nats takes the map by value, so a kept
+    /// one would be cloned for every send all the same.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::clone(&self.tx_headers);
+        headers.insert(NATS_MESSAGE_ID, self.message_id.as_str());
+        headers.insert(SEQ, self.position.seq.to_string());
+        headers
+    }
 }
 
 /// The relation changed shape between its Relation message and a row: a protocol violation.
@@ -361,7 +380,7 @@ impl Encoder {
         &mut self,
         mut out: Vec<u8>,
         subject: &Subject,
-        tx: &Transaction,
+        tx: &mut Transaction,
         position: Position,
     ) -> EncodedEvent {
         out.push(b'}');
@@ -372,26 +391,37 @@ impl Encoder {
         &mut self,
         payload: Vec<u8>,
         subject: Subject,
-        tx: &Transaction,
+        tx: &mut Transaction,
         position: Position,
     ) -> EncodedEvent {
         self.size_hint = self
             .size_hint
             .max(payload.len().next_power_of_two().min(1 << 20));
-        let mut headers = tx.headers.clone();
         let replay_id = tx.replay.map(|replay| replay.id);
-        headers.insert(
-            NATS_MESSAGE_ID,
-            self.naming.message_id(tx.xid, position, replay_id),
-        );
-        headers.insert(SEQ, position.seq.to_string());
         EncodedEvent {
             subject,
-            headers,
             payload: Bytes::from(payload),
             position,
             replay: replay_id.is_some(),
+            message_id: self.message_id(tx, position.seq, replay_id),
+            tx_headers: tx.headers.clone(),
         }
+    }
+
+    /// [`Naming::message_id`], with the part the transaction's events share formatted once.
+    fn message_id(&self, tx: &mut Transaction, seq: u64, replay_id: Option<u64>) -> String {
+        use std::fmt::Write as _;
+        let (xid, lsn) = (tx.xid, tx.commit_lsn);
+        let prefix = tx
+            .message_id_prefix
+            .get_or_insert_with(|| format!("{}:{xid}:{lsn}:", self.naming.slot()));
+        let mut id = String::with_capacity(prefix.len() + 24);
+        id.push_str(prefix);
+        let _ = write!(id, "{seq}");
+        if let Some(replay_id) = replay_id {
+            let _ = write!(id, ":r{replay_id}");
+        }
+        id
     }
 }
 
@@ -581,20 +611,14 @@ mod tests {
                 Message::Origin(_) => None,
             };
             if let Some(event) = event {
+                let headers = event.headers();
                 assert_eq!(
-                    event
-                        .headers
+                    headers
                         .get(async_nats::header::NATS_MESSAGE_ID)
                         .unwrap()
                         .as_str(),
                     naming.message_id(
-                        event
-                            .headers
-                            .get(HEADER_XID)
-                            .unwrap()
-                            .as_str()
-                            .parse()
-                            .unwrap(),
+                        headers.get(HEADER_XID).unwrap().as_str().parse().unwrap(),
                         event.position,
                         None
                     )
@@ -646,8 +670,13 @@ mod tests {
         let mut tx = Transaction::begin(42, Lsn(0x300), 0);
         tx.set_replay(Some(replay));
         let again = encoder.logical_message(Some(&mut tx), &message);
-        let id = |event: &EncodedEvent| event.headers.get(NATS_MESSAGE_ID).unwrap().to_string();
+        let id = |event: &EncodedEvent| event.headers().get(NATS_MESSAGE_ID).unwrap().to_string();
         assert_eq!(id(&again), format!("{}:r7", id(&first)));
+        let naming = encoder.naming();
+        assert_eq!(
+            again.message_id,
+            naming.message_id(42, again.position, Some(7))
+        );
         assert!(again.replay && !first.replay);
         let json = |event: &EncodedEvent| -> serde_json::Value {
             serde_json::from_slice(&event.payload).unwrap()
@@ -655,12 +684,12 @@ mod tests {
         assert_eq!(json(&again)["replay"], true);
         assert!(json(&first).get("replay").is_none());
         assert_eq!(
-            ReplayHeaders::read(&again.headers).unwrap(),
+            ReplayHeaders::read(&again.headers()).unwrap(),
             Some(ReplayHeaders { replay, from: None })
         );
         tx.set_replay(None);
         let after = encoder.logical_message(Some(&mut tx), &message);
-        assert!(!after.replay && after.headers.get(crate::replay::HEADER_REPLAY).is_none());
+        assert!(!after.replay && after.headers().get(crate::replay::HEADER_REPLAY).is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! already stored and re-sends the rest, with the same `Nats-Msg-Id`s, in order. walstream must
 //! be the only publisher into its stream for this to hold (and it checks that it is).
 
+mod acks;
 mod connect;
 mod stream;
 
@@ -17,17 +18,17 @@ pub use stream::{
 };
 
 use std::collections::VecDeque;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::header::NATS_EXPECTED_LAST_SEQUENCE;
+use async_nats::jetstream;
 use bytes::Bytes;
-use futures::stream::FuturesOrdered;
-use futures::StreamExt;
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
+
+pub use acks::AckResult;
+use acks::{Acks, PublishFailure};
 
 use crate::event::{EncodedEvent, Position};
 use crate::lsn::Lsn;
@@ -93,8 +94,6 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
-pub type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
-
 pub struct Sink {
     js: jetstream::Context,
     stream_name: String,
@@ -102,8 +101,8 @@ pub struct Sink {
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     unacked: VecDeque<Unacked>,
-    /// One ack future per entry of `unacked`, in the same order.
-    acks: FuturesOrdered<futures::future::BoxFuture<'static, AckResult>>,
+    /// The answers still awaited, one per sent entry of `unacked`, in the same order.
+    acks: Acks,
     /// The stream's last message as far as walstream knows: sequence and `Nats-Msg-Id`.
     last_stored: (u64, LastId),
     /// WAL position of the last event known to be in the stream.
@@ -120,22 +119,28 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn new(
+    /// A sink publishing after `tail`; a publish not acknowledged within `ack_timeout` counts
+    /// as failed.
+    pub async fn new(
         js: jetstream::Context,
         stream_name: String,
         window: usize,
+        ack_timeout: Duration,
         tail: &StreamTail,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, SinkError> {
+        let acks = Acks::subscribe(js.client(), ack_timeout)
+            .await
+            .map_err(SinkError::Fatal)?;
+        Ok(Self {
             js,
             stream_name,
             window,
             metrics,
             shutdown,
             unacked: VecDeque::new(),
-            acks: FuturesOrdered::new(),
+            acks,
             last_stored: (tail.sequence, LastId::Read(tail.message_id.clone())),
             last_position: tail.position,
             acked_count: 0,
@@ -143,7 +148,7 @@ impl Sink {
             commits: VecDeque::new(),
             progress: None,
             stored: None,
-        }
+        })
     }
 
     /// Tells `subscribers` of every event from now on, once JetStream has stored it.
@@ -233,7 +238,7 @@ impl Sink {
                 );
                 self.recover(PublishFailure::Unexpected(error)).await?;
             }
-            Err(error) => self.recover(PublishFailure::from(&error)).await?,
+            Err(failure) => self.recover(failure).await?,
         }
         self.metrics.inflight_acks.set(self.acks.len() as i64);
         Ok(())
@@ -296,20 +301,13 @@ impl Sink {
     /// Sends `unacked[index]` expecting it to land directly after its predecessor.
     async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
         let entry = &self.unacked[index];
-        let publish = PublishMessage::build()
-            .payload(entry.event.payload.clone())
-            .headers(entry.event.headers.clone())
-            .expected_last_sequence(entry.sequence - 1);
-        let ack: PublishAckFuture = self
-            .js
-            .send_publish(entry.event.subject.clone(), publish)
-            .await
-            .map_err(|error| match error.kind() {
-                PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
-                _ => PublishFailure::from(&error),
-            })?;
-        self.acks.push_back(ack.into_future());
-        Ok(())
+        let mut headers = entry.event.headers();
+        headers.insert(
+            NATS_EXPECTED_LAST_SEQUENCE,
+            (entry.sequence - 1).to_string(),
+        );
+        let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
+        self.acks.publish(subject, headers, payload).await
     }
 
     /// Brings the stream and `unacked` back in step after a failure, then re-sends.
@@ -529,61 +527,13 @@ enum ResyncError {
     Fatal(SinkError),
 }
 
-/// Why one publish did not go through.
-#[derive(Debug)]
-enum PublishFailure {
-    TooLarge,
-    Failed { kind: &'static str, detail: String },
-    Unexpected(String),
-}
-
-impl PublishFailure {
-    fn kind(&self) -> &'static str {
-        match self {
-            PublishFailure::TooLarge => "too_large",
-            PublishFailure::Failed { kind, .. } => kind,
-            PublishFailure::Unexpected(_) => "unexpected_ack",
-        }
-    }
-}
-
-impl From<&jetstream::context::PublishError> for PublishFailure {
-    fn from(error: &jetstream::context::PublishError) -> Self {
-        let kind = match error.kind() {
-            PublishErrorKind::TimedOut => "timed_out",
-            PublishErrorKind::WrongLastSequence => "wrong_last_sequence",
-            PublishErrorKind::BrokenPipe => "broken_pipe",
-            PublishErrorKind::StreamNotFound => "stream_not_found",
-            PublishErrorKind::MaxPayloadExceeded => "too_large",
-            _ => "other",
-        };
-        PublishFailure::Failed {
-            kind,
-            detail: error.to_string(),
-        }
-    }
-}
-
-impl std::fmt::Display for PublishFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PublishFailure::TooLarge => f.write_str("message too large"),
-            PublishFailure::Failed { detail, .. } => f.write_str(detail),
-            PublishFailure::Unexpected(detail) => f.write_str(detail),
-        }
-    }
-}
-
 fn message_id(event: &EncodedEvent) -> Option<String> {
-    event
-        .headers
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_owned())
+    Some(event.message_id.clone())
 }
 
 fn headers_len(event: &EncodedEvent) -> usize {
     event
-        .headers
+        .headers()
         .iter()
         .map(|(name, values)| {
             values

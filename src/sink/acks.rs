@@ -1,0 +1,305 @@
+//! Acknowledgements of pipelined JetStream publishes: one inbox subscription receives them
+//! all, each matched to its publish by the token ending its reply subject.
+//!
+//! async-nats' JetStream publish gives every message its own inbox, oneshot channel, boxed
+//! future and timer, and parses each answer through an untagged enum; at tens of thousands of
+//! events a second that was a large share of walstream's CPU. Here a publish costs its reply
+//! subject, one entry in a queue, and an answer parsed without allocating.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::client::PublishErrorKind;
+use async_nats::{Client, HeaderMap, Message, StatusCode, Subject, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::time::{Instant, Sleep};
+
+/// JetStream stored the message at `sequence` (`duplicate`: it already held its id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub sequence: u64,
+    pub duplicate: bool,
+}
+
+/// Why one publish did not go through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishFailure {
+    TooLarge,
+    Failed { kind: &'static str, detail: String },
+    Unexpected(String),
+}
+
+impl PublishFailure {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishFailure::TooLarge => "too_large",
+            PublishFailure::Failed { kind, .. } => kind,
+            PublishFailure::Unexpected(_) => "unexpected_ack",
+        }
+    }
+
+    fn failed(kind: &'static str, detail: impl Into<String>) -> Self {
+        PublishFailure::Failed {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for PublishFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishFailure::TooLarge => f.write_str("message too large"),
+            PublishFailure::Failed { detail, .. } => f.write_str(detail),
+            PublishFailure::Unexpected(detail) => f.write_str(detail),
+        }
+    }
+}
+
+pub type AckResult = Result<Stored, PublishFailure>;
+
+/// A publish waiting for its answer.
+struct Waiting {
+    token: u64,
+    deadline: Instant,
+    answer: Option<AckResult>,
+}
+
+/// Publishes with a reply subject of ours and hands out the answers in publish order.
+pub struct Acks {
+    client: Client,
+    subscriber: Subscriber,
+    /// `{inbox}.`: a reply subject is this followed by the publish's token.
+    prefix: String,
+    next_token: u64,
+    timeout: Duration,
+    /// Oldest first; tokens increase.
+    waiting: VecDeque<Waiting>,
+    /// Set to the oldest publish's deadline, or earlier: it is moved on only when it fires, not
+    /// for every answer.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Acks {
+    /// Subscribes to a fresh inbox; an answer not received within `timeout` of its publish
+    /// counts as a failure.
+    pub async fn subscribe(client: Client, timeout: Duration) -> Result<Self, String> {
+        let inbox = client.new_inbox();
+        let subscriber = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| format!("cannot subscribe to JetStream's acknowledgements: {e}"))?;
+        Ok(Self {
+            client,
+            subscriber,
+            prefix: format!("{inbox}."),
+            next_token: 0,
+            timeout,
+            waiting: VecDeque::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        })
+    }
+
+    /// Publishes to JetStream; its answer comes from [`Acks::next`] after those of every
+    /// earlier publish.
+    pub async fn publish(
+        &mut self,
+        subject: Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), PublishFailure> {
+        let token = self.next_token;
+        let reply = Subject::from(format!("{}{token}", self.prefix));
+        self.client
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .await
+            .map_err(|error| match error.kind() {
+                PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
+                _ => PublishFailure::failed("broken_pipe", error.to_string()),
+            })?;
+        self.next_token += 1;
+        self.waiting.push_back(Waiting {
+            token,
+            deadline: Instant::now() + self.timeout,
+            answer: None,
+        });
+        Ok(())
+    }
+
+    /// Publishes awaiting their answer.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The answer to the oldest publish still waiting, or its time-out; `None` when none waits.
+    /// Cancel-safe: an answer received before a cancellation is kept for the next call.
+    pub async fn next(&mut self) -> Option<AckResult> {
+        loop {
+            let oldest = self.waiting.front_mut()?;
+            if let Some(answer) = oldest.answer.take() {
+                self.waiting.pop_front();
+                return Some(answer);
+            }
+            let deadline = oldest.deadline;
+            // Checked here too: while answers to later publishes keep arriving, the biased
+            // select below never gets to the timer.
+            if Instant::now() >= deadline {
+                self.waiting.pop_front();
+                return Some(Err(self.timed_out()));
+            }
+            tokio::select! {
+                biased;
+                message = self.subscriber.next() => match message {
+                    Some(message) => self.record(&message),
+                    None => {
+                        self.waiting.pop_front();
+                        return Some(Err(PublishFailure::failed(
+                            "broken_pipe",
+                            "the NATS connection closed",
+                        )));
+                    }
+                },
+                () = self.timer.as_mut() => {
+                    if self.timer.deadline() < deadline {
+                        self.timer.as_mut().reset(deadline);
+                    } else {
+                        self.waiting.pop_front();
+                        return Some(Err(self.timed_out()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn timed_out(&self) -> PublishFailure {
+        PublishFailure::failed(
+            "timed_out",
+            format!("no acknowledgement within {:?}", self.timeout),
+        )
+    }
+
+    fn record(&mut self, message: &Message) {
+        let token = message
+            .subject
+            .as_str()
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|token| token.parse::<u64>().ok());
+        // An answer to a publish already given up on (timed out) finds no one waiting.
+        let Some(index) = token.and_then(|token| {
+            self.waiting
+                .binary_search_by_key(&token, |waiting| waiting.token)
+                .ok()
+        }) else {
+            return;
+        };
+        self.waiting[index].answer = Some(answer(message));
+    }
+}
+
+/// JetStream's answer to a publish: `{"stream":…,"seq":…}`, with `"duplicate":true` when the
+/// id was already stored, or `{"error":{…}}`; a 503 status when no stream takes the subject.
+fn answer(message: &Message) -> AckResult {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        seq: Option<u64>,
+        #[serde(default)]
+        duplicate: bool,
+        error: Option<ApiError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ApiError {
+        #[serde(default)]
+        err_code: u64,
+        #[serde(default)]
+        description: String,
+    }
+    if let Some(status) = message.status {
+        return Err(if status == StatusCode::NO_RESPONDERS {
+            PublishFailure::failed(
+                "stream_not_found",
+                "no stream takes the subject (no responders)",
+            )
+        } else {
+            PublishFailure::failed(
+                "other",
+                format!(
+                    "status {status} {}",
+                    message.description.as_deref().unwrap_or("")
+                ),
+            )
+        });
+    }
+    let reply: Reply = serde_json::from_slice(&message.payload)
+        .map_err(|e| PublishFailure::failed("other", format!("unreadable acknowledgement: {e}")))?;
+    match (reply.error, reply.seq) {
+        (Some(error), _) => Err(PublishFailure::failed(
+            match error.err_code {
+                10071 => "wrong_last_sequence",
+                10059 => "stream_not_found",
+                _ => "other",
+            },
+            error.description,
+        )),
+        (None, Some(sequence)) => Ok(Stored {
+            sequence,
+            duplicate: reply.duplicate,
+        }),
+        (None, None) => Err(PublishFailure::failed(
+            "other",
+            format!(
+                "acknowledgement without a sequence: {}",
+                String::from_utf8_lossy(&message.payload)
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(payload: &str) -> Message {
+        Message {
+            subject: Subject::from("_INBOX.x.1"),
+            reply: None,
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            headers: None,
+            status: None,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    #[test]
+    fn answers_read_like_jetstream_writes_them() {
+        assert_eq!(
+            answer(&reply(r#"{"stream":"fraiseql_events","seq":42}"#)),
+            Ok(Stored {
+                sequence: 42,
+                duplicate: false
+            })
+        );
+        assert_eq!(
+            answer(&reply(
+                r#"{"stream":"fraiseql_events","seq":42,"duplicate":true}"#
+            )),
+            Ok(Stored {
+                sequence: 42,
+                duplicate: true
+            })
+        );
+        let wrong = answer(&reply(
+            r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 41"},"stream":"s","seq":0}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(wrong.kind(), "wrong_last_sequence");
+        assert_eq!(wrong.to_string(), "wrong last sequence: 41");
+        assert_eq!(answer(&reply("not json")).unwrap_err().kind(), "other");
+        assert_eq!(answer(&reply("{}")).unwrap_err().kind(), "other");
+        let mut none = reply("");
+        none.status = Some(StatusCode::NO_RESPONDERS);
+        assert_eq!(answer(&none).unwrap_err().kind(), "stream_not_found");
+    }
+}
