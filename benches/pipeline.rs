@@ -6,8 +6,8 @@
 //!
 //! Run: `cargo bench --bench pipeline`. Sizes: WALSTREAM_BENCH_ROWS (1000000),
 //! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
-//! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_LIVE (100000). Starts its own PostgreSQL
-//! and nats-server for each scenario.
+//! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_LIVE (100000); WALSTREAM_BENCH_BINARY runs
+//! another walstream build. Starts its own PostgreSQL and nats-server for each scenario.
 
 #[path = "common/cpu.rs"]
 mod cpu;
@@ -142,14 +142,18 @@ fn peak_rss_mb(child: &Child) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// `walstream stream` with the bench's config, its log in the servers' directory.
+/// `walstream stream` with the bench's config, its log in the servers' directory. The
+/// binary is this build's, or `WALSTREAM_BENCH_BINARY` to compare another build on the same
+/// run's servers and ceilings.
 fn spawn_walstream(servers: &Servers) -> anyhow::Result<Child> {
     let config = config(servers)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(servers.dir.join("walstream.log"))?;
-    Ok(Command::new(env!("CARGO_BIN_EXE_walstream"))
+    let binary = std::env::var_os("WALSTREAM_BENCH_BINARY")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_walstream").into());
+    Ok(Command::new(binary)
         .args(["stream", "--config"])
         .arg(&config)
         .stderr(log)

@@ -1,24 +1,20 @@
 //! CPU time of processes, read from `/proc`: the benchmarks report CPU per operation, which
 //! varies far less than rates on a shared machine.
 
+/// Fields of `/proc/PID/stat`, counted after the command name: utime and stime (14 and 15 in
+/// stat(5)), then cutime and cstime (16 and 17), the children the process has reaped.
+const OWN: [usize; 2] = [11, 12];
+const OWN_AND_REAPED: [usize; 4] = [11, 12, 13, 14];
+
 /// User plus system CPU seconds a process has used so far.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields = stat_fields(&stat);
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
-            .parse()?)
-    };
-    // utime and stime are fields 14 and 15 of stat(5), 11 and 12 after the name; the kernel
-    // counts them in USER_HZ, 100 on Linux.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    seconds(pid, &OWN)
 }
 
-/// CPU seconds of a process and its live children: PostgreSQL's postmaster and backends.
+/// CPU seconds of a process and its children, live and exited: PostgreSQL's postmaster and
+/// backends.
 pub fn tree_cpu_seconds(root: u32) -> anyhow::Result<f64> {
-    let mut total = cpu_seconds(root)?;
+    let mut total = seconds(root, &OWN_AND_REAPED)?;
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -32,6 +28,22 @@ pub fn tree_cpu_seconds(root: u32) -> anyhow::Result<f64> {
         }
     }
     Ok(total)
+}
+
+/// The sum of `fields` of the process's stat line, in seconds (the kernel counts USER_HZ, 100
+/// on Linux).
+fn seconds(pid: u32, fields: &[usize]) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let values = stat_fields(&stat);
+    let mut ticks = 0.0;
+    for &field in fields {
+        let value: f64 = values
+            .get(field)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+            .parse()?;
+        ticks += value;
+    }
+    Ok(ticks / 100.0)
 }
 
 /// The fields of a `/proc/PID/stat` line after the command name, which may hold spaces.
