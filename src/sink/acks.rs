@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_nats::client::PublishErrorKind;
 use async_nats::{Client, HeaderMap, Message, StatusCode, Subject, Subscriber};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use tokio::time::{Instant, Sleep};
 
 /// JetStream stored the message at `sequence` (`duplicate`: it already held its id).
@@ -143,29 +143,31 @@ impl Acks {
                 return Some(answer);
             }
             let deadline = oldest.deadline;
+            // An answer that arrived in time counts even if it is read late: the deadline is
+            // judged only with nothing left to read.
+            match self.subscriber.next().now_or_never() {
+                Some(Some(message)) => {
+                    self.record(&message);
+                    continue;
+                }
+                Some(None) => return Some(Err(self.closed())),
+                None => {}
+            }
             // Checked here too: while answers to later publishes keep arriving, the biased
             // select below never gets to the timer.
             if Instant::now() >= deadline {
-                self.waiting.pop_front();
                 return Some(Err(self.timed_out()));
             }
             tokio::select! {
                 biased;
                 message = self.subscriber.next() => match message {
                     Some(message) => self.record(&message),
-                    None => {
-                        self.waiting.pop_front();
-                        return Some(Err(PublishFailure::failed(
-                            "broken_pipe",
-                            "the NATS connection closed",
-                        )));
-                    }
+                    None => return Some(Err(self.closed())),
                 },
                 () = self.timer.as_mut() => {
                     if self.timer.deadline() < deadline {
                         self.timer.as_mut().reset(deadline);
                     } else {
-                        self.waiting.pop_front();
                         return Some(Err(self.timed_out()));
                     }
                 }
@@ -173,7 +175,15 @@ impl Acks {
         }
     }
 
-    fn timed_out(&self) -> PublishFailure {
+    /// The subscription ended: the client is closed, so the oldest publish will get no answer.
+    fn closed(&mut self) -> PublishFailure {
+        self.waiting.pop_front();
+        PublishFailure::failed("broken_pipe", "the NATS connection closed")
+    }
+
+    /// The oldest publish got no answer in time.
+    fn timed_out(&mut self) -> PublishFailure {
+        self.waiting.pop_front();
         PublishFailure::failed(
             "timed_out",
             format!("no acknowledgement within {:?}", self.timeout),
