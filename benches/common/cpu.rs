@@ -15,17 +15,8 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 /// backends.
 pub fn tree_cpu_seconds(root: u32) -> anyhow::Result<f64> {
     let mut total = seconds(root, &OWN_AND_REAPED)?;
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // The parent pid is the second field after the command name.
-        if stat_fields(&stat).get(1) == Some(&root.to_string().as_str()) {
-            total += cpu_seconds(pid).unwrap_or(0.0);
-        }
+    for pid in walstream::local::child_pids(root) {
+        total += cpu_seconds(pid).unwrap_or(0.0);
     }
     Ok(total)
 }

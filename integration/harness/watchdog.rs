@@ -73,25 +73,10 @@ fn fire(test: &str, limit: Duration, postgres: &LocalPostgres, logs: &[PathBuf])
 
 /// walstream and nats-server are this process's children; they would outlive it.
 fn kill_child_processes() {
-    let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        // The command name is in parentheses and may hold spaces; the parent pid is the second
-        // field after it.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if parent == Some(me.as_str()) {
-            // SAFETY: kill(2) on a child process of ours with a valid signal number.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+    for pid in walstream::local::child_pids(std::process::id()) {
+        // SAFETY: kill(2) on a child process of ours with a valid signal number.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
         }
     }
 }

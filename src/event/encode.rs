@@ -8,7 +8,7 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
 use super::value::{write_binary, write_string, write_value};
-use super::{Naming, Op, Position, RelationInfo};
+use super::{message_id_from_prefix, Naming, Op, Position, RelationInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
 use crate::replay::{Replay, ReplayHeaders};
@@ -410,18 +410,11 @@ impl Encoder {
 
     /// [`Naming::message_id`], with the part the transaction's events share formatted once.
     fn message_id(&self, tx: &mut Transaction, seq: u64, replay_id: Option<u64>) -> String {
-        use std::fmt::Write as _;
         let (xid, lsn) = (tx.xid, tx.commit_lsn);
         let prefix = tx
             .message_id_prefix
-            .get_or_insert_with(|| format!("{}:{xid}:{lsn}:", self.naming.slot()));
-        let mut id = String::with_capacity(prefix.len() + 24);
-        id.push_str(prefix);
-        let _ = write!(id, "{seq}");
-        if let Some(replay_id) = replay_id {
-            let _ = write!(id, ":r{replay_id}");
-        }
-        id
+            .get_or_insert_with(|| self.naming.message_id_prefix(xid, lsn));
+        message_id_from_prefix(prefix, seq, replay_id)
     }
 }
 

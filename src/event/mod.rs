@@ -170,12 +170,27 @@ impl Naming {
     /// The deterministic `Nats-Msg-Id` of a change; a replay's own, so JetStream's dedup
     /// window does not swallow the second delivery.
     pub fn message_id(&self, xid: u32, position: Position, replay: Option<u64>) -> String {
-        let (slot, lsn, seq) = (&self.slot, position.commit_lsn, position.seq);
-        match replay {
-            None => format!("{slot}:{xid}:{lsn}:{seq}"),
-            Some(id) => format!("{slot}:{xid}:{lsn}:{seq}:r{id}"),
-        }
+        let prefix = self.message_id_prefix(xid, position.commit_lsn);
+        message_id_from_prefix(&prefix, position.seq, replay)
     }
+
+    /// `{slot}:{xid}:{commit lsn}:`, what the ids of a transaction's changes share.
+    pub fn message_id_prefix(&self, xid: u32, commit_lsn: Lsn) -> String {
+        format!("{}:{xid}:{commit_lsn}:", self.slot)
+    }
+}
+
+/// A change's id from its transaction's [`Naming::message_id_prefix`]: the prefix, its place in
+/// the transaction, and a replay's own suffix.
+pub fn message_id_from_prefix(prefix: &str, seq: u64, replay: Option<u64>) -> String {
+    use std::fmt::Write as _;
+    let mut id = String::with_capacity(prefix.len() + 24);
+    id.push_str(prefix);
+    let _ = write!(id, "{seq}");
+    if let Some(replay) = replay {
+        let _ = write!(id, ":r{replay}");
+    }
+    id
 }
 
 /// `tb_order_item` → `OrderItem`: drop the `tb_` prefix, then PascalCase.

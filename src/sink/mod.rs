@@ -388,13 +388,13 @@ impl Sink {
             last_sequence = self.last_stored.0,
             last_id = ?self.last_stored.1.message_id(),
             unacked = self.unacked.len(),
-            first_unacked = ?self.unacked.front().and_then(|u| message_id(&u.event)),
+            first_unacked = ?self.unacked.front().map(|u| &u.event.message_id),
             "re-sync read the stream's tail"
         );
         let unacked: Vec<(u64, Option<String>)> = self
             .unacked
             .iter()
-            .map(|u| (u.sequence, message_id(&u.event)))
+            .map(|u| (u.sequence, Some(u.event.message_id.clone())))
             .collect();
         let last = (self.last_stored.0, self.last_stored.1.message_id());
         let stored = match match_tail(&tail, &last, &unacked) {
@@ -513,7 +513,7 @@ impl LastId {
     fn message_id(&self) -> Option<String> {
         match self {
             LastId::Read(id) => id.clone(),
-            LastId::Acked(event) => message_id(event),
+            LastId::Acked(event) => Some(event.message_id.clone()),
         }
     }
 }
@@ -525,10 +525,6 @@ enum ResyncError {
         found: u64,
     },
     Fatal(SinkError),
-}
-
-fn message_id(event: &EncodedEvent) -> Option<String> {
-    Some(event.message_id.clone())
 }
 
 fn headers_len(event: &EncodedEvent) -> usize {
