@@ -1033,6 +1033,58 @@ async fn repeated_queries_answer_as_the_executor_does_for_each_user() -> anyhow:
         assert_eq!(bob["data"]["orders"], json!([{"identifier": "b-1"}]));
     }
 
+    // Which operation of a document runs depends on the request's operationName, so a plan
+    // learned for one name never answers another, nor a request the executor refuses.
+    let two = "query A { orders(orderBy: [{identifier: ASC}]) { identifier } } \
+               query B { orders(orderBy: [{identifier: DESC}], limit: 1) { identifier } }";
+    let named = |query: &str, name: Option<&str>| {
+        let mut body = json!({"query": query, "variables": {}});
+        if let Some(name) = name {
+            body["operationName"] = json!(name);
+        }
+        body
+    };
+    let token = token_for(1);
+    for _ in 0..2 {
+        for (name, expected) in [
+            (
+                Some("A"),
+                json!([{"identifier": "a-1"}, {"identifier": "a-2"}]),
+            ),
+            (Some("B"), json!([{"identifier": "a-2"}])),
+        ] {
+            let (_, answer) = api.post(Some(&token), &named(two, name)).await;
+            assert_eq!(answer["data"]["orders"], expected, "{name:?}: {answer}");
+        }
+        for name in [None, Some("C")] {
+            let (_, answer) = api.post(Some(&token), &named(two, name)).await;
+            assert!(
+                answer["errors"][0]["message"].is_string(),
+                "{name:?}: {answer}"
+            );
+            assert!(
+                answer.get("data").is_none_or(Value::is_null),
+                "{name:?}: {answer}"
+            );
+        }
+    }
+    let one = "query Mine { orders(orderBy: [{identifier: ASC}], limit: 1) { identifier } }";
+    let anonymous = "{ orders(orderBy: [{identifier: ASC}], limit: 1) { identifier } }";
+    for _ in 0..2 {
+        for (query, name) in [(one, None), (one, Some("Mine")), (anonymous, None)] {
+            let (_, answer) = api.post(Some(&token), &named(query, name)).await;
+            assert_eq!(
+                answer["data"]["orders"],
+                json!([{"identifier": "a-1"}]),
+                "{answer}"
+            );
+        }
+        let (_, answer) = api
+            .post(Some(&token), &named(anonymous, Some("Mine")))
+            .await;
+        assert!(answer["errors"][0]["message"].is_string(), "{answer}");
+    }
+
     // Data that does not fit the schema (user 2's null email) goes back to the executor,
     // which reports it where it is.
     let details = api.gql(2, cases[4].0, json!({})).await;

@@ -20,11 +20,17 @@ use super::sdl::{snake_case, ArgDef, MutationDef, TypeExpr};
 /// Plans kept before the cache starts over (as for parsed documents).
 const MAX_PLANS: usize = 1024;
 
-/// The plans learned so far, by query text.
+/// The plans learned so far, by query text and operation name: one document can hold several
+/// operations, and which one runs (or whether the request is an error) depends on the name.
 pub struct Plans {
     catalog: ReadCatalog,
-    /// `None`: the document was looked at and is not one a plan can answer.
-    plans: Mutex<HashMap<Arc<str>, Option<Arc<Plan>>>>,
+    plans: Mutex<HashMap<Arc<str>, Vec<Learned>>>,
+}
+
+struct Learned {
+    operation_name: Option<Box<str>>,
+    /// `None`: the operation was looked at and is not one a plan can answer.
+    plan: Option<Arc<Plan>>,
 }
 
 /// What to do with a request's query text.
@@ -35,9 +41,8 @@ pub enum Lookup {
     NotCompilable,
 }
 
-/// One compiled document.
+/// One compiled operation.
 pub struct Plan {
-    operation_name: Option<String>,
     variables: Vec<VariablePlan>,
     operation: OperationPlan,
 }
@@ -103,13 +108,20 @@ impl Plans {
         }
     }
 
-    pub fn lookup(&self, query: &str) -> Lookup {
+    pub fn lookup(&self, query: &str, operation_name: Option<&str>) -> Lookup {
         let Ok(plans) = self.plans.lock() else {
             return Lookup::NotCompilable;
         };
-        match plans.get(query) {
-            Some(Some(plan)) => Lookup::Plan(plan.clone()),
-            Some(None) => Lookup::NotCompilable,
+        let learned = plans.get(query).and_then(|learned| {
+            learned
+                .iter()
+                .find(|l| l.operation_name.as_deref() == operation_name)
+        });
+        match learned {
+            Some(Learned {
+                plan: Some(plan), ..
+            }) => Lookup::Plan(plan.clone()),
+            Some(Learned { plan: None, .. }) => Lookup::NotCompilable,
             None => Lookup::Unknown,
         }
     }
@@ -124,20 +136,21 @@ impl Plans {
         if plans.len() >= MAX_PLANS {
             plans.clear();
         }
-        plans.insert(Arc::from(query), plan);
+        let learned = plans.entry(Arc::from(query)).or_default();
+        learned.retain(|l| l.operation_name.as_deref() != operation_name);
+        learned.push(Learned {
+            operation_name: operation_name.map(Box::from),
+            plan,
+        });
     }
 
     /// The response body for `plan` with these variables, or `Fallback`.
     pub async fn answer(
         &self,
         plan: &Plan,
-        operation_name: Option<&str>,
         variables: &serde_json::Map<String, Json>,
         identity: &Identity,
     ) -> Result<Vec<u8>, Fallback> {
-        if operation_name.is_some() && operation_name != plan.operation_name.as_deref() {
-            return Err(Fallback);
-        }
         let variables = bind_variables(&plan.variables, variables, &self.catalog)?;
         match &plan.operation {
             OperationPlan::Reads(reads) => self.answer_reads(reads, &variables, identity).await,
@@ -247,13 +260,16 @@ fn compile(
     if !document.fragments.is_empty() {
         return None;
     }
-    let (name, operation) = match &document.operations {
-        DocumentOperations::Single(operation) => (None, operation),
-        DocumentOperations::Multiple(operations) => {
-            let wanted = operation_name?;
-            let (name, operation) = operations.iter().find(|(n, _)| n.as_str() == wanted)?;
-            (Some(name.to_string()), operation)
+    // The operation async-graphql's executor runs for this name; where it answers with an
+    // error instead, there is no plan.
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), None) => operation,
+        (DocumentOperations::Single(_), Some(_)) => return None,
+        (DocumentOperations::Multiple(operations), Some(wanted)) => operations.get(wanted)?,
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            operations.values().next()?
         }
+        (DocumentOperations::Multiple(_), None) => return None,
     };
     let operation = &operation.node;
     if !operation.directives.is_empty() {
@@ -323,7 +339,6 @@ fn compile(
         _ => return None,
     };
     Some(Plan {
-        operation_name: name,
         variables,
         operation,
     })

@@ -126,7 +126,10 @@ async fn graphql_post(
     let plain = serde_json::from_slice::<PlainRequest>(&body).ok();
     let mut learn = false;
     if let Some(plain) = &plain {
-        match endpoint.plans.lookup(&plain.query) {
+        match endpoint
+            .plans
+            .lookup(&plain.query, plain.operation_name.as_deref())
+        {
             Lookup::Plan(plan) => {
                 if let Some(response) = answer_compiled(&endpoint, &plan, plain, &identity).await {
                     return response;
@@ -186,7 +189,7 @@ async fn answer_compiled(
     let variables = request.variables.as_ref().unwrap_or(&no_variables);
     let body = endpoint
         .plans
-        .answer(plan, request.operation_name.as_deref(), variables, identity)
+        .answer(plan, variables, identity)
         .await
         .ok()?;
     Some(([(header::CONTENT_TYPE, "application/json")], body).into_response())
