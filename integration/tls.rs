@@ -1,5 +1,7 @@
 //! TLS and credentials against servers that require them: a PostgreSQL that accepts only TLS
-//! connections, and a nats-server that speaks only TLS and admits only an nkey user.
+//! connections (and one that also demands a client certificate), a nats-server that speaks
+//! only TLS and admits only an nkey user, one in operator mode, and one that verifies clients'
+//! certificates.
 
 mod harness;
 
@@ -9,11 +11,14 @@ use std::time::Duration;
 
 use harness::*;
 
-/// A CA and a server certificate it signed for `names`, as PEM files in `dir`.
+/// A CA, a server certificate it signed for `names` and a client certificate it signed for
+/// the user `postgres`, as PEM files in `dir`.
 struct Pki {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
 }
 
 fn pki(dir: &Path, names: &[&str]) -> anyhow::Result<Pki> {
@@ -29,22 +34,45 @@ fn pki(dir: &Path, names: &[&str]) -> anyhow::Result<Pki> {
     let key = KeyPair::generate()?;
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let cert = CertificateParams::new(names)?.signed_by(&key, &ca_cert, &ca_key)?;
+    // PostgreSQL's `cert` authentication takes the user name from the common name.
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "postgres");
+    let client_cert = client_params.signed_by(&client_key, &ca_cert, &ca_key)?;
     let pki = Pki {
         ca: dir.join("ca.pem"),
         cert: dir.join("server.crt"),
         key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
     };
     std::fs::write(&pki.ca, ca_cert.pem())?;
     std::fs::write(&pki.cert, cert.pem())?;
     std::fs::write(&pki.key, key.serialize_pem())?;
+    std::fs::write(&pki.client_cert, client_cert.pem())?;
+    std::fs::write(&pki.client_key, client_key.serialize_pem())?;
     Ok(pki)
 }
 
+/// How PostgreSQL admits a TLS connection.
+#[derive(Clone, Copy, PartialEq)]
+enum ClientAuth {
+    Trust,
+    /// A client certificate signed by the test CA, for the user its common name names.
+    Certificate,
+}
+
 /// Turns TLS on and every plaintext connection away, then restarts PostgreSQL.
-fn require_tls(cluster: &Cluster, pki: &Pki) -> anyhow::Result<()> {
+fn require_tls(cluster: &Cluster, pki: &Pki, auth: ClientAuth) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let data = &cluster.postgres.data_dir;
-    for (from, to) in [(&pki.cert, "server.crt"), (&pki.key, "server.key")] {
+    for (from, to) in [
+        (&pki.cert, "server.crt"),
+        (&pki.key, "server.key"),
+        (&pki.ca, "root.crt"),
+    ] {
         std::fs::copy(from, data.join(to))?;
         std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(0o600))?;
         if unsafe { libc::geteuid() } == 0 {
@@ -56,15 +84,24 @@ fn require_tls(cluster: &Cluster, pki: &Pki) -> anyhow::Result<()> {
         }
     }
     let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
-    conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    conf.push_str(
+        "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+         ssl_ca_file = 'root.crt'\n",
+    );
     std::fs::write(data.join("postgresql.conf"), conf)?;
+    let method = match auth {
+        ClientAuth::Trust => "trust",
+        ClientAuth::Certificate => "cert",
+    };
     std::fs::write(
         data.join("pg_hba.conf"),
-        "local all all trust\n\
-         hostssl all all 127.0.0.1/32 trust\n\
-         hostssl replication all 127.0.0.1/32 trust\n\
-         hostnossl all all 0.0.0.0/0 reject\n\
-         hostnossl replication all 0.0.0.0/0 reject\n",
+        format!(
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 {method}\n\
+             hostssl replication all 127.0.0.1/32 {method}\n\
+             hostnossl all all 0.0.0.0/0 reject\n\
+             hostnossl replication all 0.0.0.0/0 reject\n"
+        ),
     )?;
     cluster.postgres.stop("fast")?;
     cluster.postgres.start()
@@ -127,7 +164,7 @@ async fn postgres_over_verified_tls_streams_and_plaintext_or_a_wrong_name_or_ca_
         .sql("CREATE TABLE t_tls (id INT PRIMARY KEY, note TEXT)")
         .await?;
     let pki = pki(&cluster.dir.path().join("pki"), &["localhost"])?;
-    require_tls(&cluster, &pki)?;
+    require_tls(&cluster, &pki, ClientAuth::Trust)?;
     let port = cluster.postgres.port;
     let tls_url = |host: &str, mode: &str, ca: &Path| {
         format!(
@@ -443,5 +480,132 @@ async fn a_nats_in_operator_mode_admits_walstream_by_its_credentials_file_only(
         !ok && report.contains("uthoriz"),
         "foreign credentials: {report}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_admit_walstream_where_postgres_and_nats_demand_them(
+) -> anyhow::Result<()> {
+    walstream::tls::install_crypto_provider();
+    let files = tempfile::Builder::new()
+        .prefix("walstream-tls-")
+        .tempdir()?;
+    let pki = pki(&files.path().join("pki"), &["localhost"])?;
+    let nats_conf = files.path().join("nats.conf");
+    std::fs::write(
+        &nats_conf,
+        format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  \
+             verify: true\n  timeout: 2\n}}\n",
+            pki.cert.display(),
+            pki.key.display(),
+            pki.ca.display()
+        ),
+    )?;
+    let cluster = Cluster::start_with_nats_args(&["-c", &nats_conf.display().to_string()]).await?;
+    cluster
+        .sql("CREATE TABLE t_tls (id INT PRIMARY KEY, note TEXT)")
+        .await?;
+    require_tls(&cluster, &pki, ClientAuth::Certificate)?;
+    let port = cluster.postgres.port;
+    let url_with = |client_files: &str| {
+        format!(
+            "postgres://postgres@localhost:{port}/{DATABASE}?sslmode=verify-full&sslrootcert={}{client_files}",
+            pki.ca.display()
+        )
+    };
+    let url = url_with(&format!(
+        "&sslcert={}&sslkey={}",
+        pki.client_cert.display(),
+        pki.client_key.display()
+    ));
+    let nats_url = format!("nats://localhost:{}", cluster.nats.port);
+    let nats_with = |client_files: &str| {
+        format!(
+            "url = \"{nats_url}\"\ntls_ca_file = \"{}\"\n{client_files}",
+            pki.ca.display()
+        )
+    };
+    let nats_client_files = format!(
+        "tls_client_cert = \"{}\"\ntls_client_key = \"{}\"\n",
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let plain = cluster.config(&["public.t_tls"], "")?;
+    let with_both = |name: &str, url: &str, nats: &str| -> anyhow::Result<PathBuf> {
+        let config = with_url(&cluster, &plain, url, &format!("url-{name}"))?;
+        with_nats(&cluster, &config, nats, name)
+    };
+
+    // Both servers demand a certificate: walstream presents its own to each and streams.
+    let config = with_both("mutual.toml", &url, &nats_with(&nats_client_files))?;
+    let mut streamer = start_checked(&cluster, &config)?;
+    let client = walstream::postgres::connect(&url).await?;
+    eventually(Duration::from_secs(30), "walstream streaming", || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    client
+        .batch_execute("INSERT INTO t_tls SELECT g, 'mutual tls' FROM generate_series(1, 3) g")
+        .await?;
+    let nats = async_nats::ConnectOptions::new()
+        .add_root_certificates(pki.ca.clone())
+        .add_client_certificate(pki.client_cert.clone(), pki.client_key.clone())
+        .require_tls(true)
+        .connect(&nats_url)
+        .await?;
+    let js = async_nats::jetstream::new(nats);
+    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
+    let messages = read_stream(&js).await?;
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[2].body["data"]["note"], "mutual tls");
+    // The control connection and the walsender were admitted by certificate.
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE backend_type IN ('client backend', 'walsender') \
+               AND client_dn = '/CN=postgres'",
+            &[],
+        )
+        .await?;
+    assert!(
+        row.get::<_, i64>(0) >= 3,
+        "{} connections by certificate",
+        row.get::<_, i64>(0)
+    );
+
+    // Without its certificate, each server turns walstream away, and check says which and
+    // what to look at.
+    streamer.terminate(Duration::from_secs(30))?;
+    for (name, url, nats, reasons) in [
+        (
+            "no-postgres-cert.toml",
+            url_with(""),
+            nats_with(&nats_client_files),
+            ["requires a valid client certificate", "ok   NATS reachable"],
+        ),
+        (
+            "no-nats-cert.toml",
+            url.clone(),
+            nats_with(""),
+            [
+                "BadCertificate",
+                "check nats.tls_ca_file, and nats.tls_client_cert",
+            ],
+        ),
+    ] {
+        let config = with_both(name, &url, &nats)?;
+        let (ok, report) = check(&config)?;
+        assert!(!ok, "{name}: {report}");
+        for reason in reasons {
+            assert!(report.contains(reason), "{name}: {reason}: {report}");
+        }
+    }
     Ok(())
 }

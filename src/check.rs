@@ -250,11 +250,27 @@ async fn check_table(client: &Client, table: &str, report: &mut Report) -> anyho
     Ok(())
 }
 
+/// What to look at when walstream cannot connect to NATS, from what the connection said.
+fn nats_hint(error: &str) -> &'static str {
+    let error = error.to_ascii_lowercase();
+    if error.contains("certificate") || error.contains("alert") || error.contains("tls") {
+        "the TLS handshake failed: check nats.tls_ca_file, and nats.tls_client_cert and \
+         nats.tls_client_key if the server verifies clients"
+    } else if error.contains("authorization") || error.contains("authentication") {
+        "the server refused walstream's credentials: check nats.credentials_file, \
+         nats.nkey_seed or nats.user and nats.password"
+    } else {
+        "is nats-server running?"
+    }
+}
+
 async fn check_nats(config: &Config, report: &mut Report) {
     let client = match sink::connect(&config.nats, Arc::new(Metrics::new()), Duration::ZERO).await {
         Ok(client) => client,
         Err(error) => {
-            report.fail(format!("{error:#}; is nats-server running?"));
+            let text = format!("{error:#}");
+            let hint = nats_hint(&text);
+            report.fail(format!("{text}; {hint}"));
             return;
         }
     };
@@ -294,5 +310,20 @@ fn check_checkpoint(config: &Config, report: &mut Report) {
             Err(error) => report.fail(error.to_string()),
         },
         Err(error) => report.fail(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nats_hint;
+
+    #[test]
+    fn a_nats_connect_failure_points_at_what_to_check() {
+        let tls = "IO error: received fatal alert: BadCertificate";
+        assert!(nats_hint(tls).contains("tls_client_cert"));
+        let credentials = "authorization violation";
+        assert!(nats_hint(credentials).contains("nkey_seed"));
+        let refused = "IO error: Connection refused (os error 111)";
+        assert_eq!(nats_hint(refused), "is nats-server running?");
     }
 }
