@@ -107,6 +107,47 @@ fn require_tls(cluster: &Cluster, pki: &Pki, auth: ClientAuth) -> anyhow::Result
     cluster.postgres.start()
 }
 
+/// For a test against a TLS nats-server: the crypto provider installed, and a temporary
+/// directory holding a PKI for `localhost`.
+fn tls_files() -> anyhow::Result<(tempfile::TempDir, Pki)> {
+    walstream::tls::install_crypto_provider();
+    let files = tempfile::Builder::new()
+        .prefix("walstream-tls-")
+        .tempdir()?;
+    let pki = pki(&files.path().join("pki"), &["localhost"])?;
+    Ok((files, pki))
+}
+
+/// Once walstream's slot is active (seen through `client`), three rows inserted into `t_tls`
+/// with `note` reach the stream.
+async fn three_rows_reach_the_stream(
+    client: &tokio_postgres::Client,
+    js: &async_nats::jetstream::Context,
+    note: &str,
+) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(30), "walstream streaming", || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    client
+        .execute(
+            "INSERT INTO t_tls SELECT g, $1 FROM generate_series(1, 3) g",
+            &[&note],
+        )
+        .await?;
+    wait_for_messages(js, 3, Duration::from_secs(30)).await?;
+    let messages = read_stream(js).await?;
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[2].body["data"]["note"], note);
+    Ok(())
+}
+
 /// `walstream check` with `config`: (success, stdout + stderr).
 fn check(config: &Path) -> anyhow::Result<(bool, String)> {
     let output = walstream(&["check"], config)?;
@@ -180,24 +221,7 @@ async fn postgres_over_verified_tls_streams_and_plaintext_or_a_wrong_name_or_ca_
     let config = with_url(&cluster, &plain, &url, "tls.toml")?;
     let mut streamer = start_checked(&cluster, &config)?;
     let client = walstream::postgres::connect(&url).await?;
-    eventually(Duration::from_secs(30), "walstream streaming", || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
-                &[],
-            )
-            .await
-            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
-    })
-    .await?;
-    client
-        .batch_execute("INSERT INTO t_tls SELECT g, 'over tls' FROM generate_series(1, 3) g")
-        .await?;
-    let js = cluster.jetstream().await?;
-    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
-    let messages = read_stream(&js).await?;
-    assert_eq!(messages.len(), 3);
-    assert_eq!(messages[2].body["data"]["note"], "over tls");
+    three_rows_reach_the_stream(&client, &cluster.jetstream().await?, "over tls").await?;
     // This client, walstream's control connection and its walsender: all encrypted.
     let row = client
         .query_one(
@@ -253,11 +277,7 @@ async fn postgres_over_verified_tls_streams_and_plaintext_or_a_wrong_name_or_ca_
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_over_verified_tls_with_an_nkey_user_streams_and_anything_less_is_refused(
 ) -> anyhow::Result<()> {
-    walstream::tls::install_crypto_provider();
-    let files = tempfile::Builder::new()
-        .prefix("walstream-tls-")
-        .tempdir()?;
-    let pki = pki(&files.path().join("pki"), &["localhost"])?;
+    let (files, pki) = tls_files()?;
     let user = nkeys::KeyPair::new_user();
     let seed = user.seed()?;
     let nats_conf = files.path().join("nats.conf");
@@ -486,11 +506,7 @@ async fn a_nats_in_operator_mode_admits_walstream_by_its_credentials_file_only(
 #[tokio::test(flavor = "multi_thread")]
 async fn client_certificates_admit_walstream_where_postgres_and_nats_demand_them(
 ) -> anyhow::Result<()> {
-    walstream::tls::install_crypto_provider();
-    let files = tempfile::Builder::new()
-        .prefix("walstream-tls-")
-        .tempdir()?;
-    let pki = pki(&files.path().join("pki"), &["localhost"])?;
+    let (files, pki) = tls_files()?;
     let nats_conf = files.path().join("nats.conf");
     std::fs::write(
         &nats_conf,
@@ -541,30 +557,13 @@ async fn client_certificates_admit_walstream_where_postgres_and_nats_demand_them
     let config = with_both("mutual.toml", &url, &nats_with(&nats_client_files))?;
     let mut streamer = start_checked(&cluster, &config)?;
     let client = walstream::postgres::connect(&url).await?;
-    eventually(Duration::from_secs(30), "walstream streaming", || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
-                &[],
-            )
-            .await
-            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
-    })
-    .await?;
-    client
-        .batch_execute("INSERT INTO t_tls SELECT g, 'mutual tls' FROM generate_series(1, 3) g")
-        .await?;
     let nats = async_nats::ConnectOptions::new()
         .add_root_certificates(pki.ca.clone())
         .add_client_certificate(pki.client_cert.clone(), pki.client_key.clone())
         .require_tls(true)
         .connect(&nats_url)
         .await?;
-    let js = async_nats::jetstream::new(nats);
-    wait_for_messages(&js, 3, Duration::from_secs(30)).await?;
-    let messages = read_stream(&js).await?;
-    assert_eq!(messages.len(), 3);
-    assert_eq!(messages[2].body["data"]["note"], "mutual tls");
+    three_rows_reach_the_stream(&client, &async_nats::jetstream::new(nats), "mutual tls").await?;
     // The control connection and the walsender were admitted by certificate.
     let row = client
         .query_one(
