@@ -24,12 +24,18 @@ pub fn child_pids(parent: u32) -> Vec<u32> {
         .filter_map(|entry| {
             let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // The command name is in parentheses and may hold spaces; the parent pid is the
-            // second field after it.
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            let ppid = *stat_fields(&stat).get(1)?;
             (ppid.parse() == Ok(parent)).then_some(pid)
         })
         .collect()
+}
+
+/// The fields of a `/proc/PID/stat` line after the command name, which is in parentheses and
+/// may hold spaces: the state first, then the parent pid.
+pub fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default()
 }
 
 fn is_root() -> bool {

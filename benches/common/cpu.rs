@@ -25,7 +25,7 @@ pub fn tree_cpu_seconds(root: u32) -> anyhow::Result<f64> {
 /// on Linux).
 fn seconds(pid: u32, fields: &[usize]) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let values = stat_fields(&stat);
+    let values = walstream::local::stat_fields(&stat);
     let mut ticks = 0.0;
     for &field in fields {
         let value: f64 = values
@@ -35,11 +35,4 @@ fn seconds(pid: u32, fields: &[usize]) -> anyhow::Result<f64> {
         ticks += value;
     }
     Ok(ticks / 100.0)
-}
-
-/// The fields of a `/proc/PID/stat` line after the command name, which may hold spaces.
-fn stat_fields(stat: &str) -> Vec<&str> {
-    stat.rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default()
 }

@@ -408,7 +408,7 @@ impl Encoder {
         }
     }
 
-    /// [`Naming::message_id`], with the part the transaction's events share formatted once.
+    /// The change's `Nats-Msg-Id`, with the part the transaction's events share formatted once.
     fn message_id(&self, tx: &mut Transaction, seq: u64, replay_id: Option<u64>) -> String {
         let (xid, lsn) = (tx.xid, tx.commit_lsn);
         let prefix = tx
@@ -610,10 +610,12 @@ mod tests {
                         .get(async_nats::header::NATS_MESSAGE_ID)
                         .unwrap()
                         .as_str(),
-                    naming.message_id(
-                        headers.get(HEADER_XID).unwrap().as_str().parse().unwrap(),
-                        event.position,
-                        None
+                    format!(
+                        "{}:{}:{}:{}",
+                        naming.slot(),
+                        headers.get(HEADER_XID).unwrap().as_str(),
+                        event.position.commit_lsn,
+                        event.position.seq
                     )
                 );
                 out.push(serde_json::from_slice(&event.payload).expect("valid JSON"));
@@ -665,10 +667,9 @@ mod tests {
         let again = encoder.logical_message(Some(&mut tx), &message);
         let id = |event: &EncodedEvent| event.headers().get(NATS_MESSAGE_ID).unwrap().to_string();
         assert_eq!(id(&again), format!("{}:r7", id(&first)));
-        let naming = encoder.naming();
         assert_eq!(
             again.message_id,
-            naming.message_id(42, again.position, Some(7))
+            format!("walstream:42:0/300:{}:r7", again.position.seq)
         );
         assert!(again.replay && !first.replay);
         let json = |event: &EncodedEvent| -> serde_json::Value {

@@ -167,21 +167,16 @@ impl Naming {
         subjects
     }
 
-    /// The deterministic `Nats-Msg-Id` of a change; a replay's own, so JetStream's dedup
-    /// window does not swallow the second delivery.
-    pub fn message_id(&self, xid: u32, position: Position, replay: Option<u64>) -> String {
-        let prefix = self.message_id_prefix(xid, position.commit_lsn);
-        message_id_from_prefix(&prefix, position.seq, replay)
-    }
-
-    /// `{slot}:{xid}:{commit lsn}:`, what the ids of a transaction's changes share.
+    /// `{slot}:{xid}:{commit lsn}:`, what the `Nats-Msg-Id`s of a transaction's changes share
+    /// (see [`message_id_from_prefix`]).
     pub fn message_id_prefix(&self, xid: u32, commit_lsn: Lsn) -> String {
         format!("{}:{xid}:{commit_lsn}:", self.slot)
     }
 }
 
-/// A change's id from its transaction's [`Naming::message_id_prefix`]: the prefix, its place in
-/// the transaction, and a replay's own suffix.
+/// A change's deterministic `Nats-Msg-Id` from its transaction's
+/// [`Naming::message_id_prefix`]: the prefix, its place in the transaction, and a replay's own
+/// suffix, so JetStream's dedup window does not swallow the second delivery.
 pub fn message_id_from_prefix(prefix: &str, seq: u64, replay: Option<u64>) -> String {
     use std::fmt::Write as _;
     let mut id = String::with_capacity(prefix.len() + 24);
