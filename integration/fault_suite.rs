@@ -9,6 +9,8 @@
 mod harness;
 #[path = "fault_suite/oracle.rs"]
 mod oracle;
+#[path = "fault_suite/other_publisher.rs"]
+mod other_publisher;
 #[path = "fault_suite/workload.rs"]
 mod workload;
 
@@ -175,12 +177,14 @@ async fn prepare(
 }
 
 /// After the faults: lets walstream catch up, judges the whole stream against the oracle
-/// slot, prints what happened, and stops walstream, which must exit cleanly.
+/// slot and what the other publisher published, prints what happened, and stops walstream,
+/// which must exit cleanly.
 async fn verify(
     cluster: &Cluster,
     js: &jetstream::Context,
     walstream: &mut Supervised,
     written: &workload::Written,
+    others: &other_publisher::Published,
 ) -> anyhow::Result<(oracle::Verdict, std::process::ExitStatus)> {
     let client = cluster.client().await?;
     let committed = oracle::committed(&client)
@@ -188,12 +192,28 @@ async fn verify(
         .context("reading the oracle slot")?;
     let expected: usize = committed.iter().map(|t| t.changes.len()).sum();
     walstream
-        .catch_up(js, expected as u64, Duration::from_secs(60))
+        .catch_up(
+            js,
+            (expected + others.stored.len()) as u64,
+            Duration::from_secs(60),
+        )
         .await?;
     // A duplicate, if one were coming, would land in these seconds.
     walstream.supervise_for(Duration::from_secs(3)).await?;
-    let messages = read_stream(js).await.context("reading the stream")?;
-    let verdict = oracle::judge(&committed, &messages, &table_rows(&client).await?);
+    let mut messages = read_stream(js).await.context("reading the stream")?;
+    // The other publisher's unanswered messages may be there too, and count above.
+    let own = |messages: &[Stored]| {
+        messages
+            .iter()
+            .filter(|m| m.headers.get(other_publisher::MARK).is_none())
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while own(&messages) < expected && Instant::now() < deadline {
+        walstream.supervise_for(Duration::from_secs(3)).await?;
+        messages = read_stream(js).await.context("reading the stream")?;
+    }
+    let verdict = oracle::judge(&committed, &messages, &table_rows(&client).await?, others);
     let status = walstream
         .walstream
         .terminate(Duration::from_secs(60))
@@ -214,6 +234,13 @@ async fn verify(
         written.acknowledged,
         written.failed,
         messages.len()
+    );
+    eprintln!(
+        "fault suite: another publisher published {:?}; {} acknowledged as stored, {} copies \
+         of walstream's messages dropped by JetStream as duplicates",
+        others.kinds,
+        others.stored.len(),
+        others.copies_dropped
     );
     eprintln!("fault suite: walstream's log: {}", evidence(cluster));
     eprintln!("fault suite: {verdict}");
@@ -416,15 +443,23 @@ async fn random_faults_lose_duplicate_and_reorder_nothing() -> anyhow::Result<()
         .allow(Duration::from_secs(seconds) + Duration::from_secs(600));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(workload::write(chaos.cluster.db_url(), seed, stop.clone()));
+    // Straight to nats-server, not through walstream's cuttable link.
+    let other = tokio::spawn(other_publisher::publish(
+        chaos.cluster.nats.url(),
+        seed,
+        stop.clone(),
+    ));
     let started = Instant::now();
     chaos
         .inject_until(started + Duration::from_secs(seconds))
         .await?;
     stop.store(true, Ordering::SeqCst);
     let written = writer.await?;
+    let others = other.await?;
     eprintln!("fault suite: {seconds} s of faults: {:?}", chaos.injected);
     let js = chaos.cluster.jetstream().await?;
-    let (verdict, status) = verify(&chaos.cluster, &js, &mut chaos.walstream, &written).await?;
+    let (verdict, status) =
+        verify(&chaos.cluster, &js, &mut chaos.walstream, &written, &others).await?;
     assert!(
         verdict.passed(),
         "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
@@ -550,6 +585,7 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
     .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(workload::write(cluster.db_url(), seed, stop.clone()));
+    let other = tokio::spawn(other_publisher::publish(nats.url(), seed, stop.clone()));
 
     walstream.supervise_for(Duration::from_secs(5)).await?;
     let leader = nats
@@ -575,8 +611,9 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
     walstream.supervise_for(Duration::from_secs(8)).await?;
     stop.store(true, Ordering::SeqCst);
     let written = writer.await?;
+    let others = other.await?;
 
-    let (verdict, status) = verify(&cluster, &js, &mut walstream, &written)
+    let (verdict, status) = verify(&cluster, &js, &mut walstream, &written, &others)
         .await
         .context("verifying the stream")?;
     assert!(
@@ -627,6 +664,10 @@ fn evidence(cluster: &Cluster) -> String {
         ("NATS disconnections", "NATS disconnected"),
         ("publish failures re-synced", "re-syncing with the stream"),
         (
+            "re-syncs after another publisher's message",
+            "the stream moved under walstream",
+        ),
+        (
             "re-syncs that found the stream unreadable",
             "not reachable for re-sync",
         ),
@@ -675,8 +716,14 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
             commit_time: String::new(),
             xid: xid.to_string(),
             body: json!({"table": table, "event": op, "data": data, "old": null, "unchanged_toast": []}),
+            headers: Default::default(),
         }
     };
+    let none = other_publisher::Published::default();
+    let judge =
+        |stream: &[Stored], tables: &HashMap<&'static str, BTreeMap<String, serde_json::Value>>| {
+            oracle::judge(&committed, stream, tables, &none)
+        };
     let stream = vec![
         event(
             1,
@@ -717,18 +764,18 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
             BTreeMap::from([("k1".to_owned(), json!({"k": "k1", "v": 5, "flag": true}))]),
         ),
     ]);
-    let verdict = oracle::judge(&committed, &stream, &tables);
+    let verdict = judge(&stream, &tables);
     assert!(verdict.passed(), "{verdict}");
     assert_eq!(verdict.changes_checked, 3);
 
-    let lost = oracle::judge(&committed, &[stream[0].clone(), stream[2].clone()], &tables);
+    let lost = judge(&[stream[0].clone(), stream[2].clone()], &tables);
     assert_eq!((lost.lost, lost.table_mismatches), (1, 1), "{lost}");
     let mut twice = stream.clone();
     twice.push(stream[2].clone());
-    let duplicated = oracle::judge(&committed, &twice, &tables);
+    let duplicated = judge(&twice, &tables);
     assert_eq!(duplicated.duplicated, 1, "{duplicated}");
     let swapped = vec![stream[1].clone(), stream[0].clone(), stream[2].clone()];
-    let reordered = oracle::judge(&committed, &swapped, &tables);
+    let reordered = judge(&swapped, &tables);
     assert_eq!(
         (reordered.out_of_order, reordered.table_mismatches),
         (1, 1),
@@ -736,13 +783,10 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
     );
     let mut wrong = stream.clone();
     wrong[1].body["event"] = json!("DELETE");
-    assert!(oracle::judge(&committed, &wrong, &tables).wrong_content >= 1);
+    assert!(judge(&wrong, &tables).wrong_content >= 1);
     let mut outside = stream.clone();
     outside[2].message_id = "walstream:11:0/1F8:0".into();
-    assert_eq!(
-        oracle::judge(&committed, &outside, &tables).wrong_content,
-        1
-    );
+    assert_eq!(judge(&outside, &tables).wrong_content, 1);
     let mut stranger = stream.clone();
     stranger.push(event(
         4,
@@ -753,10 +797,56 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
         "DELETE",
         json!({"k": "k1"}),
     ));
-    let unexpected = oracle::judge(&committed, &stranger, &tables);
+    let unexpected = judge(&stranger, &tables);
     assert_eq!(
         (unexpected.unexpected, unexpected.table_mismatches),
         (1, 1),
         "{unexpected}"
+    );
+
+    // The other publisher's messages: a copy of an event with its mark is not the event; one
+    // it never sent, one twice, or one acknowledged and missing fails.
+    let other = |sequence: u64, number: &str, copy_of: Option<&Stored>| {
+        let mut message = copy_of.cloned().unwrap_or_else(|| Stored {
+            sequence,
+            subject: String::new(),
+            message_id: String::new(),
+            lsn: String::new(),
+            seq: u64::MAX,
+            commit_time: String::new(),
+            xid: String::new(),
+            body: json!({"other": number}),
+            headers: Default::default(),
+        });
+        message.sequence = sequence;
+        message.headers.insert(other_publisher::MARK, number);
+        message
+    };
+    let mut published = other_publisher::Published::default();
+    published.attempted.extend([1, 2, 3]);
+    published.stored.extend([1, 2]);
+    let mut beside = stream.clone();
+    beside.insert(1, other(10, "1", None));
+    beside.push(other(11, "2", Some(&stream[0])));
+    let fine = oracle::judge(&committed, &beside, &tables, &published);
+    assert!(fine.passed(), "{fine}");
+    assert_eq!(fine.others_found, 2);
+    let mut missing = stream.clone();
+    missing.push(other(10, "1", None));
+    assert_eq!(
+        oracle::judge(&committed, &missing, &tables, &published).others_lost,
+        1
+    );
+    let mut twice = beside.clone();
+    twice.push(other(12, "1", None));
+    assert_eq!(
+        oracle::judge(&committed, &twice, &tables, &published).others_wrong,
+        1
+    );
+    let mut unknown = beside.clone();
+    unknown.push(other(12, "9", None));
+    assert_eq!(
+        oracle::judge(&committed, &unknown, &tables, &published).others_wrong,
+        1
     );
 }

@@ -881,7 +881,8 @@ async fn start_up_errors_name_the_line_and_the_object() -> anyhow::Result<()> {
 }
 
 /// The feed's own guarantee, with the overlap made certain: events the pipeline announces
-/// while the replay runs are also in the stream, and each must come out exactly once.
+/// while the replay runs are also in the stream, and each must come out exactly once; another
+/// client's message in the stream, even with walstream's headers, is no event.
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
     use std::sync::Arc;
@@ -896,12 +897,16 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    let publish = |i: u64| {
+    // Event i: committed at LSN 0/i, as walstream (slot "walstream") publishes it.
+    let publish = |i: u64, id: Option<String>| {
         let js = js.clone();
         async move {
             let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Walstream-Xid", "7");
             headers.insert("Walstream-Lsn", format!("0/{i:X}").as_str());
             headers.insert("Walstream-Seq", "0");
+            let id = id.unwrap_or_else(|| format!("walstream:7:0/{i:X}:0"));
+            headers.insert("Nats-Msg-Id", id.as_str());
             let ack = js
                 .publish_with_headers("t.x", headers, format!("{i}").into())
                 .await?
@@ -909,25 +914,32 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
             anyhow::Ok(ack.sequence)
         }
     };
-    let stored = |i: u64| {
+    let stored = |sequence: u64| {
         Arc::new(StoredEvent {
-            stream_sequence: i,
+            stream_sequence: sequence,
             subject: "t.x".into(),
-            payload: format!("{i}").into(),
+            payload: format!("{sequence}").into(),
         })
     };
     for i in 1..=10 {
-        assert_eq!(publish(i).await?, i);
+        assert_eq!(publish(i, None).await?, i);
     }
+    // Another client's message, walstream's headers under its own id, at sequence 11.
+    assert_eq!(publish(3, Some("outbox:1".into())).await?, 11);
     let (live, _) = tokio::sync::broadcast::channel(64);
-    let feed = Feed::new(js.clone(), STREAM.into(), Some(live.clone()));
+    let feed = Feed::new(
+        js.clone(),
+        STREAM.into(),
+        "walstream".into(),
+        Some(live.clone()),
+    );
     let mut deliveries = feed.subscribe(None, Some(parse_cursor("0/2:0")?));
-    for i in 5..=10 {
-        live.send(stored(i))?;
+    for sequence in 5..=10 {
+        live.send(stored(sequence))?;
     }
     for i in 11..=15 {
-        publish(i).await?;
-        live.send(stored(i))?;
+        let sequence = publish(i, None).await?;
+        live.send(stored(sequence))?;
     }
     let mut sequences = Vec::new();
     while sequences.len() < 13 {
@@ -936,7 +948,8 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("the feed ended"))??;
         sequences.push(event.stream_sequence);
     }
-    assert_eq!(sequences, (3..=15).collect::<Vec<_>>());
+    let expected: Vec<u64> = (3..=10).chain(12..=16).collect();
+    assert_eq!(sequences, expected);
     let extra = tokio::time::timeout(Duration::from_millis(500), deliveries.recv()).await;
     assert!(extra.is_err(), "nothing more: {extra:?}");
     Ok(())

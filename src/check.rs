@@ -12,19 +12,32 @@ use crate::metrics::Metrics;
 use crate::postgres::{self, db_error};
 use crate::sink;
 
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pass,
+    /// Works, but the operator should know.
+    Warn,
+    Fail,
+}
+
 /// Collected check results.
 #[derive(Default)]
 pub struct Report {
-    lines: Vec<(bool, String)>,
+    lines: Vec<(Outcome, String)>,
 }
 
 impl Report {
     fn pass(&mut self, message: impl Into<String>) {
-        self.lines.push((true, message.into()));
+        self.lines.push((Outcome::Pass, message.into()));
+    }
+
+    fn warn(&mut self, message: impl Into<String>) {
+        self.lines.push((Outcome::Warn, message.into()));
     }
 
     fn fail(&mut self, message: impl Into<String>) {
-        self.lines.push((false, message.into()));
+        self.lines.push((Outcome::Fail, message.into()));
     }
 
     fn check(&mut self, ok: bool, pass: impl Into<String>, fail: impl Into<String>) {
@@ -36,12 +49,20 @@ impl Report {
     }
 
     pub fn failures(&self) -> usize {
-        self.lines.iter().filter(|(ok, _)| !ok).count()
+        self.lines
+            .iter()
+            .filter(|(outcome, _)| *outcome == Outcome::Fail)
+            .count()
     }
 
     pub fn print(&self) {
-        for (ok, line) in &self.lines {
-            println!("{} {line}", if *ok { "ok  " } else { "FAIL" });
+        for (outcome, line) in &self.lines {
+            let label = match outcome {
+                Outcome::Pass => "ok  ",
+                Outcome::Warn => "WARN",
+                Outcome::Fail => "FAIL",
+            };
+            println!("{label} {line}");
         }
     }
 }
@@ -292,10 +313,54 @@ async fn check_nats(config: &Config, report: &mut Report) {
     };
     match error {
         None => report.pass("JetStream enabled"),
-        Some(error) => report.fail(format!(
-            "JetStream not available ({error}): start nats-server with -js (jetstream enabled)"
-        )),
+        Some(error) => {
+            return report.fail(format!(
+                "JetStream not available ({error}): start nats-server with -js (jetstream enabled)"
+            ))
+        }
     }
+    check_stream(&async_nats::jetstream::new(client), config, report).await;
+}
+
+/// What the stream's end shows: walstream's last event, and other clients' messages after it.
+async fn check_stream(js: &async_nats::jetstream::Context, config: &Config, report: &mut Report) {
+    let name = &config.nats.stream_name;
+    if js.get_stream(name).await.is_err() {
+        return report.pass(format!(
+            "stream {name} does not exist yet; walstream stream will create it"
+        ));
+    }
+    let tail = match sink::read_tail(js, name, &config.replication.slot).await {
+        Ok(tail) => tail,
+        Err(error) => return report.fail(format!("cannot read stream {name}: {error:#}")),
+    };
+    let others = match (&tail.own, tail.search_cut_short) {
+        (_, true) => format!(
+            "none of its last {} messages is walstream's",
+            sink::TAIL_SEARCH_LIMIT
+        ),
+        (Some(own), false) if tail.others_after > 0 => format!(
+            "{} messages after walstream's last event (sequence {}) were published by another \
+             client",
+            tail.others_after, own.sequence
+        ),
+        (None, false) if tail.others_after > 0 => format!(
+            "its {} messages were published by another client",
+            tail.others_after
+        ),
+        _ => {
+            return report.pass(format!(
+                "stream {name} ready (last sequence {})",
+                tail.sequence
+            ))
+        }
+    };
+    report.warn(format!(
+        "stream {name}: {others}. walstream keeps its own events exactly once and in WAL order \
+         beside them (README: Other publishers); consumers tell them apart by Nats-Msg-Id \
+         ({slot}:…). To keep the stream walstream's alone, point other clients at another stream",
+        slot = config.replication.slot
+    ));
 }
 
 fn check_checkpoint(config: &Config, report: &mut Report) {

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub events_published: IntCounterVec,
     pub publish_errors: IntCounterVec,
     pub publish_retries: IntCounter,
+    /// Messages in the stream that another client published, as walstream came across them.
+    pub other_publishers_messages: IntCounter,
     pub inflight_acks: IntGauge,
     pub checkpoint_lsn: IntGauge,
     pub replication_lag_bytes: IntGauge,
@@ -62,6 +64,11 @@ impl Metrics {
             "walstream_publish_retries_total",
             "Events re-sent after a failed or unconfirmed publish",
         ));
+        let other_publishers_messages = defined(IntCounter::new(
+            "walstream_other_publishers_messages_total",
+            "Messages another client published into walstream's stream, counted where \
+             walstream's own events continued after them",
+        ));
         let inflight_acks = defined(IntGauge::new(
             "walstream_inflight_acks",
             "Publishes awaiting their JetStream ack",
@@ -106,7 +113,8 @@ impl Metrics {
             "walstream_standby",
             "1 while this instance stands by for another that holds the slot's lease, else 0",
         ));
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+            Box::new(other_publishers_messages.clone()),
             Box::new(standby.clone()),
             Box::new(events_published.clone()),
             Box::new(publish_errors.clone()),
@@ -130,6 +138,7 @@ impl Metrics {
             events_published,
             publish_errors,
             publish_retries,
+            other_publishers_messages,
             inflight_acks,
             checkpoint_lsn,
             replication_lag_bytes,

@@ -30,16 +30,16 @@ const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a graceful stop waits for outstanding acks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why walstream stops when its slot is gone, and what the operator can do.
 /// Reads the stream's end, waiting out a JetStream cluster electing the stream's leader.
 async fn read_tail_patiently(
     js: &jetstream::Context,
     stream_name: &str,
+    slot: &str,
     give_up_after: Duration,
 ) -> anyhow::Result<sink::StreamTail> {
     let mut backoff = sink::Backoff::new();
     loop {
-        match sink::read_tail(js, stream_name).await {
+        match sink::read_tail(js, stream_name, slot).await {
             Ok(tail) => return Ok(tail),
             Err(error) if backoff.elapsed() < give_up_after => {
                 tracing::warn!(
@@ -54,6 +54,29 @@ async fn read_tail_patiently(
     }
 }
 
+/// Says what the search for walstream's last message passed over.
+fn report_other_publishers(tail: &sink::StreamTail, stream_name: &str, metrics: &Metrics) {
+    if tail.others_after > 0 && tail.own.is_some() {
+        metrics.other_publishers_messages.inc_by(tail.others_after);
+        tracing::info!(
+            stream = stream_name,
+            messages = tail.others_after,
+            "messages another client published after walstream's last event; walstream's \
+             events go on after them"
+        );
+    }
+    if tail.search_cut_short {
+        tracing::warn!(
+            stream = stream_name,
+            searched = sink::TAIL_SEARCH_LIMIT,
+            "none of the stream's last messages is walstream's: another client published them. \
+             walstream resumes from its checkpoint and the slot, and may publish again events \
+             stored before them (a duplicate, never a loss)"
+        );
+    }
+}
+
+/// Why walstream stops when its slot is gone, and what the operator can do.
 fn slot_gone_message(slot: &str) -> String {
     format!(
         "replication slot {slot} no longer exists. walstream does not recreate it on its own: \
@@ -87,20 +110,22 @@ pub async fn run(
         &config.nats.jetstream,
     )
     .await?;
-    let tail = read_tail_patiently(&js, &stream_name, Duration::from_secs(60))
+    let slot = &config.replication.slot;
+    let tail = read_tail_patiently(&js, &stream_name, slot, Duration::from_secs(60))
         .await
         .with_context(|| format!("cannot read the end of stream {stream_name}"))?;
     tracing::info!(
         stream = %stream_name,
         last_sequence = tail.sequence,
-        last_position = ?tail.position,
+        last_position = ?tail.position(),
         "stream ready"
     );
+    report_other_publishers(&tail, &stream_name, &metrics);
     // A missing slot is created only for a walstream with no history. With history (a
     // checkpoint, or walstream's events in the stream) it was dropped or lost, and creating a
     // new one would silently skip every change made since.
     let checkpointed = checkpoint.confirmed_lsn()?;
-    let has_history = checkpointed.is_some() || tail.position.is_some();
+    let has_history = checkpointed.is_some() || tail.position().is_some();
     if has_history
         && postgres::slot_info(&control, &config.replication.slot)
             .await?
@@ -123,7 +148,7 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
-    let plan = ResumePlan::from_tail(tail.position, tail.replay);
+    let plan = ResumePlan::from_tail(tail.position(), tail.replay());
     if let Some(replay) = plan.replay {
         tracing::info!(
             replay = replay.id,

@@ -341,14 +341,15 @@ pub async fn request(config: &Config, from: Lsn) -> anyhow::Result<ReplayRequest
     }
     let js = sink::jetstream_for_command(&config.nats).await?;
     let name = &config.nats.stream_name;
-    let tail = sink::read_tail(&js, name)
+    let tail = sink::read_tail(&js, name, slot_name)
         .await
         .with_context(|| format!("cannot read the end of stream {name}"))?;
-    let through = match (tail.replay, tail.position) {
+    let through = match (tail.replay(), tail.position()) {
         (Some(earlier), _) => earlier.replay.through,
         (None, Some(position)) => position,
         (None, None) => anyhow::bail!(
-            "stream {name} does not end with a walstream event (sequence {}): nothing to replay",
+            "stream {name} holds no walstream event of slot {slot_name} (searched back from \
+             sequence {}): nothing to replay",
             tail.sequence
         ),
     };
@@ -359,7 +360,7 @@ pub async fn request(config: &Config, from: Lsn) -> anyhow::Result<ReplayRequest
         );
     }
     let now_millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    let id = (now_millis as u64).max(tail.replay.map_or(0, |t| t.replay.id + 1));
+    let id = (now_millis as u64).max(tail.replay().map_or(0, |t| t.replay.id + 1));
     let marker = ReplayHeaders {
         replay: Replay { id, through },
         from: Some(from),
@@ -388,8 +389,9 @@ pub async fn request(config: &Config, from: Lsn) -> anyhow::Result<ReplayRequest
         .await
         .map_err(|e| {
             anyhow::anyhow!(
-                "cannot write the replay marker: {e}. If the stream moved on meanwhile, a \
-                 walstream is publishing into it: stop it, then run reset-lsn again"
+                "cannot write the replay marker: {e}. If the stream moved on meanwhile, \
+                 another client published into it (run reset-lsn again) or a walstream is \
+                 streaming the slot (stop it first)"
             )
         })?;
     Ok(ReplayRequest {

@@ -68,6 +68,8 @@ pub struct StreamStatus {
     pub last_lsn: Option<String>,
     pub first_time: Option<String>,
     pub last_time: Option<String>,
+    /// Messages after walstream's last event that another client published.
+    pub other_messages_after_last_event: u64,
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
@@ -123,10 +125,10 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         ),
     };
     let js = sink::jetstream_for_command(&config.nats).await?;
-    let stream = stream_status(&js, &config.nats.stream_name).await?;
-    let tail = sink::read_tail(&js, &config.nats.stream_name).await?;
-    let replay = tail.replay.and_then(|headers| {
-        let state = match (headers.from, tail.position) {
+    let tail = sink::read_tail(&js, &config.nats.stream_name, slot_name).await?;
+    let stream = stream_status(&js, &config.nats.stream_name, slot_name, &tail).await?;
+    let replay = tail.replay().and_then(|headers| {
+        let state = match (headers.from, tail.position()) {
             (Some(_), _) => "requested",
             (None, Some(last)) if last < headers.replay.through => "in progress",
             (None, _) => return None,
@@ -147,25 +149,25 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     })
 }
 
-async fn stream_status(js: &jetstream::Context, name: &str) -> anyhow::Result<StreamStatus> {
+async fn stream_status(
+    js: &jetstream::Context,
+    name: &str,
+    slot: &str,
+    tail: &sink::StreamTail,
+) -> anyhow::Result<StreamStatus> {
     let mut stream = js
         .get_stream(name)
         .await
         .with_context(|| format!("stream {name}"))?;
     let state = stream.info().await?.state.clone();
-    let (first, last) = if state.messages == 0 {
-        (None, None)
-    } else {
-        (
-            sink::meta_at_or_after(&stream, state.first_sequence, state.last_sequence).await?,
-            last_meta(&stream, state.first_sequence, state.last_sequence).await?,
-        )
+    let (first, last) = match &tail.own {
+        Some(own) if state.messages > 0 => (
+            sink::meta_at_or_after(&stream, slot, state.first_sequence, own.sequence).await?,
+            sink::meta_at_or_after(&stream, slot, own.sequence, own.sequence).await?,
+        ),
+        _ => (None, None),
     };
-    let lsn = |m: &Option<StoredMeta>| {
-        m.as_ref()
-            .and_then(|m| m.position)
-            .map(|p| p.commit_lsn.to_string())
-    };
+    let lsn = |m: &Option<StoredMeta>| m.as_ref().map(|m| m.position.commit_lsn.to_string());
     let when = |m: &Option<StoredMeta>| m.as_ref().and_then(|m| m.time.format(&Rfc3339).ok());
     Ok(StreamStatus {
         name: name.to_owned(),
@@ -177,25 +179,8 @@ async fn stream_status(js: &jetstream::Context, name: &str) -> anyhow::Result<St
         last_lsn: lsn(&last),
         first_time: when(&first),
         last_time: when(&last),
+        other_messages_after_last_event: tail.others_after,
     })
-}
-
-/// The last stored message (the one at `last` may have been deleted).
-async fn last_meta(
-    stream: &jetstream::stream::Stream,
-    first: u64,
-    last: u64,
-) -> anyhow::Result<Option<StoredMeta>> {
-    let mut sequence = last;
-    loop {
-        if let Some(meta) = sink::meta_at_or_after(stream, sequence, sequence).await? {
-            return Ok(Some(meta));
-        }
-        if sequence <= first {
-            return Ok(None);
-        }
-        sequence -= 1;
-    }
 }
 
 impl Status {
@@ -251,6 +236,12 @@ impl Status {
                 s.first_time.as_deref().unwrap_or("-"),
                 s.last_lsn.as_deref().unwrap_or("-"),
                 s.last_time.as_deref().unwrap_or("-")
+            );
+        }
+        if s.other_messages_after_last_event > 0 {
+            println!(
+                "  {} messages after walstream's last event were published by another client",
+                s.other_messages_after_last_event
             );
         }
         println!(
@@ -326,28 +317,32 @@ pub async fn seek(config: &Config, target: SeekTarget) -> anyhow::Result<SeekRes
         .with_context(|| format!("stream {name}"))?;
     let state = stream.info().await?.state.clone();
     let reached = |meta: &StoredMeta| match target {
-        SeekTarget::Lsn(lsn) => meta.position.is_some_and(|p| p.commit_lsn >= lsn),
+        SeekTarget::Lsn(lsn) => meta.position.commit_lsn >= lsn,
         SeekTarget::Time(time) => meta.time >= time,
     };
     let found = if state.messages == 0 {
         None
     } else {
-        sink::first_where(&stream, state.first_sequence, state.last_sequence, reached)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "searching stream {name}: {}",
-                    secrets::redact_urls(&e.to_string())
-                )
-            })?
+        let slot = &config.replication.slot;
+        sink::first_where(
+            &stream,
+            slot,
+            state.first_sequence,
+            state.last_sequence,
+            reached,
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "searching stream {name}: {}",
+                secrets::redact_urls(&e.to_string())
+            )
+        })?
     };
     Ok(SeekResult {
         stream: name.clone(),
         sequence: found.as_ref().map(|m| m.sequence),
-        lsn: found
-            .as_ref()
-            .and_then(|m| m.position)
-            .map(|p| p.commit_lsn.to_string()),
+        lsn: found.as_ref().map(|m| m.position.commit_lsn.to_string()),
         time: found.as_ref().and_then(|m| m.time.format(&Rfc3339).ok()),
         older_events_purged: state.first_sequence > 1,
     })

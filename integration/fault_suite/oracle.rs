@@ -7,6 +7,7 @@ use std::fmt;
 use serde_json::Value;
 
 use super::harness::Stored;
+use super::other_publisher::{Published, MARK};
 use super::workload::TABLE_ROWS;
 
 pub const SLOT: &str = "oracle";
@@ -79,6 +80,12 @@ pub struct Verdict {
     pub out_of_order: usize,
     pub wrong_content: usize,
     pub table_mismatches: usize,
+    /// The other publisher's messages found in the stream.
+    pub others_found: usize,
+    /// Its messages JetStream acknowledged and the stream does not hold.
+    pub others_lost: usize,
+    /// Its messages in the stream more than once, or that it never published.
+    pub others_wrong: usize,
     pub examples: Vec<String>,
 }
 
@@ -90,6 +97,8 @@ impl Verdict {
             + self.out_of_order
             + self.wrong_content
             + self.table_mismatches
+            + self.others_lost
+            + self.others_wrong
             == 0
     }
 
@@ -105,7 +114,9 @@ impl fmt::Display for Verdict {
         write!(
             f,
             "{} transactions, {} changes checked: {} lost, {} duplicated, {} unexpected, \
-             {} out of order, {} with the wrong table or operation, {} table rows differing",
+             {} out of order, {} with the wrong table or operation, {} table rows differing; \
+             another publisher's messages: {} in the stream, {} acknowledged but lost, {} \
+             duplicated or unknown",
             self.transactions,
             self.changes_checked,
             self.lost,
@@ -113,7 +124,10 @@ impl fmt::Display for Verdict {
             self.unexpected,
             self.out_of_order,
             self.wrong_content,
-            self.table_mismatches
+            self.table_mismatches,
+            self.others_found,
+            self.others_lost,
+            self.others_wrong
         )?;
         for example in &self.examples {
             write!(f, "\n  {example}")?;
@@ -133,17 +147,26 @@ fn identity(message: &Stored) -> Option<(u32, u64, u64)> {
     Some((xid.parse().ok()?, lsn, seq.parse().ok()?))
 }
 
-/// Checks the stream against what was committed: (1) every change exactly once, by message id,
-/// (2) in commit order, (3) folded in order into tables, equal to `tables`.
+/// Checks the stream against what was committed and what the other publisher published:
+/// (1) every change exactly once, by message id, (2) in commit order, (3) folded in order into
+/// tables, equal to `tables`; (4) the other publisher's messages, told apart by its mark,
+/// each there once if JetStream acknowledged it, at most once otherwise.
 pub fn judge(
     committed: &[Committed],
     messages: &[Stored],
     tables: &HashMap<&'static str, BTreeMap<String, Value>>,
+    others: &Published,
 ) -> Verdict {
     let mut verdict = Verdict {
         transactions: committed.len(),
         ..Verdict::default()
     };
+    let (other_messages, messages): (Vec<Stored>, Vec<Stored>) = messages
+        .iter()
+        .cloned()
+        .partition(|m| m.headers.get(MARK).is_some());
+    check_others(&mut verdict, &other_messages, others);
+    let messages = &messages[..];
     let mut by_xid: HashMap<u32, Vec<(u64, u64, &Stored)>> = HashMap::new();
     let mut stream_order = Vec::new();
     for message in messages {
@@ -187,6 +210,38 @@ pub fn judge(
     }
     compare_tables(&mut verdict, &fold(messages), tables);
     verdict
+}
+
+fn check_others(verdict: &mut Verdict, messages: &[Stored], published: &Published) {
+    let mut seen = std::collections::BTreeSet::new();
+    for message in messages {
+        verdict.others_found += 1;
+        let number = message
+            .headers
+            .get(MARK)
+            .and_then(|n| n.as_str().parse::<u64>().ok());
+        let known = number.is_some_and(|n| published.attempted.contains(&n));
+        if !known || !seen.insert(number) {
+            verdict.others_wrong += 1;
+            verdict.problem(format!(
+                "sequence {}: the other publisher's message {number:?} {}",
+                message.sequence,
+                if known {
+                    "twice"
+                } else {
+                    "was never published"
+                }
+            ));
+        }
+    }
+    for number in &published.stored {
+        if !seen.contains(&Some(*number)) {
+            verdict.others_lost += 1;
+            verdict.problem(format!(
+                "the other publisher's message {number}: acknowledged, not in the stream"
+            ));
+        }
+    }
 }
 
 /// One transaction: its events carry seq 0..n once each, with the table and operation

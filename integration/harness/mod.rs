@@ -277,6 +277,7 @@ pub struct Stored {
     pub commit_time: String,
     pub xid: String,
     pub body: Value,
+    pub headers: async_nats::HeaderMap,
 }
 
 impl Stored {
@@ -327,6 +328,7 @@ pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>>
             xid: header("Walstream-Xid"),
             body: serde_json::from_slice(&message.payload)
                 .with_context(|| format!("message {sequence} is not JSON"))?,
+            headers,
         });
         if sequence >= last {
             break;

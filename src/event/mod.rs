@@ -170,8 +170,13 @@ impl Naming {
     /// `{slot}:{xid}:{commit lsn}:`, what the `Nats-Msg-Id`s of a transaction's changes share
     /// (see [`message_id_from_prefix`]).
     pub fn message_id_prefix(&self, xid: u32, commit_lsn: Lsn) -> String {
-        format!("{}:{xid}:{commit_lsn}:", self.slot)
+        message_id_prefix(&self.slot, xid, commit_lsn)
     }
+}
+
+/// `{slot}:{xid}:{commit lsn}:`, the start of every `Nats-Msg-Id` of a transaction's changes.
+pub fn message_id_prefix(slot: &str, xid: u32, commit_lsn: Lsn) -> String {
+    format!("{slot}:{xid}:{commit_lsn}:")
 }
 
 /// A change's deterministic `Nats-Msg-Id` from its transaction's

@@ -9,8 +9,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::event::Position;
 use crate::lsn::parse_lsn;
-use crate::sink::StoredEvent;
-use crate::sink::{first_where, meta_at_or_after};
+use crate::sink::{first_where, meta_at_or_after, own_message, StoredEvent};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum FeedError {
@@ -49,6 +48,8 @@ pub fn format_cursor(position: Position) -> String {
 pub struct Feed {
     js: jetstream::Context,
     stream: String,
+    /// The slot whose events these are: other clients' messages in the stream are not.
+    slot: String,
     /// Events the in-process pipeline has stored, as they are acknowledged.
     live: Option<broadcast::Sender<Arc<StoredEvent>>>,
 }
@@ -59,9 +60,15 @@ impl Feed {
     pub fn new(
         js: jetstream::Context,
         stream: String,
+        slot: String,
         live: Option<broadcast::Sender<Arc<StoredEvent>>>,
     ) -> Self {
-        Self { js, stream, live }
+        Self {
+            js,
+            stream,
+            slot,
+            live,
+        }
     }
 
     /// Events on subjects matching `filter` (all when `None`), after `after` or from now.
@@ -99,7 +106,7 @@ impl Feed {
         if let Some(after) = after {
             let stream = self.stream().await?;
             // `end` is read after the live subscription began: the live feed holds what follows.
-            let (start, end) = start_after(&stream, after).await?;
+            let (start, end) = start_after(&stream, &self.slot, after).await?;
             last_sequence = start.saturating_sub(1);
             if start <= end {
                 // Unfiltered, so that the replay provably reaches `end`; the filter applies here.
@@ -107,15 +114,19 @@ impl Feed {
                     start_sequence: start,
                 };
                 let mut messages = consumer(&stream, &None, policy).await?;
-                while let Some((event, pending)) = next_stored(&mut messages).await? {
-                    last_sequence = event.stream_sequence;
-                    let wanted = filter
-                        .as_deref()
-                        .is_none_or(|f| subject_matches(f, &event.subject));
-                    if wanted && tx.send(Ok(Arc::new(event))).await.is_err() {
-                        return Ok(());
+                while let Some(read) = next_stored(&mut messages, &self.slot).await? {
+                    last_sequence = read.stream_sequence;
+                    let wanted = read.event.filter(|event| {
+                        filter
+                            .as_deref()
+                            .is_none_or(|f| subject_matches(f, &event.subject))
+                    });
+                    if let Some(event) = wanted {
+                        if tx.send(Ok(Arc::new(event))).await.is_err() {
+                            return Ok(());
+                        }
                     }
-                    if last_sequence >= end || pending == 0 {
+                    if last_sequence >= end || read.pending == 0 {
                         break;
                     }
                 }
@@ -155,12 +166,15 @@ impl Feed {
         let stream = self.stream().await?;
         let policy = match after {
             Some(after) => DeliverPolicy::ByStartSequence {
-                start_sequence: start_after(&stream, after).await?.0,
+                start_sequence: start_after(&stream, &self.slot, after).await?.0,
             },
             None => DeliverPolicy::New,
         };
         let mut messages = consumer(&stream, filter, policy).await?;
-        while let Some((event, _)) = next_stored(&mut messages).await? {
+        while let Some(read) = next_stored(&mut messages, &self.slot).await? {
+            let Some(event) = read.event else {
+                continue;
+            };
             if tx.send(Ok(Arc::new(event))).await.is_err() {
                 return Ok(());
             }
@@ -196,39 +210,51 @@ async fn consumer(
         .map_err(|e| FeedError::Stream(format!("reading the consumer: {e}")))
 }
 
-/// The next message and how many more the stream holds for the consumer.
+/// A message read from the stream: walstream's event, unless subscriptions do not get it.
+struct Read {
+    /// `None` for a replayed event (subscriptions follow what happens now, not a replay of
+    /// history) and for another client's message.
+    event: Option<StoredEvent>,
+    stream_sequence: u64,
+    /// How many more the stream holds for the consumer.
+    pending: u64,
+}
+
+/// The next message of the consumer.
 async fn next_stored(
     messages: &mut jetstream::consumer::pull::Ordered,
-) -> Result<Option<(StoredEvent, u64)>, FeedError> {
-    let message = loop {
-        let Some(message) = messages.next().await else {
-            return Ok(None);
-        };
-        let message = message.map_err(|e| FeedError::Stream(e.to_string()))?;
-        // Subscriptions follow what happens now, not a replay of history.
-        let replayed = message
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get(crate::replay::HEADER_REPLAY).is_some());
-        if !replayed {
-            break message;
-        }
+    slot: &str,
+) -> Result<Option<Read>, FeedError> {
+    let Some(message) = messages.next().await else {
+        return Ok(None);
     };
+    let message = message.map_err(|e| FeedError::Stream(e.to_string()))?;
     let info = message
         .info()
         .map_err(|e| FeedError::Stream(e.to_string()))?;
-    let event = StoredEvent {
-        stream_sequence: info.stream_sequence,
+    let (stream_sequence, pending) = (info.stream_sequence, info.pending);
+    let delivered = message
+        .headers
+        .as_ref()
+        .and_then(|headers| own_message(headers, stream_sequence, slot))
+        .is_some_and(|own| own.replay.is_none());
+    let event = delivered.then(|| StoredEvent {
+        stream_sequence,
         subject: message.subject.to_string(),
         payload: message.payload.clone(),
-    };
-    Ok(Some((event, info.pending)))
+    });
+    Ok(Some(Read {
+        event,
+        stream_sequence,
+        pending,
+    }))
 }
 
 /// The first stream sequence whose event comes after `after` in WAL order, and the stream's
 /// last sequence when it was looked at.
 async fn start_after(
     stream: &jetstream::stream::Stream,
+    slot: &str,
     after: Position,
 ) -> Result<(u64, u64), FeedError> {
     let failed = |e: anyhow::Error| FeedError::Stream(e.to_string());
@@ -243,21 +269,19 @@ async fn start_after(
     if state.messages == 0 {
         return Ok((last + 1, last));
     }
-    let oldest = meta_at_or_after(stream, first, last)
+    let oldest = meta_at_or_after(stream, slot, first, last)
         .await
         .map_err(failed)?;
-    if let Some(oldest) = oldest.filter(|m| m.position.is_some_and(|p| p > after)) {
+    if let Some(oldest) = oldest.filter(|m| m.position > after) {
         // Everything stored is newer than the cursor: fine only if nothing was ever purged.
         if oldest.sequence > 1 {
             return Err(FeedError::Expired(format_cursor(after)));
         }
         return Ok((oldest.sequence, last));
     }
-    let found = first_where(stream, first, last, |m| {
-        m.position.is_some_and(|p| p > after)
-    })
-    .await
-    .map_err(failed)?;
+    let found = first_where(stream, slot, first, last, |m| m.position > after)
+        .await
+        .map_err(failed)?;
     Ok((found.map_or(last + 1, |m| m.sequence), last))
 }
 

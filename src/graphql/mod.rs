@@ -76,6 +76,7 @@ pub async fn router(
     let feed = Feed::new(
         async_nats::jetstream::new(nats),
         config.nats.stream_name.clone(),
+        config.replication.slot.clone(),
         live,
     );
     let runtime = Arc::new(Runtime {

@@ -40,6 +40,11 @@ impl PublishFailure {
         }
     }
 
+    /// The stream's end was not what the publish expected: something was stored before it.
+    pub fn stream_moved(&self) -> bool {
+        matches!(self.kind(), "wrong_last_sequence" | "wrong_last_msg_id")
+    }
+
     fn failed(kind: &'static str, detail: impl Into<String>) -> Self {
         PublishFailure::Failed {
             kind,
@@ -246,6 +251,7 @@ fn answer(message: &Message) -> AckResult {
     match (reply.error, reply.seq) {
         (Some(error), _) => Err(PublishFailure::failed(
             match error.err_code {
+                10070 => "wrong_last_msg_id",
                 10071 => "wrong_last_sequence",
                 10059 => "stream_not_found",
                 _ => "other",

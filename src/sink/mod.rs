@@ -1,11 +1,15 @@
 //! JetStream sink: owns the stream, publishes events pipelined yet in WAL order, and reports
 //! which commits JetStream has fully acknowledged.
 //!
-//! Order under failure: every publish carries `Nats-Expected-Last-Sequence`, so JetStream stores
-//! an event only directly after its predecessor. A publish that fails mid-window therefore makes
-//! every later one in the window fail too; the sink then reads the stream's tail, drops what is
-//! already stored and re-sends the rest, with the same `Nats-Msg-Id`s, in order. walstream must
-//! be the only publisher into its stream for this to hold (and it checks that it is).
+//! Order under failure, beside other publishers: every publish carries
+//! `Nats-Expected-Last-Sequence` and, after the first of a chain, its predecessor's id as
+//! `Nats-Expected-Last-Msg-Id`. JetStream stores an event only when its predecessor is the
+//! stream's last message, so walstream's stored events sit one after another from the end it
+//! knew, and anything another client publishes in between breaks the chain instead of taking a
+//! place in it. Any failure makes every later publish in the window fail too; the sink then
+//! counts how many of its events the stream holds (by their ids, never by sequence numbers
+//! alone), takes the other messages as another publisher's, and re-sends the rest in order,
+//! with the same `Nats-Msg-Id`s, as a new chain after the stream's end.
 
 mod acks;
 mod connect;
@@ -13,15 +17,17 @@ mod stream;
 
 pub use connect::{connect, jetstream_for_command};
 pub use stream::{
-    ensure_key_value, ensure_stream, first_where, meta_at_or_after, read_tail, StoredMeta,
-    StreamTail,
+    ensure_key_value, ensure_stream, first_where, meta_at_or_after, own_message, read_tail,
+    OwnMessage, StoredMeta, StreamTail, TAIL_SEARCH_LIMIT,
 };
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::header::NATS_EXPECTED_LAST_SEQUENCE;
+use async_nats::header::{
+    NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID,
+};
 use async_nats::jetstream;
 use bytes::Bytes;
 use prometheus::IntCounter;
@@ -53,11 +59,18 @@ pub enum SinkError {
         max: usize,
     },
     #[error(
-        "stream {stream} ends with message {found:?}, which walstream did not publish: another \
-         publisher is writing into walstream's stream. walstream must be the stream's only \
-         publisher; point other publishers at another stream"
+        "stream {stream} holds walstream's event {found:?} at sequence {sequence}, where the \
+         chain of its publishes allows only {expected:?}: the server did not honour \
+         Nats-Expected-Last-Msg-Id, or messages were deleted from the stream. walstream stops \
+         rather than confirm what it cannot account for; its checkpoint holds the last commit \
+         it knows stored"
     )]
-    ForeignPublisher { stream: String, found: String },
+    ChainBroken {
+        stream: String,
+        sequence: u64,
+        found: String,
+        expected: String,
+    },
     #[error(
         "stream {stream} has ended at sequence {found} for over {limit:?}, before sequence \
          {acknowledged} that JetStream had acknowledged: the stream was deleted and recreated, or \
@@ -103,8 +116,10 @@ pub struct Sink {
     unacked: VecDeque<Unacked>,
     /// The answers still awaited, one per sent entry of `unacked`, in the same order.
     acks: Acks,
-    /// The stream's last message as far as walstream knows: sequence and `Nats-Msg-Id`.
-    last_stored: (u64, LastId),
+    /// The stream's last sequence as far as walstream has accounted for it.
+    end: u64,
+    /// What the next publish after the acknowledged ones is chained to.
+    chain: Chain,
     /// WAL position of the last event known to be in the stream.
     last_position: Option<Position>,
     /// Events acknowledged since start.
@@ -141,8 +156,9 @@ impl Sink {
             shutdown,
             unacked: VecDeque::new(),
             acks,
-            last_stored: (tail.sequence, LastId::Read(tail.message_id.clone())),
-            last_position: tail.position,
+            end: tail.sequence,
+            chain: Chain::Start,
+            last_position: tail.position(),
             acked_count: 0,
             sent_count: 0,
             commits: VecDeque::new(),
@@ -170,7 +186,7 @@ impl Sink {
         while self.acks.len() >= self.window {
             self.next_ack().await?;
         }
-        let sequence = self.last_stored.0 + self.unacked.len() as u64 + 1;
+        let sequence = self.end + self.unacked.len() as u64 + 1;
         self.unacked.push_back(Unacked {
             event,
             sequence,
@@ -230,7 +246,12 @@ impl Sink {
                 SinkError::Fatal("an ack arrived with nothing unacknowledged".into())
             })?;
         match result {
-            Ok(ack) if !ack.duplicate && ack.sequence == expected => self.acknowledge_front(),
+            Ok(ack) if ack.sequence == expected => self.acknowledge_front(expected),
+            // A duplicate of a message stored before the end walstream knows: the event was
+            // published already (by an earlier run), and JetStream says where.
+            Ok(ack) if ack.duplicate && ack.sequence <= self.end => {
+                self.acknowledge_front(ack.sequence)
+            }
             Ok(ack) => {
                 let error = format!(
                     "ack for stream sequence {} (duplicate: {}) where {expected} was expected",
@@ -260,7 +281,9 @@ impl Sink {
         self.acks.len()
     }
 
-    fn acknowledge_front(&mut self) {
+    /// Counts the oldest unacknowledged event as stored at `sequence`: where it was sent to
+    /// go, or earlier (a duplicate of an earlier run's message).
+    fn acknowledge_front(&mut self, sequence: u64) {
         let Some(done) = self.unacked.pop_front() else {
             return;
         };
@@ -271,6 +294,13 @@ impl Sink {
             self.metrics.commit_to_ack_seconds.observe(latency);
         }
         self.last_position = Some(done.event.position);
+        self.acked_count += 1;
+        self.advance_commits();
+        if sequence != done.sequence {
+            // Not at the stream's end: the next publish starts a new chain.
+            self.chain = Chain::Start;
+            return;
+        }
         // Subscriptions follow what happens now; a replay re-delivers history to consumers
         // that asked for it through JetStream.
         let subscribers = self.stored.as_ref().filter(|s| s.receiver_count() > 0);
@@ -281,11 +311,10 @@ impl Sink {
                 payload: done.event.payload.clone(),
             }));
         }
-        // The event itself is kept, not its id: the id is needed only when re-syncing, and
-        // reading it here would allocate for every ack.
-        self.last_stored = (done.sequence, LastId::Acked(done.event));
-        self.acked_count += 1;
-        self.advance_commits();
+        self.end = sequence;
+        // The event itself is kept, not its id: the id is needed only by the next publish,
+        // and copying it here would allocate for every ack.
+        self.chain = Chain::After(done.event);
     }
 
     fn advance_commits(&mut self) {
@@ -298,7 +327,10 @@ impl Sink {
         }
     }
 
-    /// Sends `unacked[index]` expecting it to land directly after its predecessor.
+    /// Sends `unacked[index]` expecting it to land directly after its predecessor: the
+    /// stream's last sequence must be the one before it and, unless it starts a chain, the
+    /// stream's last message its predecessor (by id, so another client's message between them
+    /// fails it rather than standing in for the predecessor).
     async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
         let entry = &self.unacked[index];
         let mut headers = entry.event.headers();
@@ -306,6 +338,19 @@ impl Sink {
             NATS_EXPECTED_LAST_SEQUENCE,
             (entry.sequence - 1).to_string(),
         );
+        let predecessor = match index {
+            0 => match &self.chain {
+                Chain::After(event) => Some(event),
+                Chain::Start => None,
+            },
+            _ => Some(&self.unacked[index - 1].event),
+        };
+        if let Some(predecessor) = predecessor {
+            headers.insert(
+                NATS_EXPECTED_LAST_MESSAGE_ID,
+                predecessor.message_id.as_str(),
+            );
+        }
         let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
         self.acks.publish(subject, headers, payload).await
     }
@@ -319,11 +364,20 @@ impl Sink {
             .publish_errors
             .with_label_values(&[failure.kind()])
             .inc();
-        tracing::warn!(
-            stream = %self.stream_name,
-            unacked = self.unacked.len(),
-            "publish failed ({failure}); re-syncing with the stream and re-sending"
-        );
+        if failure.stream_moved() {
+            // Usually another client publishing into the stream: expected, not a fault.
+            tracing::info!(
+                stream = %self.stream_name,
+                unacked = self.unacked.len(),
+                "the stream moved under walstream ({failure}); re-syncing and re-sending"
+            );
+        } else {
+            tracing::warn!(
+                stream = %self.stream_name,
+                unacked = self.unacked.len(),
+                "publish failed ({failure}); re-syncing with the stream and re-sending"
+            );
+        }
         let mut backoff = Backoff::new();
         // Since when every answer put the stream's end before what JetStream acknowledged.
         let mut behind_since: Option<Instant> = None;
@@ -343,14 +397,14 @@ impl Sink {
                     if since.elapsed() > STREAM_BEHIND_LIMIT {
                         return Err(SinkError::StreamWentBack {
                             stream: self.stream_name.clone(),
-                            acknowledged: self.last_stored.0,
+                            acknowledged: self.end,
                             found,
                             limit: STREAM_BEHIND_LIMIT,
                         });
                     }
                     tracing::warn!(
                         stream = %self.stream_name,
-                        acknowledged = self.last_stored.0,
+                        acknowledged = self.end,
                         found,
                         "the stream reports an end before what JetStream acknowledged (a \
                          replica answering during a leader election?); reading it again in {:?}",
@@ -378,51 +432,75 @@ impl Sink {
     }
 
     async fn resync(&mut self) -> Result<(), ResyncError> {
-        let tail = read_tail(&self.js, &self.stream_name)
+        let retry = |e: &dyn std::fmt::Display| ResyncError::Retry(e.to_string());
+        let mut stream = self
+            .js
+            .get_stream(&self.stream_name)
             .await
-            .map_err(|e| ResyncError::Retry(e.to_string()))?;
-        tracing::debug!(
-            stream = %self.stream_name,
-            tail_sequence = tail.sequence,
-            tail_id = ?tail.message_id,
-            last_sequence = self.last_stored.0,
-            last_id = ?self.last_stored.1.message_id(),
-            unacked = self.unacked.len(),
-            first_unacked = ?self.unacked.front().map(|u| &u.event.message_id),
-            "re-sync read the stream's tail"
-        );
-        let unacked: Vec<(u64, Option<String>)> = self
+            .map_err(|e| retry(&e))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| retry(&e))?
+            .state
+            .last_sequence;
+        if last < self.end {
+            return Err(ResyncError::Behind { found: last });
+        }
+        let ids: Vec<&str> = self
             .unacked
             .iter()
-            .map(|u| (u.sequence, Some(u.event.message_id.clone())))
+            .map(|u| u.event.message_id.as_str())
             .collect();
-        let last = (self.last_stored.0, self.last_stored.1.message_id());
-        let stored = match match_tail(&tail, &last, &unacked) {
-            TailMatch::Stored(count) => count,
-            TailMatch::Behind => {
-                return Err(ResyncError::Behind {
-                    found: tail.sequence,
-                })
-            }
-            TailMatch::Foreign(found) => {
-                return Err(ResyncError::Fatal(SinkError::ForeignPublisher {
+        let end = self.end;
+        let stored = stored_count(&ids, last - end, |offset| {
+            let stream = &stream;
+            async move { id_at(stream, end + 1 + offset as u64).await }
+        })
+        .await
+        .map_err(ResyncError::Retry)?;
+        let stored = match stored {
+            Count::Stored(count) => count,
+            Count::Broken { offset, found } => {
+                return Err(ResyncError::Fatal(SinkError::ChainBroken {
                     stream: self.stream_name.clone(),
+                    sequence: end + 1 + offset as u64,
                     found,
+                    expected: ids.get(offset).map_or_else(String::new, |s| s.to_string()),
                 }))
             }
         };
+        tracing::debug!(
+            stream = %self.stream_name,
+            end,
+            last,
+            stored,
+            unacked = self.unacked.len(),
+            "re-sync counted walstream's events in the stream"
+        );
         for _ in 0..stored {
-            self.acknowledge_front();
+            let sequence = self.end + 1;
+            if let Some(front) = self.unacked.front_mut() {
+                front.sequence = sequence;
+            }
+            self.acknowledge_front(sequence);
         }
-        // A tail with an id has been matched above, so it is the truth. Without one (expired
-        // by max_age) only its sequence is: keep the id walstream knows for that sequence, or
-        // the next re-sync could not recognise the message once it is readable again.
-        if tail.message_id.is_some() || tail.sequence != self.last_stored.0 {
-            self.last_stored = (tail.sequence, LastId::Read(tail.message_id));
+        let others = last - self.end;
+        if others > 0 {
+            self.metrics.other_publishers_messages.inc_by(others);
+            tracing::info!(
+                stream = %self.stream_name,
+                messages = others,
+                after = self.end,
+                "messages another client published into the stream; walstream's events go on \
+                 after them"
+            );
+            self.end = last;
+            self.chain = Chain::Start;
         }
         let resend = self.unacked.len();
         for (offset, entry) in self.unacked.iter_mut().enumerate() {
-            entry.sequence = tail.sequence + offset as u64 + 1;
+            entry.sequence = last + offset as u64 + 1;
         }
         if resend > 0 {
             self.metrics.publish_retries.inc_by(resend as u64);
@@ -455,67 +533,91 @@ impl Sink {
     }
 }
 
-/// What a re-sync learns from the stream's tail.
+/// What a re-sync finds of the unacknowledged events in the stream.
 #[derive(Debug, PartialEq, Eq)]
-enum TailMatch {
-    /// The stream holds this many of the unacknowledged events.
+enum Count {
+    /// The stream holds this many of them, the oldest first.
     Stored(usize),
-    /// The tail is before the last message known stored: a stale answer, or loss.
-    Behind,
-    /// The tail is a message walstream did not publish (its id).
-    Foreign(String),
+    /// The message at this offset after the known end has the id of a later event than the
+    /// chain allows there.
+    Broken { offset: usize, found: String },
 }
 
-/// Places the stream's `tail` against the last message known stored (`last`: sequence and id,
-/// when known) and the unacknowledged events (expected sequence and id, oldest first).
-fn match_tail(
-    tail: &StreamTail,
-    last: &(u64, Option<String>),
-    unacked: &[(u64, Option<String>)],
-) -> TailMatch {
-    if tail.sequence < last.0 {
-        return TailMatch::Behind;
+/// How many of the unacknowledged events (`ids`, oldest first) the stream holds, `appended`
+/// messages having been stored after the end walstream knew; `id_at(offset)` reads the
+/// `Nats-Msg-Id` of the message `offset` places after that end (`None`: none, or gone).
+///
+/// The chain of expectations puts walstream's stored events right after that end, one after
+/// another, so "the message at offset i is event i" holds for a prefix of the offsets: the
+/// last candidate is read first (the usual case: nobody else published), else a binary search
+/// finds the prefix. Only an id seen in its place counts; a message without one, with
+/// another id, or gone, never does.
+async fn stored_count<F, Fut>(ids: &[&str], appended: u64, id_at: F) -> Result<Count, String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, String>>,
+{
+    let candidates = ids
+        .len()
+        .min(usize::try_from(appended).unwrap_or(usize::MAX));
+    if candidates == 0 {
+        return Ok(Count::Stored(0));
     }
-    let Some(found) = &tail.message_id else {
-        // The tail message is gone (expired): sequences are all there is.
-        return TailMatch::Stored(
-            unacked
-                .iter()
-                .take_while(|(sequence, _)| *sequence <= tail.sequence)
-                .count(),
-        );
+    let holds = |offset: usize| {
+        let future = id_at(offset);
+        async move {
+            let found: Option<String> = future.await?;
+            let verdict = match found {
+                Some(found) if found == ids[offset] => Ok(true),
+                // A later event of the window where an earlier one belongs.
+                Some(found) if ids[offset..].contains(&found.as_str()) => {
+                    Err(Count::Broken { offset, found })
+                }
+                _ => Ok(false),
+            };
+            Ok::<_, String>(verdict)
+        }
     };
-    if last.1.as_ref() == Some(found) {
-        return TailMatch::Stored(0);
+    match holds(candidates - 1).await? {
+        Ok(true) => return Ok(Count::Stored(candidates)),
+        Ok(false) => {}
+        Err(broken) => return Ok(broken),
     }
-    if let Some(index) = unacked
-        .iter()
-        .position(|(_, id)| id.as_ref() == Some(found))
-    {
-        return TailMatch::Stored(index + 1);
-    }
-    // The last message known stored, whose id walstream could not read then (it had expired).
-    if last.1.is_none() && tail.sequence == last.0 {
-        return TailMatch::Stored(0);
-    }
-    TailMatch::Foreign(found.clone())
-}
-
-/// The `Nats-Msg-Id` of the stream's last message as walstream knows it.
-enum LastId {
-    /// Read from the stream (`None`: the message is gone, or the stream is empty).
-    Read(Option<String>),
-    /// The last event acknowledged.
-    Acked(EncodedEvent),
-}
-
-impl LastId {
-    fn message_id(&self) -> Option<String> {
-        match self {
-            LastId::Read(id) => id.clone(),
-            LastId::Acked(event) => Some(event.message_id.clone()),
+    let (mut low, mut high) = (0, candidates - 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        match holds(middle).await? {
+            Ok(true) => low = middle + 1,
+            Ok(false) => high = middle,
+            Err(broken) => return Ok(broken),
         }
     }
+    Ok(Count::Stored(low))
+}
+
+/// The `Nats-Msg-Id` of the message at `sequence`; `None` when it has none or is gone.
+async fn id_at(
+    stream: &jetstream::stream::Stream,
+    sequence: u64,
+) -> Result<Option<String>, String> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(message
+            .headers
+            .get(NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_owned())),
+        Err(error) if stream::is_no_message(&error) => Ok(None),
+        // A timeout during a leader election says nothing about the message.
+        Err(error) => Err(format!("reading message {sequence} of the stream: {error}")),
+    }
+}
+
+/// What the next publish after the acknowledged events is chained to.
+enum Chain {
+    /// A new chain: the stream's end is not walstream's last acknowledged event (at start,
+    /// after another client's message); the next publish expects only the last sequence.
+    Start,
+    /// walstream's event stored at the stream's end: the next publish expects its id too.
+    After(EncodedEvent),
 }
 
 enum ResyncError {
@@ -586,90 +688,91 @@ impl Default for Backoff {
 mod tests {
     use super::*;
 
-    fn tail(sequence: u64, id: Option<&str>) -> StreamTail {
-        StreamTail {
-            sequence,
-            message_id: id.map(str::to_owned),
-            ..Default::default()
-        }
-    }
-
-    fn unacked(first: u64, ids: &[&str]) -> Vec<(u64, Option<String>)> {
-        (first..)
-            .zip(ids)
-            .map(|(sequence, id)| (sequence, Some(id.to_string())))
-            .collect()
-    }
-
-    #[test]
-    fn a_tail_among_the_unacknowledged_counts_what_is_stored() {
-        let last = (10, Some("a".to_owned()));
-        let sent = unacked(11, &["b", "c", "d"]);
-        assert_eq!(
-            match_tail(&tail(10, Some("a")), &last, &sent),
-            TailMatch::Stored(0)
+    /// Counts with the stream's messages after the known end given by their ids.
+    fn count(ids: &[&str], stream: &[Option<&str>]) -> Count {
+        let stream: Vec<Option<String>> = stream.iter().map(|id| id.map(str::to_owned)).collect();
+        let reads = std::cell::Cell::new(0);
+        let result = futures::executor::block_on(stored_count(ids, stream.len() as u64, |i| {
+            reads.set(reads.get() + 1);
+            let found = stream[i].clone();
+            async move { Ok(found) }
+        }));
+        assert!(
+            reads.get() <= 2 + ids.len().max(1).ilog2() as usize,
+            "too many reads"
         );
-        assert_eq!(
-            match_tail(&tail(12, Some("c")), &last, &sent),
-            TailMatch::Stored(2)
-        );
-        assert_eq!(
-            match_tail(&tail(13, Some("d")), &last, &sent),
-            TailMatch::Stored(3)
-        );
+        result.expect("no read fails here")
     }
 
     #[test]
-    fn a_tail_before_what_was_acknowledged_is_behind_not_foreign() {
-        let last = (10, Some("a".to_owned()));
-        assert_eq!(
-            match_tail(&tail(7, Some("x")), &last, &[]),
-            TailMatch::Behind
-        );
-        assert_eq!(match_tail(&tail(0, None), &last, &[]), TailMatch::Behind);
+    fn nothing_appended_means_nothing_stored() {
+        assert_eq!(count(&["a", "b"], &[]), Count::Stored(0));
+        assert_eq!(count(&[], &[Some("x")]), Count::Stored(0));
     }
 
     #[test]
-    fn an_expired_tail_falls_back_to_sequences() {
-        let last = (10, Some("a".to_owned()));
-        let sent = unacked(11, &["b", "c", "d"]);
+    fn a_prefix_of_the_window_in_its_places_is_stored() {
+        let ids = ["a", "b", "c", "d"];
         assert_eq!(
-            match_tail(&tail(12, None), &last, &sent),
-            TailMatch::Stored(2)
+            count(&ids, &[Some("a"), Some("b"), Some("c"), Some("d")]),
+            Count::Stored(4)
         );
-        assert_eq!(
-            match_tail(&tail(10, None), &last, &sent),
-            TailMatch::Stored(0)
-        );
+        assert_eq!(count(&ids, &[Some("a"), Some("b")]), Count::Stored(2));
+        assert_eq!(count(&ids, &[Some("a")]), Count::Stored(1));
     }
 
-    // The cluster-failover bug: a re-sync that could not read the tail's id, then a second one
-    // that could, took walstream's own last message for another publisher's.
+    // The silent loss of issue 16: another client's message took the place of the first event,
+    // and a sequence number alone made it look stored.
     #[test]
-    fn the_last_message_known_only_by_its_sequence_is_recognised_once_readable() {
-        let last = (10, None);
-        let sent = unacked(11, &["b", "c"]);
+    fn another_clients_message_is_never_taken_for_an_event() {
+        let ids = ["a", "b", "c"];
+        assert_eq!(count(&ids, &[None]), Count::Stored(0));
+        assert_eq!(count(&ids, &[Some("foreign")]), Count::Stored(0));
+        assert_eq!(count(&ids, &[Some("a"), None, None]), Count::Stored(1));
         assert_eq!(
-            match_tail(&tail(10, Some("a")), &last, &sent),
-            TailMatch::Stored(0)
+            count(
+                &ids,
+                &[Some("a"), Some("b"), Some("x"), Some("y"), Some("z")]
+            ),
+            Count::Stored(2)
         );
+        // A copy of an event's id in another place is not the event.
+        assert_eq!(count(&ids, &[None, Some("a"), Some("b")]), Count::Stored(0));
+    }
+
+    // JetStream stored "b" only with "a" as the stream's last message: a message gone from
+    // before it (deleted, expired) was "a".
+    #[test]
+    fn an_event_in_its_place_vouches_for_its_predecessors() {
         assert_eq!(
-            match_tail(&tail(11, Some("b")), &last, &sent),
-            TailMatch::Stored(1)
+            count(&["a", "b", "c"], &[None, Some("b")]),
+            Count::Stored(2)
         );
     }
 
     #[test]
-    fn a_message_walstream_did_not_send_is_foreign() {
-        let last = (10, Some("a".to_owned()));
-        let sent = unacked(11, &["b"]);
+    fn a_later_event_where_an_earlier_belongs_breaks_the_chain() {
         assert_eq!(
-            match_tail(&tail(11, Some("x")), &last, &sent),
-            TailMatch::Foreign("x".to_owned())
+            count(&["a", "b", "c"], &[None, Some("c")]),
+            Count::Broken {
+                offset: 1,
+                found: "c".into()
+            }
         );
         assert_eq!(
-            match_tail(&tail(10, Some("x")), &last, &sent),
-            TailMatch::Foreign("x".to_owned())
+            count(&["a", "b", "c"], &[Some("c")]),
+            Count::Broken {
+                offset: 0,
+                found: "c".into()
+            }
         );
+    }
+
+    #[test]
+    fn a_failed_read_is_an_error_not_an_answer() {
+        let result = futures::executor::block_on(stored_count(&["a"], 1, |_| async {
+            Err::<Option<String>, _>("timeout".to_owned())
+        }));
+        assert_eq!(result, Err("timeout".to_owned()));
     }
 }
