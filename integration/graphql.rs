@@ -1214,3 +1214,75 @@ async fn repeated_queries_answer_as_the_executor_does_for_each_user() -> anyhow:
     assert_eq!(count("c-4").await?, 0, "a refused input wrote nothing");
     Ok(())
 }
+
+/// GraphiQL in a real browser on a machine without internet: the page and every script come
+/// from walstream, it renders, and a query typed into it (with the token typed into its
+/// headers) returns data.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_explorer_renders_offline_and_answers_a_typed_query() -> anyhow::Result<()> {
+    let api = start(&["serve"], "").await?;
+    api.create_order(1, "typed-1", "12.50").await;
+    let (status, page) = http_get(api.port, "/graphql").await?;
+    assert_eq!(status, 200);
+    assert!(
+        !page.contains("://"),
+        "the page loads nothing from elsewhere:\n{page}"
+    );
+
+    let browser = browser::Browser::start()?;
+    let mut tab = browser
+        .open(&format!("http://127.0.0.1:{}/graphql", api.port))
+        .await?;
+    let editor = |selector: &str| {
+        format!(
+            "(() => {{ const all = document.querySelectorAll('{selector}'); \
+             const cm = all[all.length - 1].CodeMirror; cm.setValue(''); cm.focus(); \
+             return true; }})()"
+        )
+    };
+    tab.wait_for(
+        "!!document.querySelector('.graphiql-query-editor .CodeMirror')",
+        Duration::from_secs(30),
+        "GraphiQL to render",
+    )
+    .await?;
+    tab.eval(
+        "[...document.querySelectorAll('.graphiql-editor-tools button')] \
+         .find(b => b.textContent.trim() === 'Headers').click()",
+    )
+    .await?;
+    tab.eval(&editor(".graphiql-editor-tool .CodeMirror"))
+        .await?;
+    tab.type_text(&format!(
+        r#"{{"Authorization": "Bearer {}"}}"#,
+        token_for(1)
+    ))
+    .await?;
+    tab.eval(&editor(".graphiql-query-editor .CodeMirror"))
+        .await?;
+    tab.type_text("{ orders { identifier total } }").await?;
+    tab.eval("document.querySelector('.graphiql-execute-button').click()")
+        .await?;
+    let answer = tab
+        .wait_for(
+            "(() => { const r = document.querySelector('.graphiql-response .CodeMirror'); \
+             const text = r && r.CodeMirror.getValue(); \
+             return text && text.includes('typed-1') ? text : null; })()",
+            Duration::from_secs(30),
+            "the typed query's answer",
+        )
+        .await?;
+    let answer: Value = serde_json::from_str(answer.as_str().unwrap_or_default())?;
+    assert_eq!(
+        answer["data"]["orders"],
+        json!([{"identifier": "typed-1", "total": "12.50"}])
+    );
+    let elsewhere = tab
+        .eval(
+            "performance.getEntriesByType('resource').map(e => e.name) \
+             .filter(n => !n.startsWith(location.origin))",
+        )
+        .await?;
+    assert_eq!(elsewhere, json!([]), "requests that left walstream");
+    Ok(())
+}

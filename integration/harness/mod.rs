@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use walstream::local::{free_port, LocalNats, LocalPostgres};
 
+pub mod browser;
 mod subscriber;
 mod watchdog;
 #[allow(unused_imports)]

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod catalog;
 mod compiled;
 pub mod db;
+mod explorer;
 pub mod feed;
 pub mod mutation;
 mod query_cache;
@@ -16,14 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::dynamic::Schema;
-use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::{Data, Executor};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::broadcast;
@@ -96,8 +97,11 @@ pub async fn router(
         max_batch: graphql.max_batch,
         connection_init_timeout: Duration::from_secs(graphql.connection_init_timeout_secs),
     };
-    Ok(Router::new()
-        .route("/graphql", get(graphql_get).post(graphql_post))
+    let mut router = Router::new().route("/graphql", get(graphql_get).post(graphql_post));
+    if graphql.graphiql {
+        router = router.route("/graphql/assets/{name}", get(explorer::asset));
+    }
+    Ok(router
         .layer(DefaultBodyLimit::max(graphql.max_body_bytes))
         .with_state(endpoint))
 }
@@ -213,14 +217,7 @@ async fn graphql_get(State(endpoint): State<Endpoint>, request: Request) -> Resp
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !upgrade {
         return if endpoint.graphiql {
-            Html(
-                GraphiQLSource::build()
-                    .endpoint("/graphql")
-                    .subscription_endpoint("/graphql")
-                    .title("walstream GraphQL")
-                    .finish(),
-            )
-            .into_response()
+            explorer::page()
         } else {
             (
                 StatusCode::METHOD_NOT_ALLOWED,
