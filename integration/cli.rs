@@ -117,12 +117,25 @@ async fn check_reports_each_problem_with_its_fix() -> anyhow::Result<()> {
         "FAIL public.t_nothing has REPLICA IDENTITY NOTHING",
         "FAIL table public.t_missing does not exist",
         "ok   public.t_ok has a usable replica identity",
+        "ok   stream fraiseql_events does not exist yet; walstream creates it at its first start",
     ] {
         assert!(
             report.contains(expected),
             "missing {expected:?} in\n{report}"
         );
     }
+    // Before the first start a DBA sees what exists, and that the stream comes later.
+    let output = walstream(&["status", "--json"], &config)?;
+    assert!(output.status.success(), "{}", text_of(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(status["stream"]["exists"], false, "{status}");
+    assert_eq!(status["stream"]["name"], "fraiseql_events");
+    let output = walstream(&["status"], &config)?;
+    assert!(
+        text_of(&output).contains("does not exist yet; walstream creates it at its first start"),
+        "{}",
+        text_of(&output)
+    );
 
     // A slot in use by another consumer, a slot with another plugin.
     let client = cluster.client().await?;

@@ -325,10 +325,14 @@ async fn check_nats(config: &Config, report: &mut Report) {
 /// What the stream's end shows: walstream's last event, and other clients' messages after it.
 async fn check_stream(js: &async_nats::jetstream::Context, config: &Config, report: &mut Report) {
     let name = &config.nats.stream_name;
-    if js.get_stream(name).await.is_err() {
-        return report.pass(format!(
-            "stream {name} does not exist yet; walstream stream will create it"
-        ));
+    match sink::stream_exists(js, name).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return report.pass(format!(
+                "stream {name} does not exist yet; walstream creates it at its first start"
+            ))
+        }
+        Err(error) => return report.fail(format!("{error:#}")),
     }
     let tail = match sink::read_tail(js, name, &config.replication.slot).await {
         Ok(tail) => tail,

@@ -417,6 +417,9 @@ impl Config {
 
     /// Files named in the config are relative to the config file, not to the working directory.
     fn resolve_paths(&mut self, base: &Path) {
+        if self.checkpoint.path.is_relative() {
+            self.checkpoint.path = base.join(&self.checkpoint.path);
+        }
         if let Some(graphql) = &mut self.graphql {
             let auth = &mut graphql.auth;
             for path in [
@@ -807,6 +810,22 @@ mod tests {
         assert_eq!(config.nats.subject_prefix, "fraiseql.mutation");
         assert_eq!(config.nats.jetstream.dedup_window_minutes, 5);
         assert_eq!(config.replication.slot, "walstream");
+    }
+
+    #[test]
+    fn a_relative_checkpoint_lives_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walstream.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.checkpoint.path, dir.path().join("walstream-data"));
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}\n[checkpoint]\npath = \"/var/lib/w\"\n"),
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.checkpoint.path, Path::new("/var/lib/w"));
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let dir = dir.canonicalize()?;
     install_if_missing()?;
 
-    let pg_port = port_or_free(55432)?;
-    let postgres = LocalPostgres::init(&dir, pg_port)?;
+    stop_leftovers(&dir)?;
+    let postgres = LocalPostgres::init(&dir, port_or_free(55432)?)?;
+    let mut nats = LocalNats::new(&dir, port_or_free(14222)?, &[])?;
     postgres.start()?;
     let _stop_postgres = StopOnDrop(&postgres);
     if postgres.execute(DATABASE, "SELECT 1").await.is_err() {
@@ -42,7 +43,6 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             .context("loading the example schema")?;
     }
 
-    let mut nats = LocalNats::new(&dir, port_or_free(14222)?, &[])?;
     nats.start()?;
 
     // The choreography's config (its tables and routes), with this machine's servers.
@@ -87,8 +87,9 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
          \n  config      {config}\
          \n\nMake a change, and it becomes an event:\
          \n  psql {db} -c \"INSERT INTO tb_order (identifier, fk_user, total) VALUES ('order-1', 1, 42.00)\"\
-         \nThen watch it arrive: nats --server {nats} sub '>' (with the nats CLI), or\
-         \n  curl -s http://{http}/metrics | grep walstream_events_published_total\
+         \nWatch the events arrive, in another terminal:\
+         \n  cargo run --release -- tail --config {config}\
+         \nor count them: curl -s http://{http}/metrics | grep walstream_events_published_total\
          \n\nThe order choreography (README): start the services in another terminal,\
          \n  cargo run --release --bin order-services -- all --database {db} --nats {nats} \\\
          \n    --graphql http://{graphql}/graphql --jwt-secret {secret}\
@@ -112,6 +113,18 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let result = app::run_all(config, app::shutdown_on_signal()).await;
     nats.kill();
     result
+}
+
+/// Stops the servers an earlier `walstream dev` in `dir` left running when it was killed, so
+/// their ports and data are free again (their port does not matter for finding them).
+fn stop_leftovers(dir: &Path) -> anyhow::Result<()> {
+    if let Some(pid) = LocalPostgres::init(dir, 0)?.stop_leftover()? {
+        println!("stopped the PostgreSQL an earlier walstream dev left running (pid {pid})");
+    }
+    if let Some(pid) = LocalNats::new(dir, 0, &[])?.stop_leftover()? {
+        println!("stopped the nats-server an earlier walstream dev left running (pid {pid})");
+    }
+    Ok(())
 }
 
 /// A token for the example's user 1 (alice), valid for 30 days.

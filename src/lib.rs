@@ -41,4 +41,5 @@ pub mod slot_watch;
 pub mod source;
 #[cfg(feature = "server")]
 pub mod status;
+pub mod tail;
 pub mod tls;

@@ -185,6 +185,18 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// Stops a server of this data directory that an earlier run left behind (a
+    /// `walstream dev` that was killed): pg_ctl started it detached, so it outlives its parent.
+    /// Returns its pid when there was one.
+    pub fn stop_leftover(&self) -> anyhow::Result<Option<u32>> {
+        let Some(pid) = self.pid().filter(|pid| process_alive(*pid)) else {
+            return Ok(None);
+        };
+        self.stop("fast")
+            .with_context(|| format!("stopping the PostgreSQL left running (pid {pid})"))?;
+        Ok(Some(pid))
+    }
+
     /// The postmaster's process id while the server runs.
     pub fn pid(&self) -> Option<u32> {
         let pid_file = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
@@ -281,13 +293,15 @@ impl LocalNats {
         })
     }
 
-    /// Starts the server and waits until its port accepts connections.
+    /// Starts the server and waits until its port accepts connections. On Linux it gets
+    /// SIGTERM when the thread that started it ends (with the process, for the main thread).
     pub fn start(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_file)?;
-        let child = Command::new(Self::binary()?)
+        let mut command = Command::new(Self::binary()?);
+        command
             .args([
                 "-js",
                 "-a",
@@ -299,9 +313,10 @@ impl LocalNats {
             .arg(&self.store_dir)
             .args(&self.extra_args)
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start nats-server")?;
+            .stderr(log);
+        die_with_parent(&mut command);
+        let child = command.spawn().context("cannot start nats-server")?;
+        std::fs::write(self.pid_file(), child.id().to_string())?;
         self.child = Some(child);
         wait_for_port(self.port, Duration::from_secs(20)).with_context(|| {
             format!(
@@ -309,6 +324,40 @@ impl LocalNats {
                 self.log_file.display()
             )
         })
+    }
+
+    /// Stops a server of this store that an earlier run left behind (where the platform did
+    /// not stop it with its parent). Returns its pid when there was one.
+    pub fn stop_leftover(&self) -> anyhow::Result<Option<u32>> {
+        let Ok(text) = std::fs::read_to_string(self.pid_file()) else {
+            return Ok(None);
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            return Ok(None);
+        };
+        // The pid may have been reused by another program since: only a nats-server of this
+        // store is ours to stop.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let store = self.store_dir.as_os_str().as_encoded_bytes();
+        if !cmdline.windows(store.len()).any(|w| w == store) {
+            return Ok(None);
+        }
+        // SAFETY: kill(2) with a pid checked above and a valid signal number.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) {
+            if Instant::now() > deadline {
+                bail!("the nats-server left running (pid {pid}) did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Some(pid))
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.store_dir.with_extension("pid")
     }
 
     /// Kills the server (SIGKILL).
@@ -333,6 +382,31 @@ impl Drop for LocalNats {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether a process with this id exists (a zombie counts until reaped).
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Asks Linux to send the child SIGTERM when its parent thread ends, so a killed parent does
+/// not leave it running; elsewhere a no-op.
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Waits until something accepts TCP connections on `port`.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use walstream::config::{Config, LogFormat};
-use walstream::{app, check, dev, postgres, replay, status};
+use walstream::{app, check, dev, postgres, replay, status, tail};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,24 @@ enum Command {
         #[arg(long)]
         time: Option<String>,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the stream and print each event as it arrives, until Ctrl-C.
+    Tail {
+        /// Only subjects matching this NATS pattern (`fraiseql.mutation.Order.>`).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Start at this stream sequence.
+        #[arg(long, conflicts_with_all = ["since", "last"])]
+        from_seq: Option<u64>,
+        /// Start at the first event committed at or after this LSN (0/16B3748).
+        #[arg(long, conflicts_with = "last")]
+        since: Option<String>,
+        /// Start with the last N messages (default: only new ones).
+        #[arg(long)]
+        last: Option<u64>,
+        /// One JSON object a line.
         #[arg(long)]
         json: bool,
     },
@@ -143,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Status { .. }
             | Command::Seek { .. }
+            | Command::Tail { .. }
             | Command::ResetLsn { .. }
             | Command::Backfill { .. }
     );
@@ -205,6 +224,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Command::Tail {
+            subject,
+            from_seq,
+            since,
+            last,
+            json,
+        } => {
+            let start = match (from_seq, since, last) {
+                (Some(sequence), _, _) => tail::Start::Sequence(sequence),
+                (_, Some(lsn), _) => {
+                    tail::Start::Since(walstream::lsn::parse_lsn(&lsn).map_err(anyhow::Error::msg)?)
+                }
+                (_, _, Some(count)) => tail::Start::Last(count),
+                _ => tail::Start::New,
+            };
+            tail::run(&config, subject, start, json).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::ResetLsn { lsn, json } => {
             let from = walstream::lsn::parse_lsn(&lsn).map_err(anyhow::Error::msg)?;

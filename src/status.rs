@@ -57,9 +57,11 @@ pub struct CheckpointStatus {
     pub backfill_hold: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct StreamStatus {
     pub name: String,
+    /// False until walstream's first start creates the stream.
+    pub exists: bool,
     pub messages: u64,
     pub bytes: u64,
     pub first_sequence: u64,
@@ -125,8 +127,17 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         ),
     };
     let js = sink::jetstream_for_command(&config.nats).await?;
-    let tail = sink::read_tail(&js, &config.nats.stream_name, slot_name).await?;
-    let stream = stream_status(&js, &config.nats.stream_name, slot_name, &tail).await?;
+    let name = &config.nats.stream_name;
+    let (stream, tail) = if sink::stream_exists(&js, name).await? {
+        let tail = sink::read_tail(&js, name, slot_name).await?;
+        (stream_status(&js, name, slot_name, &tail).await?, tail)
+    } else {
+        let missing = StreamStatus {
+            name: name.clone(),
+            ..Default::default()
+        };
+        (missing, sink::StreamTail::default())
+    };
     let replay = tail.replay().and_then(|headers| {
         let state = match (headers.from, tail.position()) {
             (Some(_), _) => "requested",
@@ -171,6 +182,7 @@ async fn stream_status(
     let when = |m: &Option<StoredMeta>| m.as_ref().and_then(|m| m.time.format(&Rfc3339).ok());
     Ok(StreamStatus {
         name: name.to_owned(),
+        exists: true,
         messages: state.messages,
         bytes: state.bytes,
         first_sequence: state.first_sequence,
@@ -220,30 +232,7 @@ impl Status {
                 replay.id, replay.state, replay.through
             );
         }
-        let s = &self.stream;
-        println!(
-            "stream {}: {} messages, {}, sequences {}..{}",
-            s.name,
-            s.messages,
-            human_bytes(s.bytes),
-            s.first_sequence,
-            s.last_sequence
-        );
-        if s.messages > 0 {
-            println!(
-                "  first event LSN {} ({}), last event LSN {} ({})",
-                s.first_lsn.as_deref().unwrap_or("-"),
-                s.first_time.as_deref().unwrap_or("-"),
-                s.last_lsn.as_deref().unwrap_or("-"),
-                s.last_time.as_deref().unwrap_or("-")
-            );
-        }
-        if s.other_messages_after_last_event > 0 {
-            println!(
-                "  {} messages after walstream's last event were published by another client",
-                s.other_messages_after_last_event
-            );
-        }
+        self.stream.print();
         println!(
             "lag: {} behind the server's WAL, {}",
             self.lag_bytes.map_or("-".into(), human_bytes),
@@ -305,6 +294,43 @@ pub struct SeekResult {
     /// Whether older events have left the stream (retention), so events just before the
     /// target may be gone.
     pub older_events_purged: bool,
+}
+
+impl StreamStatus {
+    fn print(&self) {
+        let s = self;
+        if !s.exists {
+            println!(
+                "stream {}: does not exist yet; walstream creates it at its first start \
+             (stream, run or dev)",
+                s.name
+            );
+            return;
+        }
+        println!(
+            "stream {}: {} messages, {}, sequences {}..{}",
+            s.name,
+            s.messages,
+            human_bytes(s.bytes),
+            s.first_sequence,
+            s.last_sequence
+        );
+        if s.messages > 0 {
+            println!(
+                "  first event LSN {} ({}), last event LSN {} ({})",
+                s.first_lsn.as_deref().unwrap_or("-"),
+                s.first_time.as_deref().unwrap_or("-"),
+                s.last_lsn.as_deref().unwrap_or("-"),
+                s.last_time.as_deref().unwrap_or("-")
+            );
+        }
+        if s.other_messages_after_last_event > 0 {
+            println!(
+                "  {} messages after walstream's last event were published by another client",
+                s.other_messages_after_last_event
+            );
+        }
+    }
 }
 
 /// The stream sequence of the first event at or after `target`.

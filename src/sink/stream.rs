@@ -170,6 +170,15 @@ pub async fn ensure_key_value(
         .map_err(|e| anyhow::anyhow!("cannot open the key-value bucket {bucket}: {e}"))
 }
 
+/// Whether the stream exists (walstream creates it at its first start).
+pub async fn stream_exists(js: &jetstream::Context, name: &str) -> anyhow::Result<bool> {
+    match js.get_stream(name).await {
+        Ok(_) => Ok(true),
+        Err(error) if is_not_found(&error) => Ok(false),
+        Err(error) => Err(anyhow::anyhow!("cannot look up stream {name}: {error}")),
+    }
+}
+
 fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
