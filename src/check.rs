@@ -334,14 +334,15 @@ async fn check_stream(js: &async_nats::jetstream::Context, config: &Config, repo
         }
         Err(error) => return report.fail(format!("{error:#}")),
     }
-    let tail = match sink::read_tail(js, name, &config.replication.slot).await {
+    let slot = &config.replication.slot;
+    let tail = match sink::read_tail(js, name, slot, sink::REPORT_SEARCH_LIMIT).await {
         Ok(tail) => tail,
         Err(error) => return report.fail(format!("cannot read stream {name}: {error:#}")),
     };
     let others = match (&tail.own, tail.search_cut_short) {
         (_, true) => format!(
             "none of its last {} messages is walstream's",
-            sink::TAIL_SEARCH_LIMIT
+            sink::REPORT_SEARCH_LIMIT
         ),
         (Some(own), false) if tail.others_after > 0 => format!(
             "{} messages after walstream's last event (sequence {}) were published by another \
@@ -362,8 +363,7 @@ async fn check_stream(js: &async_nats::jetstream::Context, config: &Config, repo
     report.warn(format!(
         "stream {name}: {others}. walstream keeps its own events exactly once and in WAL order \
          beside them (README: Other publishers); consumers tell them apart by Nats-Msg-Id \
-         ({slot}:…). To keep the stream walstream's alone, point other clients at another stream",
-        slot = config.replication.slot
+         ({slot}:…). To keep the stream walstream's alone, point other clients at another stream"
     ));
 }
 

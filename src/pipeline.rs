@@ -39,7 +39,7 @@ async fn read_tail_patiently(
 ) -> anyhow::Result<sink::StreamTail> {
     let mut backoff = sink::Backoff::new();
     loop {
-        match sink::read_tail(js, stream_name, slot).await {
+        match sink::read_tail(js, stream_name, slot, sink::RESUME_SEARCH_LIMIT).await {
             Ok(tail) => return Ok(tail),
             Err(error) if backoff.elapsed() < give_up_after => {
                 tracing::warn!(
@@ -68,7 +68,7 @@ fn report_other_publishers(tail: &sink::StreamTail, stream_name: &str, metrics: 
     if tail.search_cut_short {
         tracing::warn!(
             stream = stream_name,
-            searched = sink::TAIL_SEARCH_LIMIT,
+            searched = sink::RESUME_SEARCH_LIMIT,
             "none of the stream's last messages is walstream's: another client published them. \
              walstream resumes from its checkpoint and the slot, and may publish again events \
              stored before them (a duplicate, never a loss)"

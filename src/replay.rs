@@ -341,7 +341,7 @@ pub async fn request(config: &Config, from: Lsn) -> anyhow::Result<ReplayRequest
     }
     let js = sink::jetstream_for_command(&config.nats).await?;
     let name = &config.nats.stream_name;
-    let tail = sink::read_tail(&js, name, slot_name)
+    let tail = sink::read_tail(&js, name, slot_name, sink::RESUME_SEARCH_LIMIT)
         .await
         .with_context(|| format!("cannot read the end of stream {name}"))?;
     let through = match (tail.replay(), tail.position()) {

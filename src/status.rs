@@ -129,7 +129,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     let js = sink::jetstream_for_command(&config.nats).await?;
     let name = &config.nats.stream_name;
     let (stream, tail) = if sink::stream_exists(&js, name).await? {
-        let tail = sink::read_tail(&js, name, slot_name).await?;
+        let tail = sink::read_tail(&js, name, slot_name, sink::REPORT_SEARCH_LIMIT).await?;
         (stream_status(&js, name, slot_name, &tail).await?, tail)
     } else {
         let missing = StreamStatus {

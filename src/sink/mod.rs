@@ -18,7 +18,7 @@ mod stream;
 pub use connect::{connect, jetstream_for_command};
 pub use stream::{
     ensure_key_value, ensure_stream, first_where, meta_at_or_after, own_message, read_tail,
-    stream_exists, OwnMessage, StoredMeta, StreamTail, TAIL_SEARCH_LIMIT,
+    stream_exists, OwnMessage, StoredMeta, StreamTail, REPORT_SEARCH_LIMIT, RESUME_SEARCH_LIMIT,
 };
 
 use std::collections::VecDeque;

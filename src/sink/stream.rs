@@ -23,8 +23,8 @@ pub struct StreamTail {
     pub own: Option<OwnMessage>,
     /// Messages after it that walstream did not publish (or that are gone).
     pub others_after: u64,
-    /// The search for walstream's last message stopped at [`TAIL_SEARCH_LIMIT`] messages
-    /// without reaching the stream's first one.
+    /// The search for walstream's last message stopped at its limit without reaching the
+    /// stream's first message.
     pub search_cut_short: bool,
 }
 
@@ -50,8 +50,11 @@ pub struct OwnMessage {
 }
 
 /// How many messages the search for walstream's last message reads back from the stream's end
-/// before it gives up (another client publishing heavily while walstream was down).
-pub const TAIL_SEARCH_LIMIT: u64 = 100_000;
+/// before it gives up, where resuming depends on it (another client publishing heavily while
+/// walstream was down).
+pub const RESUME_SEARCH_LIMIT: u64 = 100_000;
+/// The same for a look at the stream (`check`, `status`), which must answer quickly.
+pub const REPORT_SEARCH_LIMIT: u64 = 1_000;
 
 /// Creates the stream, or updates it to the configured settings.
 pub async fn ensure_stream(
@@ -188,11 +191,12 @@ fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
 }
 
 /// Reads the stream's last sequence and finds walstream's last message (of `slot`), reading
-/// back past messages other clients published after it.
+/// back past at most `limit` messages other clients published after it.
 pub async fn read_tail(
     js: &jetstream::Context,
     name: &str,
     slot: &str,
+    limit: u64,
 ) -> anyhow::Result<StreamTail> {
     let mut stream = js.get_stream(name).await?;
     let info = stream.info().await?;
@@ -203,7 +207,7 @@ pub async fn read_tail(
     };
     let mut sequence = last;
     while sequence >= first.max(1) {
-        if last - sequence >= TAIL_SEARCH_LIMIT {
+        if last - sequence >= limit {
             tail.search_cut_short = true;
             break;
         }
