@@ -150,7 +150,7 @@ fn identity(message: &Stored) -> Option<(u32, u64, u64)> {
 /// Checks the stream against what was committed and what the other publisher published:
 /// (1) every change exactly once, by message id, (2) in commit order, (3) folded in order into
 /// tables, equal to `tables`; (4) the other publisher's messages, told apart by its mark,
-/// each there once if JetStream acknowledged it, at most once otherwise.
+/// there if JetStream acknowledged them, and at most once unless published without an id.
 pub fn judge(
     committed: &[Committed],
     messages: &[Stored],
@@ -221,7 +221,8 @@ fn check_others(verdict: &mut Verdict, messages: &[Stored], published: &Publishe
             .get(MARK)
             .and_then(|n| n.as_str().parse::<u64>().ok());
         let known = number.is_some_and(|n| published.attempted.contains(&n));
-        if !known || !seen.insert(number) {
+        let repeatable = number.is_some_and(|n| published.without_id.contains(&n));
+        if !known || (!seen.insert(number) && !repeatable) {
             verdict.others_wrong += 1;
             verdict.problem(format!(
                 "sequence {}: the other publisher's message {number:?} {}",

@@ -28,8 +28,12 @@ const SUBJECTS: [&str; 2] = [
 pub struct Published {
     /// Numbers of every message it tried to publish.
     pub attempted: BTreeSet<u64>,
-    /// Numbers JetStream acknowledged as stored: each must be in the stream once.
+    /// Numbers JetStream acknowledged as stored: each must be in the stream.
     pub stored: BTreeSet<u64>,
+    /// Numbers published without a `Nats-Msg-Id`: JetStream stores those at least once (a
+    /// cluster re-applying a publish across a leader change can store one twice); every other
+    /// message must be there at most once.
+    pub without_id: BTreeSet<u64>,
     /// Copies of walstream's messages JetStream dropped as duplicates (its dedup window).
     pub copies_dropped: u64,
     pub kinds: BTreeMap<&'static str, u64>,
@@ -79,6 +83,9 @@ pub async fn publish(nats_urls: String, seed: u64, stop: Arc<AtomicBool>) -> Pub
         } else {
             payload
         };
+        if headers.get(NATS_MESSAGE_ID).is_none() {
+            published.without_id.insert(number);
+        }
         *published.kinds.entry(kind).or_default() += 1;
         published.attempted.insert(number);
         let subject = SUBJECTS[rng.usize(..SUBJECTS.len())];
