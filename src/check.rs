@@ -325,9 +325,9 @@ async fn check_nats(config: &Config, report: &mut Report) {
 /// What the stream's end shows: walstream's last event, and other clients' messages after it.
 async fn check_stream(js: &async_nats::jetstream::Context, config: &Config, report: &mut Report) {
     let name = &config.nats.stream_name;
-    match sink::stream_exists(js, name).await {
-        Ok(true) => {}
-        Ok(false) => {
+    match sink::existing_stream(js, name).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
             return report.pass(format!(
                 "stream {name} does not exist yet; walstream creates it at its first start"
             ))

@@ -22,9 +22,12 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let dir = dir.canonicalize()?;
     install_if_missing()?;
 
-    stop_leftovers(&dir)?;
-    let postgres = LocalPostgres::init(&dir, port_or_free(55432)?)?;
-    let mut nats = LocalNats::new(&dir, port_or_free(14222)?, &[])?;
+    // Ports are chosen once a killed earlier run's servers are stopped and theirs are free.
+    let mut postgres = LocalPostgres::init(&dir, 0)?;
+    let mut nats = LocalNats::new(&dir, 0, &[])?;
+    stop_leftovers(&postgres, &nats)?;
+    postgres.port = port_or_free(55432)?;
+    nats.port = port_or_free(14222)?;
     postgres.start()?;
     let _stop_postgres = StopOnDrop(&postgres);
     if postgres.execute(DATABASE, "SELECT 1").await.is_err() {
@@ -115,13 +118,13 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     result
 }
 
-/// Stops the servers an earlier `walstream dev` in `dir` left running when it was killed, so
-/// their ports and data are free again (their port does not matter for finding them).
-fn stop_leftovers(dir: &Path) -> anyhow::Result<()> {
-    if let Some(pid) = LocalPostgres::init(dir, 0)?.stop_leftover()? {
+/// Stops the servers an earlier `walstream dev` in the same directory left running when it
+/// was killed, so their ports and data are free again (found by their data, not their port).
+fn stop_leftovers(postgres: &LocalPostgres, nats: &LocalNats) -> anyhow::Result<()> {
+    if let Some(pid) = postgres.stop_leftover()? {
         println!("stopped the PostgreSQL an earlier walstream dev left running (pid {pid})");
     }
-    if let Some(pid) = LocalNats::new(dir, 0, &[])?.stop_leftover()? {
+    if let Some(pid) = nats.stop_leftover()? {
         println!("stopped the nats-server an earlier walstream dev left running (pid {pid})");
     }
     Ok(())

@@ -128,9 +128,9 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     };
     let js = sink::jetstream_for_command(&config.nats).await?;
     let name = &config.nats.stream_name;
-    let (stream, tail) = if sink::stream_exists(&js, name).await? {
+    let (stream, tail) = if let Some(stream) = sink::existing_stream(&js, name).await? {
         let tail = sink::read_tail(&js, name, slot_name, sink::REPORT_SEARCH_LIMIT).await?;
-        (stream_status(&js, name, slot_name, &tail).await?, tail)
+        (stream_status(stream, name, slot_name, &tail).await?, tail)
     } else {
         let missing = StreamStatus {
             name: name.clone(),
@@ -161,15 +161,11 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
 }
 
 async fn stream_status(
-    js: &jetstream::Context,
+    mut stream: jetstream::stream::Stream,
     name: &str,
     slot: &str,
     tail: &sink::StreamTail,
 ) -> anyhow::Result<StreamStatus> {
-    let mut stream = js
-        .get_stream(name)
-        .await
-        .with_context(|| format!("stream {name}"))?;
     let state = stream.info().await?.state.clone();
     let (first, last) = match &tail.own {
         Some(own) if state.messages > 0 => (

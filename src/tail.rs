@@ -37,13 +37,12 @@ pub async fn run(
     let name = &config.nats.stream_name;
     let slot = &config.replication.slot;
     let js = sink::jetstream_for_command(&config.nats).await?;
-    if !sink::stream_exists(&js, name).await? {
+    let Some(mut stream) = sink::existing_stream(&js, name).await? else {
         anyhow::bail!(
             "stream {name} does not exist yet; walstream creates it at its first start \
              (stream, run or dev)"
         );
-    }
-    let mut stream = js.get_stream(name).await?;
+    };
     let state = stream.info().await?.state.clone();
     let deliver_policy = match start {
         Start::New => DeliverPolicy::New,

@@ -17,8 +17,8 @@ mod stream;
 
 pub use connect::{connect, jetstream_for_command};
 pub use stream::{
-    ensure_key_value, ensure_stream, first_where, meta_at_or_after, own_message, read_tail,
-    stream_exists, OwnMessage, StoredMeta, StreamTail, REPORT_SEARCH_LIMIT, RESUME_SEARCH_LIMIT,
+    ensure_key_value, ensure_stream, existing_stream, first_where, message_at, meta_at_or_after,
+    own_message, read_tail, StoredMeta, StreamTail, REPORT_SEARCH_LIMIT, RESUME_SEARCH_LIMIT,
 };
 
 use std::collections::VecDeque;
@@ -600,15 +600,14 @@ async fn id_at(
     stream: &jetstream::stream::Stream,
     sequence: u64,
 ) -> Result<Option<String>, String> {
-    match stream.get_raw_message(sequence).await {
-        Ok(message) => Ok(message
-            .headers
+    let message = message_at(stream, sequence)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(message.and_then(|m| {
+        m.headers
             .get(NATS_MESSAGE_ID)
-            .map(|v| v.as_str().to_owned())),
-        Err(error) if stream::is_no_message(&error) => Ok(None),
-        // A timeout during a leader election says nothing about the message.
-        Err(error) => Err(format!("reading message {sequence} of the stream: {error}")),
-    }
+            .map(|v| v.as_str().to_owned())
+    }))
 }
 
 /// What the next publish after the acknowledged events is chained to.

@@ -173,11 +173,14 @@ pub async fn ensure_key_value(
         .map_err(|e| anyhow::anyhow!("cannot open the key-value bucket {bucket}: {e}"))
 }
 
-/// Whether the stream exists (walstream creates it at its first start).
-pub async fn stream_exists(js: &jetstream::Context, name: &str) -> anyhow::Result<bool> {
+/// The stream, or `None` when it does not exist yet (walstream creates it at its first start).
+pub async fn existing_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Option<jetstream::stream::Stream>> {
     match js.get_stream(name).await {
-        Ok(_) => Ok(true),
-        Err(error) if is_not_found(&error) => Ok(false),
+        Ok(stream) => Ok(Some(stream)),
+        Err(error) if is_not_found(&error) => Ok(None),
         Err(error) => Err(anyhow::anyhow!("cannot look up stream {name}: {error}")),
     }
 }
@@ -211,13 +214,8 @@ pub async fn read_tail(
             tail.search_cut_short = true;
             break;
         }
-        // Gone (max_age, deleted) says nothing about who published it. Any other failure (a
-        // timeout during a leader election) says nothing at all: give up rather than guess.
-        let message = match stream.get_raw_message(sequence).await {
-            Ok(message) => Some(message),
-            Err(error) if is_no_message(&error) => None,
-            Err(error) => anyhow::bail!("reading message {sequence} of the stream: {error}"),
-        };
+        // Gone (max_age, deleted) says nothing about who published it.
+        let message = message_at(&stream, sequence).await?;
         if let Some(own) = message.and_then(|m| own_message(&m.headers, sequence, slot)) {
             tail.own = Some(own);
             break;
@@ -310,13 +308,9 @@ pub async fn meta_at_or_after(
     last: u64,
 ) -> anyhow::Result<Option<StoredMeta>> {
     while sequence <= last {
-        let message = match stream.get_raw_message(sequence).await {
-            Ok(message) => message,
-            Err(error) if is_no_message(&error) => {
-                sequence += 1;
-                continue;
-            }
-            Err(error) => anyhow::bail!("reading message {sequence} of the stream: {error}"),
+        let Some(message) = message_at(stream, sequence).await? else {
+            sequence += 1;
+            continue;
         };
         let Some(own) = own_message(&message.headers, sequence, slot) else {
             sequence += 1;
@@ -348,7 +342,21 @@ pub async fn meta_at_or_after(
     Ok(None)
 }
 
-pub(super) fn is_no_message(error: &jetstream::stream::RawMessageError) -> bool {
+/// The message at `sequence`; `None` when it is gone (expired, deleted) or was never stored.
+/// Any other failure (a timeout during a leader election) says nothing about the message and
+/// is an error, never taken for "gone".
+pub async fn message_at(
+    stream: &jetstream::stream::Stream,
+    sequence: u64,
+) -> anyhow::Result<Option<jetstream::message::StreamMessage>> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(Some(message)),
+        Err(error) if is_no_message(&error) => Ok(None),
+        Err(error) => anyhow::bail!("reading message {sequence} of the stream: {error}"),
+    }
+}
+
+fn is_no_message(error: &jetstream::stream::RawMessageError) -> bool {
     match error.kind() {
         jetstream::stream::RawMessageErrorKind::NoMessageFound => true,
         jetstream::stream::RawMessageErrorKind::JetStream(inner) => {
