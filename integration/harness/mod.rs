@@ -290,21 +290,44 @@ impl Stored {
     }
 }
 
-/// Reads every message of the stream in order.
+/// Reads every message of the stream in order. A consumer that goes quiet before the end (a
+/// JetStream cluster moving its leader) is recreated from the next sequence, a few times.
 pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>> {
     let mut stream = js.get_stream(STREAM).await?;
     let last = stream.info().await?.state.last_sequence;
-    if last == 0 {
-        return Ok(Vec::new());
+    let mut out = Vec::new();
+    let mut next = 1;
+    let mut attempts = 0;
+    while next <= last {
+        attempts += 1;
+        match read_from(&stream, next, last, &mut out).await {
+            Ok(()) => break,
+            Err(error) if attempts < 4 => {
+                eprintln!("reading the stream from {next} again: {error:#}");
+                next = out.last().map_or(1, |m: &Stored| m.sequence + 1);
+            }
+            Err(error) => return Err(error),
+        }
     }
+    Ok(out)
+}
+
+/// Appends the stream's messages from `first` through `last` to `out`.
+async fn read_from(
+    stream: &jetstream::stream::Stream,
+    first: u64,
+    last: u64,
+    out: &mut Vec<Stored>,
+) -> anyhow::Result<()> {
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: first,
+            },
             ..Default::default()
         })
         .await?;
     let mut messages = consumer.messages().await?;
-    let mut out = Vec::new();
     while let Some(message) = tokio::time::timeout(Duration::from_secs(10), messages.next())
         .await
         .context("timed out reading the stream")?
@@ -335,7 +358,7 @@ pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>>
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Waits until the stream holds at least `count` messages.
