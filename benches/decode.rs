@@ -8,14 +8,14 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use walstream::config::Config;
-use walstream::event::{Encoder, Naming, RelationInfo, Transaction};
 use walstream::lsn::Lsn;
-use walstream::pgoutput::{decode, parse_captured, Message};
+use walstream::pipeline::event::{Encoder, Naming, RelationInfo, Transaction};
+use walstream::pipeline::pgoutput::{decode, parse_captured, Message};
 
 fn bench_row() -> (RelationInfo, Vec<u8>, Naming) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/src/pgoutput/testdata/pg15.txt"
+        "/src/pipeline/pgoutput/testdata/pg15.txt"
     );
     let text = std::fs::read_to_string(path).expect("captured fixtures");
     let config = Config::parse(

@@ -1,4 +1,4 @@
-//! Captures pgoutput messages from a real PostgreSQL into `src/pgoutput/testdata/`, the bytes
+//! Captures pgoutput messages from a real PostgreSQL into `src/pipeline/pgoutput/testdata/`, the bytes
 //! the decoder's unit tests run on. Run by hand when the fixtures need renewing:
 //! `cargo test --release --test capture -- --ignored`.
 
@@ -76,7 +76,7 @@ async fn capture_pgoutput_fixtures() -> anyhow::Result<()> {
     }
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/src/pgoutput/testdata/pg15.txt"
+        "/src/pipeline/pgoutput/testdata/pg15.txt"
     );
     std::fs::create_dir_all(std::path::Path::new(path).parent().expect("parent"))?;
     std::fs::write(path, out)?;

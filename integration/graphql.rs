@@ -887,7 +887,7 @@ async fn start_up_errors_name_the_line_and_the_object() -> anyhow::Result<()> {
 async fn replay_then_live_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
     use std::sync::Arc;
     use walstream::graphql::feed::{parse_cursor, Feed};
-    use walstream::sink::StoredEvent;
+    use walstream::pipeline::sink::StoredEvent;
 
     let cluster = Cluster::start().await?;
     let js = cluster.jetstream().await?;

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::event::Op;
-use crate::replay::Retention;
+use crate::op::Op;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -784,6 +783,43 @@ pub fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
     Ok(out)
 }
 
+/// How much WAL the slot keeps behind walstream's checkpoint, so `reset-lsn` can go back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Confirm the checkpoint itself: nothing before it can be replayed.
+    #[default]
+    None,
+    Bytes(u64),
+    Time(Duration),
+}
+
+impl Retention {
+    /// `"10GB"`, `"512MiB"` (a size ends in B) or `"2h"`, `"30min"`, `"7d"`; `"0"` for none.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let invalid = |why: String| {
+            format!("`{text}` is neither a size such as \"10GB\" nor a time such as \"2h\" ({why})")
+        };
+        if text == "0" {
+            return Ok(Self::None);
+        }
+        if text.ends_with(['b', 'B']) {
+            let size: bytesize::ByteSize = text.parse().map_err(invalid)?;
+            return Ok(if size.0 == 0 {
+                Self::None
+            } else {
+                Self::Bytes(size.0)
+            });
+        }
+        let time = humantime::parse_duration(text).map_err(|e| invalid(e.to_string()))?;
+        Ok(if time.is_zero() {
+            Self::None
+        } else {
+            Self::Time(time)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -963,5 +999,24 @@ mod tests {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn retention_reads_sizes_and_times() {
+        assert_eq!(Retention::parse("0"), Ok(Retention::None));
+        assert_eq!(
+            Retention::parse("10GB"),
+            Ok(Retention::Bytes(10_000_000_000))
+        );
+        assert_eq!(Retention::parse("1 MiB"), Ok(Retention::Bytes(1 << 20)));
+        assert_eq!(
+            Retention::parse("2h"),
+            Ok(Retention::Time(Duration::from_secs(7200)))
+        );
+        let error = Retention::parse("lots").unwrap_err();
+        assert!(
+            error.contains("\"10GB\"") && error.contains("\"2h\""),
+            "{error}"
+        );
     }
 }

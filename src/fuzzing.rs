@@ -6,10 +6,12 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use crate::config::Config;
-use crate::event::value::{write_value, ScalarKind, ValueKind};
-use crate::event::{Encoder, Naming, RelationInfo, Transaction};
 use crate::lsn::Lsn;
-use crate::pgoutput::{self, Message, Relation, RelationColumn, ReplicaIdentity, TupleData};
+use crate::pipeline::event::value::{write_value, ScalarKind, ValueKind};
+use crate::pipeline::event::{Encoder, Naming, RelationInfo, Transaction};
+use crate::pipeline::pgoutput::{
+    self, Message, Relation, RelationColumn, ReplicaIdentity, TupleData,
+};
 
 const KINDS: [ValueKind; 10] = [
     ValueKind::Scalar(ScalarKind::Integer),
@@ -142,7 +144,7 @@ mod tests {
 
     #[test]
     fn the_decoder_never_panics_on_mutated_messages() {
-        let fixtures: Vec<Vec<u8>> = crate::pgoutput::captured_fixtures()
+        let fixtures: Vec<Vec<u8>> = crate::pipeline::pgoutput::captured_fixtures()
             .into_iter()
             .map(|(_, bytes)| bytes)
             .collect();

@@ -1,45 +1,31 @@
 //! walstream: PostgreSQL logical replication (`pgoutput`) to NATS JetStream.
 //!
-//! The pipeline, in the order data flows:
-//! [`source`] (replication slot) → [`pgoutput`] (decoder) → [`event`] (JSON envelope) →
-//! [`sink`] (JetStream), with [`checkpoint`] (RocksDB) beside it and [`pipeline`] driving them.
-//! [`postgres`] is the normal connection (slot, publication, catalog); [`http`] serves
-//! `/health` and `/metrics` from [`metrics`].
-//!
-//! Beside the pipeline, [`graphql`] serves the FraiseQL-style API: queries from views,
-//! mutations through SQL functions, subscriptions from the change stream.
+//! - [`pipeline`]: the streamer, stage by stage in the order data flows: the replication
+//!   source, the `pgoutput` decoder, the event, the JetStream sink, with the checkpoint and the
+//!   progress beside them.
+//! - [`graphql`]: the FraiseQL-style API beside it: queries from views, mutations through SQL
+//!   functions, subscriptions from the change stream.
+//! - [`commands`]: what the `walstream` binary runs (`stream`, `setup`, `status`, …).
+//! - Shared by them: [`config`], [`postgres`] (the normal connection), [`nats`] (connections,
+//!   the stream, key-value buckets), [`http`] and [`metrics`], [`tls`], [`secrets`],
+//!   [`backoff`], [`lsn`], [`op`].
+//! - [`local`] runs local servers for `walstream dev` and the tests; [`fuzzing`] holds the
+//!   fuzz targets' bodies.
 
+pub mod backoff;
 #[cfg(feature = "server")]
-pub mod app;
-pub mod backfill;
-#[cfg(feature = "server")]
-pub mod check;
-#[cfg(feature = "server")]
-pub mod checkpoint;
+pub mod commands;
 pub mod config;
-#[cfg(feature = "server")]
-pub mod dev;
-pub mod event;
 pub mod fuzzing;
 #[cfg(feature = "server")]
 pub mod graphql;
 pub mod http;
-#[cfg(feature = "server")]
-pub mod lease;
 pub mod local;
 pub mod lsn;
 pub mod metrics;
-pub mod pgoutput;
-#[cfg(feature = "server")]
+pub mod nats;
+pub mod op;
 pub mod pipeline;
 pub mod postgres;
-pub mod replay;
 pub mod secrets;
-pub mod sink;
-#[cfg(feature = "server")]
-pub mod slot_watch;
-pub mod source;
-#[cfg(feature = "server")]
-pub mod status;
-pub mod tail;
 pub mod tls;

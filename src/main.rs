@@ -9,8 +9,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use walstream::commands::{backfill, check, dev, reset_lsn, run, setup, status, tail, Answer};
 use walstream::config::{Config, LogFormat};
-use walstream::{app, check, dev, postgres, replay, status, tail};
 
 #[derive(Parser)]
 #[command(
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Dev { dir } = &cli.command {
         init_logging(LogFormat::Human, None);
         return dev::run(dir).await.map(|()| ExitCode::SUCCESS);
@@ -169,27 +169,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(config.log.format, level);
     match cli.command {
         Command::Stream => {
-            app::run_streamer(config, app::shutdown_on_signal()).await?;
+            run::run_streamer(config, run::shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve => {
-            app::run_graphql(config, app::shutdown_on_signal()).await?;
+            run::run_graphql(config, run::shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
-            app::run_all(config, app::shutdown_on_signal()).await?;
+            run::run_all(config, run::shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Setup { print_sql, role } => {
             if print_sql {
-                print_setup_sql(&config, &role);
+                setup::print_sql(&config, &role);
             } else {
-                let client = postgres::connect(&config.database.url).await?;
-                postgres::ensure_publication_and_slot(&client, &config, true, true).await?;
-                println!(
-                    "publication {} and slot {} are ready",
-                    config.replication.publication, config.replication.slot
-                );
+                setup::run(&config).await?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -203,22 +198,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Status { json } => {
-            let status = status::status(&config).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                status.print();
-            }
+            status::status(&config).await?.print(json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Seek { lsn, time, json } => {
             let target = status::SeekTarget::parse(lsn.as_deref(), time.as_deref())?;
             let found = status::seek(&config, target).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&found)?);
-            } else {
-                found.print();
-            }
+            found.print(json)?;
             Ok(if found.sequence.is_some() {
                 ExitCode::SUCCESS
             } else {
@@ -245,12 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::ResetLsn { lsn, json } => {
             let from = walstream::lsn::parse_lsn(&lsn).map_err(anyhow::Error::msg)?;
-            let request = replay::request(&config, from).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&request)?);
-            } else {
-                request.print();
-            }
+            reset_lsn::request(&config, from).await?.print(json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Backfill {
@@ -260,28 +241,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             restart,
             cancel,
         } => {
-            let args = walstream::backfill::BackfillArgs {
+            let args = backfill::BackfillArgs {
                 table,
                 filter,
                 chunk_size,
                 restart,
                 cancel,
             };
-            walstream::backfill::run(&config, &args).await?;
+            backfill::run(&config, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { .. } => unreachable!("handled above"),
     }
-}
-
-fn print_setup_sql(config: &Config, role: &str) {
-    println!("-- walstream setup for slot {}", config.replication.slot);
-    println!("-- Run as a superuser or the owner of the tables. Requires wal_level = logical.\n");
-    for statement in postgres::setup_sql(config) {
-        println!("{statement};");
-    }
-    println!();
-    print!("{}", postgres::role_sql(config, role));
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) {

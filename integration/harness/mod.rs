@@ -17,6 +17,9 @@ use serde_json::Value;
 use walstream::local::{free_port, LocalNats, LocalPostgres};
 
 pub mod browser;
+pub mod load;
+pub mod orders;
+pub mod output;
 mod subscriber;
 mod watchdog;
 #[allow(unused_imports)]

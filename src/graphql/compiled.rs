@@ -14,7 +14,8 @@ use async_graphql::{ErrorExtensions, Name, Pos, Value};
 use serde_json::Value as Json;
 
 use super::auth::Identity;
-use super::schema::{is_decimal, is_uuid, parse_data, Kind, MutationPlan, QueryRead, ReadCatalog};
+use super::scalars::Scalar;
+use super::schema::{parse_data, Kind, MutationPlan, QueryRead, ReadCatalog};
 use super::sdl::{snake_case, ArgDef, MutationDef, TypeExpr};
 
 /// Plans kept before the cache starts over (as for parsed documents).
@@ -435,7 +436,9 @@ fn input(ty: &TypeExpr, json: &Json, catalog: &ReadCatalog) -> Result<Value, Fal
             single => Ok(Value::List(vec![input(item, single, catalog)?])),
         },
         TypeExpr::Named { name, .. } => match catalog.kind(name) {
-            Some(Kind::Scalar) => scalar_input(name, json),
+            Some(Kind::Scalar) => Scalar::named(name)
+                .and_then(|scalar| scalar.input(json))
+                .ok_or(Fallback),
             Some(Kind::Enum) => {
                 let text = json.as_str().ok_or(Fallback)?;
                 let known = catalog.enums.get(name).is_some_and(|v| v.contains(text));
@@ -473,36 +476,6 @@ fn input_object(name: &str, json: &Json, catalog: &ReadCatalog) -> Result<Value,
         fields.insert(Name::new(&field.name), value);
     }
     Ok(object)
-}
-
-/// A JSON variable as a value of a built-in or walstream scalar; `Fallback` when the executor
-/// would refuse it (and say why).
-fn scalar_input(scalar: &str, json: &Json) -> Result<Value, Fallback> {
-    let fits = match (scalar, json) {
-        (_, Json::Null) => true,
-        ("ID", Json::String(_)) => true,
-        ("ID", Json::Number(n)) => n.is_i64() || n.is_u64(),
-        ("String", Json::String(_)) => true,
-        ("Int", Json::Number(n)) => n.as_i64().is_some_and(|i| i32::try_from(i).is_ok()),
-        ("Float", Json::Number(_)) => true,
-        ("Boolean", Json::Bool(_)) => true,
-        ("UUID", Json::String(s)) => is_uuid(s),
-        ("Decimal", Json::String(s)) => is_decimal(s),
-        ("Decimal", Json::Number(_)) => true,
-        ("DateTime", Json::String(s)) => {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
-        }
-        ("JSON", _) => true,
-        _ => false,
-    };
-    if !fits {
-        return Err(Fallback);
-    }
-    // The executor turns an integer given for an ID into its string.
-    match (scalar, json) {
-        ("ID", Json::Number(n)) => Ok(Value::String(n.to_string())),
-        _ => Value::from_json(json.clone()).map_err(|_| Fallback),
-    }
 }
 
 /// A root field's arguments with variables substituted and the schema's defaults applied.
@@ -635,62 +608,10 @@ fn write_object(
     Ok(())
 }
 
-/// A scalar as the schema's `scalar_output` turns it into GraphQL output.
+/// A scalar as the executor outputs it; what the executor would refuse falls back.
 fn write_scalar(out: &mut Vec<u8>, scalar: &str, value: &Json) -> Result<(), Fallback> {
-    match (scalar, value) {
-        ("Int", Json::Number(n)) if n.as_i64().is_some() => {
-            out.extend_from_slice(n.to_string().as_bytes())
-        }
-        ("Float", Json::Number(n)) => out.extend_from_slice(n.to_string().as_bytes()),
-        ("Boolean", Json::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        ("Decimal", Json::Number(n)) => write_string(out, &n.to_string()),
-        ("JSON", other) => {
-            serde_json::to_writer(&mut *out, other).map_err(|_| Fallback)?;
-        }
-        ("ID" | "String" | "Decimal" | "DateTime" | "UUID", Json::String(s)) => {
-            write_string(out, s)
-        }
-        ("ID" | "String", Json::Number(n)) => write_string(out, &n.to_string()),
-        ("String", other) => write_string(out, &other.to_string()),
-        _ => return Err(Fallback),
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    /// Every scalar written by a plan is what the executor's resolvers output for it, and
-    /// what they refuse the plan hands back.
-    #[test]
-    fn scalars_are_written_as_the_executor_outputs_them() {
-        let values = [
-            json!(42),
-            json!(-7),
-            json!(1.5),
-            json!(12345678901234_i64),
-            json!("49.99"),
-            json!("text \"quoted\" \u{e9}"),
-            json!(true),
-            json!({"b": 1, "a": [1, "x"]}),
-            json!([1, 2]),
-            json!("2026-11-22T10:00:00Z"),
-        ];
-        for scalar in [
-            "Int", "Float", "Boolean", "Decimal", "JSON", "ID", "String", "DateTime", "UUID",
-        ] {
-            for value in &values {
-                let mut written = Vec::new();
-                let planned = write_scalar(&mut written, scalar, value)
-                    .ok()
-                    .map(|()| serde_json::from_slice::<Json>(&written).expect("valid JSON"));
-                let executed = super::super::schema::scalar_output(scalar, value)
-                    .ok()
-                    .map(|v| v.into_json().expect("JSON"));
-                assert_eq!(planned, executed, "{scalar} from {value}");
-            }
-        }
-    }
+    let output = Scalar::named(scalar)
+        .and_then(|scalar| scalar.output(value))
+        .ok_or(Fallback)?;
+    output.write(out).map_err(|_| Fallback)
 }

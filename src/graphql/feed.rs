@@ -7,9 +7,10 @@ use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::Deliv
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::event::Position;
 use crate::lsn::parse_lsn;
-use crate::sink::{first_where, meta_at_or_after, own_message, StoredEvent};
+use crate::pipeline::event::Position;
+use crate::pipeline::history::{first_where, meta_at_or_after, own_message};
+use crate::pipeline::sink::StoredEvent;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum FeedError {

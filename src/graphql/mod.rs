@@ -9,6 +9,7 @@ mod explorer;
 pub mod feed;
 pub mod mutation;
 mod query_cache;
+mod scalars;
 pub mod schema;
 pub mod sdl;
 pub mod sql;
@@ -31,7 +32,8 @@ use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::sink::{self, StoredEvent};
+use crate::nats;
+use crate::pipeline::sink::StoredEvent;
 use auth::{AuthError, Authenticator, Identity};
 use compiled::{Lookup, Plans};
 use db::Database;
@@ -73,7 +75,7 @@ pub async fn router(
         .client()
         .await
         .map_err(|e| anyhow::anyhow!("GraphQL: {e}"))?;
-    let nats = sink::connect(&config.nats, metrics, Duration::from_secs(30)).await?;
+    let nats = nats::connect(&config.nats, metrics, Duration::from_secs(30)).await?;
     let feed = Feed::new(
         async_nats::jetstream::new(nats),
         config.nats.stream_name.clone(),
@@ -128,42 +130,38 @@ async fn graphql_post(
         Ok(identity) => identity,
         Err(error) => return unauthorized(error),
     };
-    let plain = serde_json::from_slice::<PlainRequest>(&body).ok();
-    let mut learn = false;
-    if let Some(plain) = &plain {
-        match endpoint
-            .plans
-            .lookup(&plain.query, plain.operation_name.as_deref())
-        {
-            Lookup::Plan(plan) => {
-                if let Some(response) = answer_compiled(&endpoint, &plan, plain, &identity).await {
-                    return response;
-                }
-            }
-            Lookup::Unknown => learn = true,
-            Lookup::NotCompilable => {}
-        }
-    }
-    let mut request: async_graphql::BatchRequest = match serde_json::from_slice(&body) {
+    let request = match parse_body(&body, endpoint.max_batch) {
         Ok(request) => request,
-        Err(error) => {
-            return bad_request(format!("the body is not a GraphQL request: {error}"));
+        Err(message) => return bad_request(message),
+    };
+    let plain = match request {
+        Posted::Single(plain) => plain,
+        Posted::Batch(mut batch) => {
+            for single in batch.iter_mut() {
+                endpoint.queries.prepare(single);
+            }
+            let batch = async_graphql::BatchRequest::Batch(batch).data(identity);
+            let response = endpoint.schema.execute_batch(batch).await;
+            return Json(response).into_response();
         }
     };
-    if let async_graphql::BatchRequest::Batch(batch) = &request {
-        if batch.len() > endpoint.max_batch {
-            return bad_request(format!(
-                "a batch of {} operations; at most {} are allowed (graphql.max_batch)",
-                batch.len(),
-                endpoint.max_batch
-            ));
+    let learn = match endpoint
+        .plans
+        .lookup(&plain.query, plain.operation_name.as_deref())
+    {
+        Lookup::Plan(plan) => {
+            if let Some(response) = answer_compiled(&endpoint, &plan, &plain, &identity).await {
+                return response;
+            }
+            false
         }
-    }
-    for single in request.iter_mut() {
-        endpoint.queries.prepare(single);
-    }
-    let response = endpoint.schema.execute_batch(request.data(identity)).await;
-    if let Some(plain) = plain.filter(|_| learn && response.is_ok()) {
+        Lookup::Unknown => true,
+        Lookup::NotCompilable => false,
+    };
+    let mut single = plain.to_request();
+    endpoint.queries.prepare(&mut single);
+    let response = endpoint.schema.execute(single.data(identity)).await;
+    if learn && response.is_ok() {
         if let Some(document) = endpoint.queries.lookup(&plain.query) {
             endpoint
                 .plans
@@ -171,6 +169,33 @@ async fn graphql_post(
         }
     }
     Json(response).into_response()
+}
+
+/// A POST body: one request, or a batch of them.
+enum Posted<'a> {
+    Single(PlainRequest<'a>),
+    Batch(Vec<async_graphql::Request>),
+}
+
+/// Reads the body once: a JSON array is a batch (at most `max_batch` operations), anything else
+/// one request.
+fn parse_body(body: &[u8], max_batch: usize) -> Result<Posted<'_>, String> {
+    let not_graphql =
+        |error: serde_json::Error| format!("the body is not a GraphQL request: {error}");
+    let is_batch = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if !is_batch {
+        return serde_json::from_slice(body)
+            .map(Posted::Single)
+            .map_err(not_graphql);
+    }
+    let batch: Vec<async_graphql::Request> = serde_json::from_slice(body).map_err(not_graphql)?;
+    if batch.len() > max_batch {
+        return Err(format!(
+            "a batch of {} operations; at most {max_batch} are allowed (graphql.max_batch)",
+            batch.len()
+        ));
+    }
+    Ok(Posted::Batch(batch))
 }
 
 /// A single GraphQL request as posted, read without copying the query text.
@@ -182,6 +207,24 @@ struct PlainRequest<'a> {
     operation_name: Option<String>,
     #[serde(default)]
     variables: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    extensions: async_graphql_value::Extensions,
+}
+
+impl PlainRequest<'_> {
+    /// The request as the executor takes it.
+    fn to_request(&self) -> async_graphql::Request {
+        let mut request = async_graphql::Request::new(self.query.as_ref());
+        if let Some(name) = &self.operation_name {
+            request = request.operation_name(name);
+        }
+        if let Some(variables) = &self.variables {
+            let variables = serde_json::Value::Object(variables.clone());
+            request = request.variables(async_graphql::Variables::from_json(variables));
+        }
+        request.extensions = self.extensions.clone();
+        request
+    }
 }
 
 async fn answer_compiled(

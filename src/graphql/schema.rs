@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_graphql::dynamic::{
-    Enum, Field, FieldFuture, FieldValue, InputObject, InputValue, Object, Scalar, Schema,
-    SchemaBuilder, Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
+    Enum, Field, FieldFuture, FieldValue, InputObject, InputValue, Object, Schema, SchemaBuilder,
+    Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
 };
-use async_graphql::{ErrorExtensions, Name, Value};
+use async_graphql::{ErrorExtensions, Value};
 use futures::StreamExt;
 use tokio_postgres::GenericClient;
 
@@ -17,13 +17,14 @@ use super::catalog::{self, quote_ident, Function, View};
 use super::db::{client_error, Database, Statement};
 use super::feed::{format_cursor, parse_cursor, Feed};
 use super::mutation::{interpret, Outcome};
+use super::scalars::{self, Scalar};
 use super::sdl::{
     snake_case, ArgDef, EventSource, InputDef, MutationDef, ObjectDef, QueryDef, Sdl, SdlError,
-    SubscriptionDef, TypeExpr, SCALARS,
+    SubscriptionDef, TypeExpr,
 };
 use super::sql::{scalar_sql_type, value_text, Column, FilterKind, Param, Select};
 use crate::config::GraphqlConfig;
-use crate::event::Position;
+use crate::pipeline::event::Position;
 
 /// What resolvers share: the database, the change feed and the paging limits.
 pub struct Runtime {
@@ -126,7 +127,7 @@ pub async fn build(
         (!sdl.mutations.is_empty()).then_some("Mutation"),
         (!sdl.subscriptions.is_empty()).then_some("Subscription"),
     );
-    builder = register_scalars(builder);
+    builder = scalars::register(builder);
     for object in sdl.objects.values() {
         builder = builder.register(object_type(
             object,
@@ -253,9 +254,9 @@ impl ReadCatalog {
 }
 
 fn kinds(sdl: &Sdl) -> Kinds {
-    let mut kinds: Kinds = SCALARS
+    let mut kinds: Kinds = Scalar::ALL
         .iter()
-        .map(|s| (s.to_string(), Kind::Scalar))
+        .map(|s| (s.name().to_owned(), Kind::Scalar))
         .collect();
     kinds.extend(sdl.enums.keys().map(|n| (n.clone(), Kind::Enum)));
     kinds.extend(sdl.objects.keys().map(|n| (n.clone(), Kind::Object)));
@@ -281,45 +282,6 @@ fn input_value(arg: &ArgDef) -> InputValue {
         value = value.default_value(default);
     }
     value
-}
-
-fn register_scalars(builder: SchemaBuilder) -> SchemaBuilder {
-    builder
-        .register(
-            Scalar::new("Decimal")
-                .description("An exact decimal number, written as a string (\"49.99\")")
-                .validator(|v| match v {
-                    Value::String(s) => is_decimal(s),
-                    Value::Number(_) => true,
-                    _ => false,
-                }),
-        )
-        .register(
-            Scalar::new("DateTime")
-                .description("An RFC 3339 timestamp")
-                .validator(|v| matches!(v, Value::String(s) if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok())),
-        )
-        .register(
-            Scalar::new("UUID").validator(|v| matches!(v, Value::String(s) if is_uuid(s))),
-        )
-        .register(Scalar::new("JSON").description("Any JSON value"))
-}
-
-pub(super) fn is_decimal(text: &str) -> bool {
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, "0"));
-    !whole.is_empty()
-        && !fraction.is_empty()
-        && whole.bytes().all(|b| b.is_ascii_digit())
-        && fraction.bytes().all(|b| b.is_ascii_digit())
-}
-
-pub(super) fn is_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
 }
 
 /// An object type whose fields read its parent JSON (a view's `data`, or part of it).
@@ -396,35 +358,16 @@ fn output<'a>(
                 let text = value
                     .as_str()
                     .ok_or_else(|| mismatch("an enum value", value))?;
-                Ok(Some(FieldValue::value(Value::Enum(Name::new(text)))))
+                Ok(Some(FieldValue::value(scalars::enum_value(text))))
             }
-            _ => scalar_output(name, value).map(|v| Some(FieldValue::value(v))),
+            _ => {
+                let output = Scalar::named(name)
+                    .and_then(|scalar| scalar.output(value))
+                    .ok_or_else(|| mismatch(name, value))?;
+                Ok(Some(FieldValue::value(output.into_value()?)))
+            }
         },
     }
-}
-
-pub(super) fn scalar_output(
-    scalar: &str,
-    value: &serde_json::Value,
-) -> async_graphql::Result<Value> {
-    use serde_json::Value as Json;
-    Ok(match (scalar, value) {
-        ("Int", Json::Number(n)) => Value::Number(
-            n.as_i64()
-                .map(Into::into)
-                .ok_or_else(|| mismatch("an Int", value))?,
-        ),
-        ("Float", Json::Number(n)) => Value::Number(n.clone()),
-        ("Boolean", Json::Bool(b)) => Value::Boolean(*b),
-        ("Decimal", Json::Number(n)) => Value::String(n.to_string()),
-        ("JSON", _) => Value::from_json(value.clone()).map_err(|e| e.to_string())?,
-        ("ID" | "String" | "Decimal" | "DateTime" | "UUID", Json::String(s)) => {
-            Value::String(s.clone())
-        }
-        ("ID" | "String", Json::Number(n)) => Value::String(n.to_string()),
-        ("String", other) => Value::String(other.to_string()),
-        (expected, _) => return Err(mismatch(expected, value)),
-    })
 }
 
 fn mismatch(expected: &str, value: &serde_json::Value) -> async_graphql::Error {
@@ -1247,27 +1190,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scalar_validation() {
-        assert!(is_decimal("49.99") && is_decimal("-1") && is_decimal("0.5"));
-        assert!(!is_decimal("4e5") && !is_decimal("abc") && !is_decimal("1.") && !is_decimal(""));
-        assert!(is_uuid("3f1c2a9e-8b7d-4c6e-9f0a-1b2c3d4e5f60"));
-        assert!(!is_uuid("3f1c2a9e8b7d4c6e9f0a1b2c3d4e5f60xxxx"));
-    }
-
-    #[test]
     fn outputs_follow_the_schema_type() {
-        let kinds: Kinds = SCALARS
+        let kinds: Kinds = Scalar::ALL
             .iter()
-            .map(|s| (s.to_string(), Kind::Scalar))
+            .map(|s| (s.name().to_owned(), Kind::Scalar))
             .collect();
-        let decimal: serde_json::Value =
-            serde_json::from_str("12345678901234567.89").expect("json");
-        assert_eq!(
-            scalar_output("Decimal", &decimal).expect("decimal"),
-            Value::String("12345678901234567.89".into()),
-            "decimals must stay exact"
-        );
-        assert!(scalar_output("Int", &serde_json::json!("x")).is_err());
+        let int: TypeExpr = TypeExpr::Named {
+            name: "Int".into(),
+            nullable: true,
+        };
+        assert!(output(&serde_json::json!("x"), &int, &kinds).is_err());
         let ty = TypeExpr::List {
             item: Box::new(TypeExpr::Named {
                 name: "Int".into(),

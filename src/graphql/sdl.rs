@@ -10,10 +10,7 @@ use async_graphql::parser::types::{
 use async_graphql::parser::{parse_schema, Positioned};
 use async_graphql::Value as ConstValue;
 
-/// The scalars a schema may use besides its own enums, objects and inputs.
-pub const SCALARS: &[&str] = &[
-    "ID", "String", "Int", "Float", "Boolean", "Decimal", "DateTime", "UUID", "JSON",
-];
+use super::scalars::Scalar;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}: {message}")]
@@ -207,7 +204,7 @@ pub fn parse(text: &str, file: &str) -> Result<Sdl, SdlError> {
         let line = ty.node.name.pos.line;
         let ty = ty.node;
         let name = ty.name.node.to_string();
-        if SCALARS.contains(&name.as_str()) {
+        if Scalar::named(name.as_str()).is_some() {
             return Err(error(
                 line,
                 format!("`{name}` is a built-in scalar and cannot be redefined"),
@@ -263,7 +260,7 @@ pub fn parse(text: &str, file: &str) -> Result<Sdl, SdlError> {
                     line,
                     format!(
                         "custom scalar `{name}` is not supported; use one of {}",
-                        SCALARS.join(", ")
+                        Scalar::ALL.map(Scalar::name).join(", ")
                     ),
                 ))
             }
@@ -489,7 +486,9 @@ fn check_references(sdl: &Sdl, file: &str) -> Result<(), SdlError> {
         message,
     };
     let is_output = |name: &str| {
-        SCALARS.contains(&name) || sdl.objects.contains_key(name) || sdl.enums.contains_key(name)
+        Scalar::named(name).is_some()
+            || sdl.objects.contains_key(name)
+            || sdl.enums.contains_key(name)
     };
     // `<Type>Where`, `<Type>OrderBy` and `SortDirection` are generated for list queries and
     // may be named in arguments.
@@ -501,7 +500,7 @@ fn check_references(sdl: &Sdl, file: &str) -> Result<(), SdlError> {
             })
     };
     let is_input = |name: &str| {
-        SCALARS.contains(&name)
+        Scalar::named(name).is_some()
             || sdl.inputs.contains_key(name)
             || sdl.enums.contains_key(name)
             || is_generated(name)

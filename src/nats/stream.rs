@@ -1,0 +1,130 @@
+//! JetStream streams: creating or updating one to the configured settings, finding one, and
+//! reading a message at a sequence.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::{JetStreamConfig, StorageKind};
+
+/// Creates the stream, or updates it to the configured settings.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: Vec<String>,
+    settings: &JetStreamConfig,
+) -> anyhow::Result<stream::Info> {
+    let wanted = stream::Config {
+        name: name.to_owned(),
+        subjects,
+        duplicate_window: Duration::from_secs(settings.dedup_window_minutes * 60),
+        max_age: Duration::from_secs(settings.max_age_days * 86_400),
+        max_messages: settings.max_msgs,
+        max_bytes: settings.max_bytes,
+        num_replicas: settings.replicas,
+        storage: match settings.storage {
+            StorageKind::File => stream::StorageType::File,
+            StorageKind::Memory => stream::StorageType::Memory,
+        },
+        ..Default::default()
+    };
+    match js.get_stream(name).await {
+        Ok(mut existing) => {
+            let current = existing.info().await?.config.clone();
+            if current.storage != wanted.storage {
+                anyhow::bail!(
+                    "stream {name} exists with {:?} storage but nats.jetstream.storage asks for \
+                     {:?}; JetStream cannot change storage in place. Set storage to match, or \
+                     move the stream's data and delete it so walstream can recreate it",
+                    current.storage,
+                    wanted.storage
+                );
+            }
+            if current.retention != wanted.retention {
+                anyhow::bail!(
+                    "stream {name} exists with {:?} retention; walstream needs limits retention \
+                     (its consumers read at their own pace). Use another nats.stream_name",
+                    current.retention
+                );
+            }
+            let differs = current.subjects != wanted.subjects
+                || current.duplicate_window != wanted.duplicate_window
+                || current.max_age != wanted.max_age
+                || current.max_messages != wanted.max_messages
+                || current.max_bytes != wanted.max_bytes
+                || current.num_replicas != wanted.num_replicas;
+            if !differs {
+                return Ok(existing.info().await?.clone());
+            }
+            tracing::info!(
+                stream = name,
+                "updating the stream to the configured settings"
+            );
+            js.update_stream(&wanted).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot update stream {name} to the configured settings: {e}. If its \
+                     subjects overlap another stream's, change nats.subject_prefix or routes"
+                )
+            })
+        }
+        Err(error) if is_not_found(&error) => {
+            tracing::info!(stream = name, subjects = ?wanted.subjects, "creating the stream");
+            js.create_stream(wanted)
+                .await
+                .map(|s| s.cached_info().clone())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                    "cannot create stream {name}: {e}. If its subjects overlap another stream's, \
+                     change nats.subject_prefix or routes; is JetStream enabled (nats-server -js)?"
+                )
+                })
+        }
+        Err(error) => Err(anyhow::anyhow!(
+            "cannot look up stream {name}: {error}; is JetStream enabled (nats-server -js)?"
+        )),
+    }
+}
+
+/// The stream, or `None` when it does not exist yet (walstream creates it at its first start).
+pub async fn existing_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Option<jetstream::stream::Stream>> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(error) if is_not_found(&error) => Ok(None),
+        Err(error) => Err(anyhow::anyhow!("cannot look up stream {name}: {error}")),
+    }
+}
+
+fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(inner)
+            if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// The message at `sequence`; `None` when it is gone (expired, deleted) or was never stored.
+/// Any other failure (a timeout during a leader election) says nothing about the message and
+/// is an error, never taken for "gone".
+pub async fn message_at(
+    stream: &jetstream::stream::Stream,
+    sequence: u64,
+) -> anyhow::Result<Option<jetstream::message::StreamMessage>> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(Some(message)),
+        Err(error) if is_no_message(&error) => Ok(None),
+        Err(error) => anyhow::bail!("reading message {sequence} of the stream: {error}"),
+    }
+}
+
+fn is_no_message(error: &jetstream::stream::RawMessageError) -> bool {
+    match error.kind() {
+        jetstream::stream::RawMessageErrorKind::NoMessageFound => true,
+        jetstream::stream::RawMessageErrorKind::JetStream(inner) => {
+            inner.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+        }
+        _ => false,
+    }
+}

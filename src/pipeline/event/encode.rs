@@ -1,0 +1,748 @@
+//! Encodes one row change into its NATS message: subject, headers and JSON body.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+
+use super::replay::{Replay, ReplayHeaders};
+use super::value::{write_binary, write_string, write_value};
+use super::{message_id_from_prefix, Naming, Position, RelationInfo};
+use crate::lsn::Lsn;
+use crate::op::Op;
+use crate::pipeline::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
+
+pub const HEADER_XID: &str = "Walstream-Xid";
+pub const HEADER_LSN: &str = "Walstream-Lsn";
+pub const HEADER_SEQ: &str = "Walstream-Seq";
+pub const HEADER_COMMIT_TIME: &str = "Walstream-Commit-Time";
+
+// Parsed once: header names given as &str are validated on every insert.
+const XID: HeaderName = HeaderName::from_static(HEADER_XID);
+const LSN: HeaderName = HeaderName::from_static(HEADER_LSN);
+const SEQ: HeaderName = HeaderName::from_static(HEADER_SEQ);
+const COMMIT_TIME: HeaderName = HeaderName::from_static(HEADER_COMMIT_TIME);
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i128 = 946_684_800_000_000;
+
+/// The transaction being decoded: what every one of its events shares, formatted once.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    /// Microseconds since 2000-01-01 (PostgreSQL's epoch); none for a standalone message.
+    pub commit_time_micros: Option<i64>,
+    timestamp: String,
+    lsn_text: String,
+    next_seq: u64,
+    /// Set while the transaction is delivered again by a replay.
+    replay: Option<Replay>,
+    /// The headers every event of the transaction shares, built once.
+    headers: Arc<HeaderMap>,
+    /// `{slot}:{xid}:{commit lsn}:`, the start of each of its events' `Nats-Msg-Id`.
+    message_id_prefix: Option<String>,
+}
+
+impl Transaction {
+    pub fn begin(xid: u32, commit_lsn: Lsn, commit_time_micros: i64) -> Self {
+        Self::new(xid, commit_lsn, Some(commit_time_micros))
+    }
+
+    /// A transaction of one non-transactional logical message: no xid, no commit time.
+    pub fn standalone(lsn: Lsn) -> Self {
+        Self::new(0, lsn, None)
+    }
+
+    fn new(xid: u32, commit_lsn: Lsn, commit_time_micros: Option<i64>) -> Self {
+        let mut tx = Self {
+            xid,
+            commit_lsn,
+            commit_time_micros,
+            timestamp: commit_time_micros.map_or_else(String::new, format_pg_timestamp),
+            lsn_text: commit_lsn.to_string(),
+            next_seq: 0,
+            replay: None,
+            headers: Arc::default(),
+            message_id_prefix: None,
+        };
+        tx.build_headers();
+        tx
+    }
+
+    fn build_headers(&mut self) {
+        let mut headers = HeaderMap::new();
+        headers.insert(XID, self.xid.to_string().as_str());
+        headers.insert(LSN, self.lsn_text.as_str());
+        if !self.timestamp.is_empty() {
+            headers.insert(COMMIT_TIME, self.timestamp.as_str());
+        }
+        if let Some(replay) = self.replay {
+            ReplayHeaders { replay, from: None }.write(&mut headers);
+        }
+        self.headers = Arc::new(headers);
+    }
+
+    /// Marks the transaction's next events as delivered again by `replay`, or, with `None`,
+    /// as first deliveries.
+    pub fn set_replay(&mut self, replay: Option<Replay>) {
+        if self.replay != replay {
+            self.replay = replay;
+            self.build_headers();
+        }
+    }
+
+    pub fn replay(&self) -> Option<Replay> {
+        self.replay
+    }
+
+    /// The position the next change of this transaction will take.
+    pub fn peek_position(&self) -> Position {
+        Position {
+            commit_lsn: self.commit_lsn,
+            seq: self.next_seq,
+        }
+    }
+
+    /// Passes over a change that is not published (unwatched table, already in the stream), so
+    /// the positions of the others stay the same on every replay.
+    pub fn skip_change(&mut self) {
+        self.next_seq += 1;
+    }
+
+    fn take_position(&mut self) -> Position {
+        let position = self.peek_position();
+        self.next_seq += 1;
+        position
+    }
+}
+
+/// PostgreSQL commit time (µs since 2000-01-01 UTC) as RFC 3339 UTC.
+pub fn format_pg_timestamp(micros: i64) -> String {
+    let nanos = (i128::from(micros) + PG_EPOCH_OFFSET_MICROS) * 1000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("invalid timestamp ({micros} µs since 2000-01-01)"))
+}
+
+/// One event ready to publish.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    pub subject: Subject,
+    pub payload: Bytes,
+    pub position: Position,
+    /// Delivered again by a replay (`walstream reset-lsn`).
+    pub replay: bool,
+    /// Its `Nats-Msg-Id`.
+    pub message_id: String,
+    /// Its transaction's commit time (microseconds since 2000-01-01), for the commit → ack
+    /// latency.
+    pub commit_time_micros: Option<i64>,
+    /// The headers its transaction's events share.
+    tx_headers: Arc<HeaderMap>,
+}
+
+impl EncodedEvent {
+    /// The message's headers: its transaction's, its id and its place in the transaction.
+    /// Built for each publish rather than kept: async-nats takes the map by value, so a kept
+    /// one would be cloned for every send all the same.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::clone(&self.tx_headers);
+        headers.insert(NATS_MESSAGE_ID, self.message_id.as_str());
+        headers.insert(SEQ, self.position.seq.to_string());
+        headers
+    }
+}
+
+/// The relation changed shape between its Relation message and a row: a protocol violation.
+#[derive(Debug, thiserror::Error)]
+#[error("{table}: row has {row} columns but the relation has {relation}")]
+pub struct ColumnCountMismatch {
+    pub table: String,
+    pub row: usize,
+    pub relation: usize,
+}
+
+/// Encodes changes into messages, remembering the typical message size to allocate once.
+#[derive(Debug)]
+pub struct Encoder {
+    naming: Naming,
+    size_hint: usize,
+}
+
+impl Encoder {
+    pub fn new(naming: Naming) -> Self {
+        Self {
+            naming,
+            size_hint: 512,
+        }
+    }
+
+    pub fn naming(&self) -> &Naming {
+        &self.naming
+    }
+
+    pub fn insert(
+        &mut self,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        new: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        self.whole_row(Op::Insert, tx, relation, new)
+    }
+
+    /// A row's current state, read by `walstream backfill`: shaped like an insert.
+    pub fn backfill(
+        &mut self,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        row: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        self.whole_row(Op::Backfill, tx, relation, row)
+    }
+
+    /// An event carrying a whole row and no old values: an insert, or a backfilled row.
+    fn whole_row(
+        &mut self,
+        op: Op,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        row: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        check_columns(relation, row)?;
+        let (mut out, position) = self.start(relation, op, tx);
+        let mut unchanged = Vec::new();
+        write_row(&mut out, relation, row, RowPart::All, None, &mut unchanged);
+        out.extend_from_slice(b",\"old\":null");
+        write_unchanged(&mut out, relation, &unchanged);
+        Ok(self.finish(out, relation.subject(op), tx, position))
+    }
+
+    pub fn update(
+        &mut self,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        old: Option<&(OldKind, TupleData<'_>)>,
+        new: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        check_columns(relation, new)?;
+        if let Some((_, old)) = old {
+            check_columns(relation, old)?;
+        }
+        // Under REPLICA IDENTITY FULL the old row carries the real value of an unchanged TOAST
+        // column, so the new row can be completed exactly rather than reported as partial.
+        let full_old: Option<Vec<ColumnValue<'_>>> = match old {
+            Some((OldKind::Full, old)) if new.iter().any(|v| v == ColumnValue::UnchangedToast) => {
+                Some(old.iter().collect())
+            }
+            _ => None,
+        };
+        let (mut out, position) = self.start(relation, Op::Update, tx);
+        let mut unchanged = Vec::new();
+        write_row(
+            &mut out,
+            relation,
+            new,
+            RowPart::All,
+            full_old.as_deref(),
+            &mut unchanged,
+        );
+        out.extend_from_slice(b",\"old\":");
+        match old {
+            Some((kind, old)) => {
+                let mut ignored = Vec::new();
+                write_object(
+                    &mut out,
+                    relation,
+                    old,
+                    RowPart::from(*kind),
+                    None,
+                    &mut ignored,
+                );
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        write_unchanged(&mut out, relation, &unchanged);
+        Ok(self.finish(out, relation.subject(Op::Update), tx, position))
+    }
+
+    pub fn delete(
+        &mut self,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        kind: OldKind,
+        old: &TupleData<'_>,
+    ) -> Result<EncodedEvent, ColumnCountMismatch> {
+        check_columns(relation, old)?;
+        let (mut out, position) = self.start(relation, Op::Delete, tx);
+        let mut unchanged = Vec::new();
+        write_row(
+            &mut out,
+            relation,
+            old,
+            RowPart::from(kind),
+            None,
+            &mut unchanged,
+        );
+        out.extend_from_slice(b",\"old\":null");
+        write_unchanged(&mut out, relation, &unchanged);
+        Ok(self.finish(out, relation.subject(Op::Delete), tx, position))
+    }
+
+    pub fn truncate(
+        &mut self,
+        tx: &mut Transaction,
+        relation: &RelationInfo,
+        cascade: bool,
+        restart_identity: bool,
+    ) -> EncodedEvent {
+        let (mut out, position) = self.start(relation, Op::Truncate, tx);
+        out.extend_from_slice(b",\"data\":null,\"old\":null,\"unchanged_toast\":[]");
+        let _ = write!(
+            out,
+            ",\"truncate\":{{\"cascade\":{cascade},\"restart_identity\":{restart_identity}}}"
+        );
+        self.finish(out, relation.subject(Op::Truncate), tx, position)
+    }
+
+    /// A `pg_logical_emit_message` message: inside `tx` when transactional, else on its own.
+    pub fn logical_message(
+        &mut self,
+        tx: Option<&mut Transaction>,
+        message: &LogicalMessage<'_>,
+    ) -> EncodedEvent {
+        let mut standalone;
+        let tx = match tx {
+            Some(tx) => tx,
+            None => {
+                standalone = Transaction::standalone(message.lsn);
+                &mut standalone
+            }
+        };
+        let subject = self.naming.message_subject(message.prefix);
+        let mut out = Vec::with_capacity(self.size_hint.max(message.content.len() + 256));
+        out.extend_from_slice(
+            b"{\"event\":\"MESSAGE\",\"entity\":null,\"table\":null,\"subject\":",
+        );
+        write_string(&mut out, subject.as_bytes());
+        let position = self.write_tx_fields(&mut out, tx);
+        out.extend_from_slice(b",\"prefix\":");
+        write_string(&mut out, message.prefix.as_bytes());
+        let _ = write!(out, ",\"transactional\":{}", message.transactional);
+        out.extend_from_slice(b",\"content\":");
+        match std::str::from_utf8(message.content) {
+            Ok(text) => {
+                write_string(&mut out, text.as_bytes());
+                out.extend_from_slice(b",\"data\":");
+                if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                    out.extend_from_slice(text.as_bytes());
+                } else {
+                    out.extend_from_slice(b"null");
+                }
+            }
+            Err(_) => {
+                write_binary(&mut out, message.content);
+                out.extend_from_slice(b",\"data\":null");
+            }
+        }
+        out.push(b'}');
+        self.event(out, Subject::from(subject), tx, position)
+    }
+
+    /// Starts the envelope: the relation's head, then the transaction fields, taking the
+    /// transaction's next position.
+    fn start(&self, relation: &RelationInfo, op: Op, tx: &mut Transaction) -> (Vec<u8>, Position) {
+        let mut out = Vec::with_capacity(self.size_hint);
+        out.extend_from_slice(relation.head(op));
+        let position = self.write_tx_fields(&mut out, tx);
+        (out, position)
+    }
+
+    /// Writes `,"timestamp":…,"lsn":…,"xid":…,"seq":…` and consumes the transaction's next
+    /// position.
+    fn write_tx_fields(&self, out: &mut Vec<u8>, tx: &mut Transaction) -> Position {
+        let position = tx.take_position();
+        out.extend_from_slice(b",\"timestamp\":");
+        if tx.timestamp.is_empty() {
+            out.extend_from_slice(b"null");
+        } else {
+            write_string(out, tx.timestamp.as_bytes());
+        }
+        out.extend_from_slice(b",\"lsn\":\"");
+        out.extend_from_slice(tx.lsn_text.as_bytes());
+        let _ = write!(out, "\",\"xid\":{},\"seq\":{}", tx.xid, position.seq);
+        if tx.replay.is_some() {
+            out.extend_from_slice(b",\"replay\":true");
+        }
+        position
+    }
+
+    fn finish(
+        &mut self,
+        mut out: Vec<u8>,
+        subject: &Subject,
+        tx: &mut Transaction,
+        position: Position,
+    ) -> EncodedEvent {
+        out.push(b'}');
+        self.event(out, subject.clone(), tx, position)
+    }
+
+    fn event(
+        &mut self,
+        payload: Vec<u8>,
+        subject: Subject,
+        tx: &mut Transaction,
+        position: Position,
+    ) -> EncodedEvent {
+        self.size_hint = self
+            .size_hint
+            .max(payload.len().next_power_of_two().min(1 << 20));
+        let replay_id = tx.replay.map(|replay| replay.id);
+        EncodedEvent {
+            subject,
+            payload: Bytes::from(payload),
+            position,
+            replay: replay_id.is_some(),
+            message_id: self.message_id(tx, position.seq, replay_id),
+            commit_time_micros: tx.commit_time_micros,
+            tx_headers: tx.headers.clone(),
+        }
+    }
+
+    /// The change's `Nats-Msg-Id`, with the part the transaction's events share formatted once.
+    fn message_id(&self, tx: &mut Transaction, seq: u64, replay_id: Option<u64>) -> String {
+        let (xid, lsn) = (tx.xid, tx.commit_lsn);
+        let prefix = tx
+            .message_id_prefix
+            .get_or_insert_with(|| self.naming.message_id_prefix(xid, lsn));
+        message_id_from_prefix(prefix, seq, replay_id)
+    }
+}
+
+/// Which columns of a tuple an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowPart {
+    All,
+    /// A key-only image: PostgreSQL sends the other columns as NULL, which would be invented.
+    KeyOnly,
+}
+
+impl From<OldKind> for RowPart {
+    fn from(kind: OldKind) -> Self {
+        match kind {
+            OldKind::Key => RowPart::KeyOnly,
+            OldKind::Full => RowPart::All,
+        }
+    }
+}
+
+fn check_columns(
+    relation: &RelationInfo,
+    tuple: &TupleData<'_>,
+) -> Result<(), ColumnCountMismatch> {
+    if tuple.len() == relation.columns.len() {
+        Ok(())
+    } else {
+        Err(ColumnCountMismatch {
+            table: relation.qualified.clone(),
+            row: tuple.len(),
+            relation: relation.columns.len(),
+        })
+    }
+}
+
+/// Writes `,"data":{…}`.
+fn write_row(
+    out: &mut Vec<u8>,
+    relation: &RelationInfo,
+    tuple: &TupleData<'_>,
+    part: RowPart,
+    fill: Option<&[ColumnValue<'_>]>,
+    unchanged: &mut Vec<usize>,
+) {
+    out.extend_from_slice(b",\"data\":");
+    write_object(out, relation, tuple, part, fill, unchanged);
+}
+
+/// Writes a row as a JSON object. An unchanged TOAST column takes its value from `fill` when
+/// that has one, and is otherwise left out and recorded in `unchanged`.
+fn write_object(
+    out: &mut Vec<u8>,
+    relation: &RelationInfo,
+    tuple: &TupleData<'_>,
+    part: RowPart,
+    fill: Option<&[ColumnValue<'_>]>,
+    unchanged: &mut Vec<usize>,
+) {
+    out.push(b'{');
+    let mut first = true;
+    for (index, (column, value)) in relation.columns.iter().zip(tuple.iter()).enumerate() {
+        if part == RowPart::KeyOnly && !column.is_key {
+            continue;
+        }
+        let value = match value {
+            ColumnValue::UnchangedToast => match fill.and_then(|f| f.get(index)) {
+                Some(filled) if *filled != ColumnValue::UnchangedToast => *filled,
+                _ => {
+                    unchanged.push(index);
+                    continue;
+                }
+            },
+            value => value,
+        };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(&column.json_key);
+        match value {
+            ColumnValue::Null | ColumnValue::UnchangedToast => out.extend_from_slice(b"null"),
+            ColumnValue::Text(text) => write_value(out, column.kind, text),
+            ColumnValue::Binary(bytes) => write_binary(out, bytes),
+        }
+    }
+    out.push(b'}');
+}
+
+/// Writes `,"unchanged_toast":[names]`.
+fn write_unchanged(out: &mut Vec<u8>, relation: &RelationInfo, unchanged: &[usize]) {
+    out.extend_from_slice(b",\"unchanged_toast\":[");
+    for (n, index) in unchanged.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        write_string(out, relation.columns[*index].name.as_bytes());
+    }
+    out.push(b']');
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::pipeline::pgoutput::{captured_fixtures, decode, Message};
+
+    fn naming() -> Naming {
+        let config = Config::parse(
+            "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['public.t_cap','public.t_full']\n",
+            Path::new("test"),
+            &|_| None,
+        )
+        .unwrap();
+        Naming::from_config(&config)
+    }
+
+    /// Runs the captured scenario through the encoder, as the pipeline does.
+    fn encoded_scenario() -> Vec<serde_json::Value> {
+        let fixtures = captured_fixtures();
+        let naming = naming();
+        let mut encoder = Encoder::new(naming.clone());
+        let mut relations = HashMap::new();
+        let mut types = HashMap::new();
+        let mut tx = None;
+        let mut out = Vec::new();
+        for (_, bytes) in &fixtures {
+            let event = match decode(bytes).unwrap() {
+                Message::Begin(b) => {
+                    tx = Some(Transaction::begin(b.xid, b.final_lsn, b.commit_time_micros));
+                    None
+                }
+                Message::Type(t) => {
+                    types.insert(t.oid, t.name);
+                    None
+                }
+                Message::Relation(r) => {
+                    relations.insert(r.oid, RelationInfo::new(&r, &naming, &types));
+                    None
+                }
+                Message::Insert(i) => Some(
+                    encoder
+                        .insert(tx.as_mut().unwrap(), &relations[&i.relation_oid], &i.new)
+                        .unwrap(),
+                ),
+                Message::Update(u) => Some(
+                    encoder
+                        .update(
+                            tx.as_mut().unwrap(),
+                            &relations[&u.relation_oid],
+                            u.old.as_ref(),
+                            &u.new,
+                        )
+                        .unwrap(),
+                ),
+                Message::Delete(d) => Some(
+                    encoder
+                        .delete(
+                            tx.as_mut().unwrap(),
+                            &relations[&d.relation_oid],
+                            d.old_kind,
+                            &d.old,
+                        )
+                        .unwrap(),
+                ),
+                Message::LogicalMessage(m) => Some(
+                    encoder.logical_message(if m.transactional { tx.as_mut() } else { None }, &m),
+                ),
+                Message::Truncate(t) => {
+                    for oid in &t.relation_oids {
+                        let event = encoder.truncate(
+                            tx.as_mut().unwrap(),
+                            &relations[oid],
+                            t.cascade,
+                            t.restart_identity,
+                        );
+                        out.push(serde_json::from_slice(&event.payload).unwrap());
+                    }
+                    None
+                }
+                Message::Commit(_) => {
+                    tx = None;
+                    None
+                }
+                Message::Origin(_) => None,
+            };
+            if let Some(event) = event {
+                let headers = event.headers();
+                assert_eq!(
+                    headers
+                        .get(async_nats::header::NATS_MESSAGE_ID)
+                        .unwrap()
+                        .as_str(),
+                    format!(
+                        "{}:{}:{}:{}",
+                        naming.slot(),
+                        headers.get(HEADER_XID).unwrap().as_str(),
+                        event.position.commit_lsn,
+                        event.position.seq
+                    )
+                );
+                out.push(serde_json::from_slice(&event.payload).expect("valid JSON"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_captured_insert_becomes_the_seeds_envelope() {
+        let events = encoded_scenario();
+        let insert = &events[0];
+        let big = "x".repeat(3000);
+        assert_eq!(
+            insert,
+            &serde_json::json!({
+                "event": "INSERT", "entity": "TCap", "table": "public.t_cap",
+                "subject": "fraiseql.mutation.TCap.INSERT",
+                "timestamp": insert["timestamp"], "lsn": insert["lsn"], "xid": insert["xid"],
+                "seq": 0,
+                "data": {"id": 1, "name": "one", "amount": "1.50", "nums": [1, null],
+                         "doc": serde_json::from_str::<serde_json::Value>("{\"k\": 2.50}").expect("json"), "m": "happy", "big": big},
+                "old": null, "unchanged_toast": []
+            })
+        );
+        assert!(insert["timestamp"].as_str().unwrap().starts_with("20"));
+    }
+
+    #[test]
+    fn replayed_events_are_marked_and_get_their_own_message_ids() {
+        let mut encoder = Encoder::new(naming());
+        let message = LogicalMessage {
+            transactional: true,
+            lsn: Lsn(0x200),
+            prefix: "audit",
+            content: b"{}",
+        };
+        let mut tx = Transaction::begin(42, Lsn(0x300), 0);
+        let first = encoder.logical_message(Some(&mut tx), &message);
+        let replay = Replay {
+            id: 7,
+            through: Position {
+                commit_lsn: Lsn(0x300),
+                seq: 1,
+            },
+        };
+        let mut tx = Transaction::begin(42, Lsn(0x300), 0);
+        tx.set_replay(Some(replay));
+        let again = encoder.logical_message(Some(&mut tx), &message);
+        let id = |event: &EncodedEvent| event.headers().get(NATS_MESSAGE_ID).unwrap().to_string();
+        assert_eq!(id(&again), format!("{}:r7", id(&first)));
+        assert_eq!(
+            again.message_id,
+            format!("walstream:42:0/300:{}:r7", again.position.seq)
+        );
+        assert!(again.replay && !first.replay);
+        let json = |event: &EncodedEvent| -> serde_json::Value {
+            serde_json::from_slice(&event.payload).unwrap()
+        };
+        assert_eq!(json(&again)["replay"], true);
+        assert!(json(&first).get("replay").is_none());
+        assert_eq!(
+            ReplayHeaders::read(&again.headers()).unwrap(),
+            Some(ReplayHeaders { replay, from: None })
+        );
+        tx.set_replay(None);
+        let after = encoder.logical_message(Some(&mut tx), &message);
+        assert!(
+            !after.replay
+                && after
+                    .headers()
+                    .get(super::super::replay::HEADER_REPLAY)
+                    .is_none()
+        );
+    }
+
+    #[test]
+    fn captured_updates_deletes_and_messages() {
+        let events = encoded_scenario();
+        let toast_update = &events[1];
+        assert_eq!(toast_update["data"]["name"], "uno");
+        assert!(
+            toast_update["data"].get("big").is_none(),
+            "unchanged TOAST must not be invented"
+        );
+        assert_eq!(toast_update["unchanged_toast"], serde_json::json!(["big"]));
+
+        let key_change = &events[2];
+        assert_eq!(key_change["old"], serde_json::json!({"id": 1}));
+        assert_eq!(key_change["data"]["id"], 2);
+
+        let full_update = &events[3];
+        assert_eq!(full_update["old"]["v"], "old");
+        assert_eq!(full_update["data"]["v"], "new");
+        assert_eq!(
+            full_update["data"]["big"].as_str().map(str::len),
+            Some(3000)
+        );
+
+        assert_eq!(events[4]["event"], "DELETE");
+        assert_eq!(events[4]["data"], serde_json::json!({"id": 2}));
+        assert_eq!(events[5]["data"]["v"], "new");
+
+        let in_tx = &events[7];
+        assert_eq!(in_tx["event"], "MESSAGE");
+        assert_eq!(in_tx["seq"], 1);
+        assert_eq!(in_tx["content"], "inside");
+        assert_eq!(in_tx["subject"], "fraiseql.mutation._message.audit");
+        let outside = &events[8];
+        assert_eq!(outside["transactional"], false);
+        assert_eq!(outside["timestamp"], serde_json::Value::Null);
+
+        let truncates: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["event"] == "TRUNCATE").collect();
+        assert_eq!(truncates.len(), 2);
+        assert_eq!(truncates[1]["seq"], 1);
+        assert_eq!(
+            truncates[0]["truncate"],
+            serde_json::json!({"cascade": true, "restart_identity": true})
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! Text-format column values to JSON, typed by the column's type OID.
+//!
+//! Values are written straight into the outgoing message buffer. A value that does not look like
+//! its type claims (which PostgreSQL never sends, but a fuzzer does) becomes a JSON string: the
+//! output is always valid JSON and never loses the original text.
+
+mod array;
+
+/// Builtin type OIDs (`pg_type.oid`), stable across PostgreSQL versions.
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const OID: u32 = 26;
+    pub const JSON: u32 = 114;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const NUMERIC: u32 = 1700;
+    pub const JSONB: u32 = 3802;
+
+    pub const JSON_ARRAY: u32 = 199;
+    pub const BOOL_ARRAY: u32 = 1000;
+    pub const BYTEA_ARRAY: u32 = 1001;
+    pub const CHAR_ARRAY: u32 = 1002;
+    pub const NAME_ARRAY: u32 = 1003;
+    pub const INT2_ARRAY: u32 = 1005;
+    pub const INT4_ARRAY: u32 = 1007;
+    pub const TEXT_ARRAY: u32 = 1009;
+    pub const BPCHAR_ARRAY: u32 = 1014;
+    pub const VARCHAR_ARRAY: u32 = 1015;
+    pub const INT8_ARRAY: u32 = 1016;
+    pub const FLOAT4_ARRAY: u32 = 1021;
+    pub const FLOAT8_ARRAY: u32 = 1022;
+    pub const OID_ARRAY: u32 = 1028;
+    pub const TIMESTAMP_ARRAY: u32 = 1115;
+    pub const DATE_ARRAY: u32 = 1182;
+    pub const TIME_ARRAY: u32 = 1183;
+    pub const TIMESTAMPTZ_ARRAY: u32 = 1185;
+    pub const INTERVAL_ARRAY: u32 = 1187;
+    pub const NUMERIC_ARRAY: u32 = 1231;
+    pub const TIMETZ_ARRAY: u32 = 1270;
+    pub const UUID_ARRAY: u32 = 2951;
+    pub const JSONB_ARRAY: u32 = 3807;
+}
+
+/// How the text of a scalar value maps to JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScalarKind {
+    /// int2/int4/int8/oid: a JSON number.
+    Integer,
+    /// float4/float8: a JSON number, or a string for NaN and ±Infinity.
+    Float,
+    /// bool: `t`/`f` to true/false.
+    Bool,
+    /// json/jsonb: embedded as JSON, its text kept exactly (`2.50` stays `2.50`).
+    Json,
+    /// Everything else, numeric included (lossless at any precision): a JSON string of the text.
+    Text,
+}
+
+/// How a column's value maps to JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Scalar(ScalarKind),
+    /// A PostgreSQL array whose elements are of the given kind.
+    Array(ScalarKind),
+}
+
+impl ValueKind {
+    /// The kind for a type OID. `type_name` is the name from a pgoutput Type message, known for
+    /// non-builtin types only; a name starting with `_` is PostgreSQL's convention for an array.
+    pub fn for_type(type_oid: u32, type_name: Option<&str>) -> Self {
+        use oid::*;
+        let scalar = |oid| match oid {
+            INT2 | INT4 | INT8 | OID => Some(ScalarKind::Integer),
+            FLOAT4 | FLOAT8 => Some(ScalarKind::Float),
+            BOOL => Some(ScalarKind::Bool),
+            JSON | JSONB => Some(ScalarKind::Json),
+            _ => None,
+        };
+        if let Some(kind) = scalar(type_oid) {
+            return Self::Scalar(kind);
+        }
+        let element = match type_oid {
+            INT2_ARRAY | INT4_ARRAY | INT8_ARRAY | OID_ARRAY => Some(ScalarKind::Integer),
+            FLOAT4_ARRAY | FLOAT8_ARRAY => Some(ScalarKind::Float),
+            BOOL_ARRAY => Some(ScalarKind::Bool),
+            JSON_ARRAY | JSONB_ARRAY => Some(ScalarKind::Json),
+            BYTEA_ARRAY | CHAR_ARRAY | NAME_ARRAY | TEXT_ARRAY | BPCHAR_ARRAY | VARCHAR_ARRAY
+            | TIMESTAMP_ARRAY | DATE_ARRAY | TIME_ARRAY | TIMESTAMPTZ_ARRAY | INTERVAL_ARRAY
+            | NUMERIC_ARRAY | TIMETZ_ARRAY | UUID_ARRAY => Some(ScalarKind::Text),
+            _ => None,
+        };
+        match element {
+            Some(kind) => Self::Array(kind),
+            None if type_name.is_some_and(|name| name.starts_with('_')) => {
+                Self::Array(ScalarKind::Text)
+            }
+            None => Self::Scalar(ScalarKind::Text),
+        }
+    }
+}
+
+/// Appends the JSON for a text-format value of the given kind.
+pub fn write_value(out: &mut Vec<u8>, kind: ValueKind, text: &[u8]) {
+    match kind {
+        ValueKind::Scalar(scalar) => write_scalar(out, scalar, text),
+        ValueKind::Array(element) => {
+            let start = out.len();
+            if array::write_array(out, element, text).is_err() {
+                out.truncate(start);
+                write_string(out, text);
+            }
+        }
+    }
+}
+
+/// Appends the JSON for one scalar value.
+pub fn write_scalar(out: &mut Vec<u8>, kind: ScalarKind, text: &[u8]) {
+    match kind {
+        ScalarKind::Integer | ScalarKind::Float if is_json_number(text) => {
+            out.extend_from_slice(text)
+        }
+        ScalarKind::Bool if text == b"t" => out.extend_from_slice(b"true"),
+        ScalarKind::Bool if text == b"f" => out.extend_from_slice(b"false"),
+        ScalarKind::Json if is_json(text) => out.extend_from_slice(text),
+        _ => write_string(out, text),
+    }
+}
+
+/// Appends a value pgoutput sent in binary format, as the `\x…` hex text bytea uses.
+pub fn write_binary(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\"\\\\x");
+    for byte in bytes {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
+    }
+    out.push(b'"');
+}
+
+/// True when `text` is a number by JSON's grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+pub fn is_json_number(text: &[u8]) -> bool {
+    let mut rest = text.strip_prefix(b"-").unwrap_or(text);
+    let digits = |s: &[u8]| s.iter().take_while(|b| b.is_ascii_digit()).count();
+    let int_len = digits(rest);
+    if int_len == 0 || (int_len > 1 && rest[0] == b'0') {
+        return false;
+    }
+    rest = &rest[int_len..];
+    if let Some(after_dot) = rest.strip_prefix(b".") {
+        let frac_len = digits(after_dot);
+        if frac_len == 0 {
+            return false;
+        }
+        rest = &after_dot[frac_len..];
+    }
+    if let Some(after_e) = rest.strip_prefix(b"e").or_else(|| rest.strip_prefix(b"E")) {
+        let after_sign = after_e
+            .strip_prefix(b"+")
+            .or_else(|| after_e.strip_prefix(b"-"))
+            .unwrap_or(after_e);
+        let exp_len = digits(after_sign);
+        if exp_len == 0 {
+            return false;
+        }
+        rest = &after_sign[exp_len..];
+    }
+    rest.is_empty()
+}
+
+fn is_json(text: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// Appends `text` as a JSON string. Bytes that are not UTF-8 become U+FFFD.
+pub fn write_string(out: &mut Vec<u8>, text: &[u8]) {
+    out.push(b'"');
+    match std::str::from_utf8(text) {
+        Ok(valid) => write_escaped(out, valid),
+        Err(_) => write_escaped(out, &String::from_utf8_lossy(text)),
+    }
+    out.push(b'"');
+}
+
+fn write_escaped(out: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    let mut clean_from = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[clean_from..index]);
+        clean_from = index + 1;
+        if escape.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+    }
+    out.extend_from_slice(&bytes[clean_from..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(kind: ValueKind, text: &str) -> String {
+        let mut out = Vec::new();
+        write_value(&mut out, kind, text.as_bytes());
+        String::from_utf8(out).expect("writer emits UTF-8")
+    }
+
+    const INT: ValueKind = ValueKind::Scalar(ScalarKind::Integer);
+    const FLOAT: ValueKind = ValueKind::Scalar(ScalarKind::Float);
+    const TEXT: ValueKind = ValueKind::Scalar(ScalarKind::Text);
+    const JSONB: ValueKind = ValueKind::Scalar(ScalarKind::Json);
+    const BOOL: ValueKind = ValueKind::Scalar(ScalarKind::Bool);
+
+    #[test]
+    fn integers_are_numbers() {
+        assert_eq!(json(INT, "-9223372036854775808"), "-9223372036854775808");
+        assert_eq!(json(INT, "0"), "0");
+    }
+
+    #[test]
+    fn non_finite_floats_are_strings() {
+        assert_eq!(json(FLOAT, "1e+308"), "1e+308");
+        assert_eq!(json(FLOAT, "-0"), "-0");
+        assert_eq!(json(FLOAT, "NaN"), "\"NaN\"");
+        assert_eq!(json(FLOAT, "-Infinity"), "\"-Infinity\"");
+    }
+
+    #[test]
+    fn numeric_stays_an_exact_string() {
+        let kind = ValueKind::for_type(oid::NUMERIC, None);
+        assert_eq!(
+            json(kind, "12345678901234567890.123456789"),
+            "\"12345678901234567890.123456789\""
+        );
+    }
+
+    #[test]
+    fn json_keeps_number_text() {
+        assert_eq!(
+            json(JSONB, r#"{"k": [1, 2.50, null]}"#),
+            r#"{"k": [1, 2.50, null]}"#
+        );
+        assert_eq!(json(JSONB, "{broken"), r#""{broken""#);
+    }
+
+    #[test]
+    fn bools_and_strings() {
+        assert_eq!(json(BOOL, "t"), "true");
+        assert_eq!(json(BOOL, "f"), "false");
+        assert_eq!(json(TEXT, "a\"b\\c\n\u{1}"), r#""a\"b\\c\n\u0001""#);
+        assert_eq!(json(TEXT, r"\xdeadbeef"), r#""\\xdeadbeef""#);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_not_dropped() {
+        let mut out = Vec::new();
+        write_string(&mut out, b"a\xffb");
+        assert_eq!(String::from_utf8(out).unwrap(), "\"a\u{fffd}b\"");
+    }
+
+    #[test]
+    fn json_number_grammar() {
+        for ok in ["0", "-1", "1.5", "1e5", "1E-5", "2.50"] {
+            assert!(is_json_number(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "-", "01", "1.", ".5", "1e", "+1", "NaN", "1 "] {
+            assert!(!is_json_number(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn binary_values_are_hex() {
+        let mut out = Vec::new();
+        write_binary(&mut out, &[0xde, 0xad]);
+        assert_eq!(String::from_utf8(out).unwrap(), r#""\\xdead""#);
+    }
+
+    #[test]
+    fn unknown_array_types_by_name() {
+        assert_eq!(
+            ValueKind::for_type(99999, Some("_mood")),
+            ValueKind::Array(ScalarKind::Text)
+        );
+        assert_eq!(
+            ValueKind::for_type(99999, Some("mood")),
+            ValueKind::Scalar(ScalarKind::Text)
+        );
+    }
+}

@@ -1,0 +1,703 @@
+//! The JetStream sink: publishes events pipelined yet in WAL order, and counts those JetStream
+//! has acknowledged.
+//!
+//! Order under failure, beside other publishers: every publish carries
+//! `Nats-Expected-Last-Sequence` and, after the first of a chain, its predecessor's id as
+//! `Nats-Expected-Last-Msg-Id`. JetStream stores an event only when its predecessor is the
+//! stream's last message, so walstream's stored events sit one after another from the end it
+//! knew, and anything another client publishes in between breaks the chain instead of taking a
+//! place in it. Any failure makes every later publish in the window fail too; the sink then
+//! counts how many of its events the stream holds (by their ids, never by sequence numbers
+//! alone), takes the other messages as another publisher's, and re-sends the rest in order,
+//! with the same `Nats-Msg-Id`s, as a new chain after the stream's end.
+
+mod acks;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::header::{
+    NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID,
+};
+use async_nats::jetstream;
+use bytes::Bytes;
+use prometheus::IntCounter;
+use tokio::sync::{broadcast, watch};
+
+pub use acks::AckResult;
+use acks::{Acks, PublishFailure};
+
+use crate::backoff::Backoff;
+use crate::metrics::Metrics;
+use crate::nats::message_at;
+use crate::pipeline::event::{EncodedEvent, Position};
+use crate::pipeline::history::StreamTail;
+
+/// How long a stream may report an end before what JetStream acknowledged. A replica elected
+/// leader answers from its log for a moment after a failover; longer than this is real loss.
+const STREAM_BEHIND_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(
+        "event for {subject} at {position} is {size} bytes, over the NATS server's max_payload \
+         of {max} bytes; nothing after it is published. Raise max_payload in the nats-server \
+         configuration (up to 64 MB), or leave the large column out of the publication's column \
+         list, then restart walstream: it resumes at this event"
+    )]
+    TooLarge {
+        subject: String,
+        position: String,
+        size: usize,
+        max: usize,
+    },
+    #[error(
+        "stream {stream} holds walstream's event {found:?} at sequence {sequence}, where the \
+         chain of its publishes allows only {expected:?}: the server did not honour \
+         Nats-Expected-Last-Msg-Id, or messages were deleted from the stream. walstream stops \
+         rather than confirm what it cannot account for; its checkpoint holds the last commit \
+         it knows stored"
+    )]
+    ChainBroken {
+        stream: String,
+        sequence: u64,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "stream {stream} has ended at sequence {found} for over {limit:?}, before sequence \
+         {acknowledged} that JetStream had acknowledged: the stream was deleted and recreated, or \
+         the JetStream cluster lost acknowledged messages. walstream stops rather than guess; its \
+         checkpoint holds the last commit it knows stored. Restart walstream to publish from \
+         that checkpoint onward (`walstream status` shows both ends)"
+    )]
+    StreamWentBack {
+        stream: String,
+        acknowledged: u64,
+        found: u64,
+        limit: Duration,
+    },
+    #[error("NATS JetStream: {0}")]
+    Fatal(String),
+    #[error("shutting down with publishes unconfirmed")]
+    ShuttingDown,
+}
+
+/// An event sent to JetStream and not yet acknowledged.
+struct Unacked {
+    event: EncodedEvent,
+    /// The stream sequence it is expected to get.
+    sequence: u64,
+    published: IntCounter,
+}
+
+/// An event JetStream has stored, as in-process subscribers receive it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub stream_sequence: u64,
+    pub subject: String,
+    pub payload: Bytes,
+}
+
+pub struct Sink {
+    js: jetstream::Context,
+    stream_name: String,
+    window: usize,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    unacked: VecDeque<Unacked>,
+    /// The answers still awaited, one per sent entry of `unacked`, in the same order.
+    acks: Acks,
+    /// The stream's last sequence as far as walstream has accounted for it.
+    end: u64,
+    /// What the next publish after the acknowledged ones is chained to.
+    chain: Chain,
+    /// WAL position of the last event known to be in the stream.
+    last_position: Option<Position>,
+    /// Events acknowledged since start.
+    acked_count: u64,
+    /// In-process subscribers (`walstream run`), told of each event once it is stored.
+    stored: Option<broadcast::Sender<Arc<StoredEvent>>>,
+}
+
+impl Sink {
+    /// A sink publishing after `tail`; a publish not acknowledged within `ack_timeout` counts
+    /// as failed.
+    pub async fn new(
+        js: jetstream::Context,
+        stream_name: String,
+        window: usize,
+        ack_timeout: Duration,
+        tail: &StreamTail,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, SinkError> {
+        let acks = Acks::subscribe(js.client(), ack_timeout)
+            .await
+            .map_err(SinkError::Fatal)?;
+        Ok(Self {
+            js,
+            stream_name,
+            window,
+            metrics,
+            shutdown,
+            unacked: VecDeque::new(),
+            acks,
+            end: tail.sequence,
+            chain: Chain::Start,
+            last_position: tail.position(),
+            acked_count: 0,
+            stored: None,
+        })
+    }
+
+    /// Tells `subscribers` of every event from now on, once JetStream has stored it.
+    pub fn with_subscribers(
+        mut self,
+        subscribers: Option<broadcast::Sender<Arc<StoredEvent>>>,
+    ) -> Self {
+        self.stored = subscribers;
+        self
+    }
+
+    /// Publishes an event, waiting for acks first when the window is full.
+    pub async fn publish(
+        &mut self,
+        event: EncodedEvent,
+        published: IntCounter,
+    ) -> Result<(), SinkError> {
+        while self.acks.len() >= self.window {
+            self.next_ack().await?;
+        }
+        let sequence = self.end + self.unacked.len() as u64 + 1;
+        self.unacked.push_back(Unacked {
+            event,
+            sequence,
+            published,
+        });
+        let index = self.unacked.len() - 1;
+        if let Err(error) = self.send(index).await {
+            self.recover(error).await?;
+        }
+        self.metrics.inflight_acks.set(self.acks.len() as i64);
+        Ok(())
+    }
+
+    /// True when every event handed to the sink is acknowledged.
+    pub fn is_idle(&self) -> bool {
+        self.unacked.is_empty()
+    }
+
+    /// How many events JetStream has acknowledged since start, the oldest first.
+    pub fn acknowledged(&self) -> u64 {
+        self.acked_count
+    }
+
+    /// Waits for the next ack. Cancel-safe: use it in `select!`, then pass the result to
+    /// [`Sink::handle_ack`], which must run to completion.
+    pub async fn next_ack_result(&mut self) -> Option<AckResult> {
+        self.acks.next().await
+    }
+
+    /// Waits for one ack and handles it. Returns false when nothing is in flight.
+    pub async fn next_ack(&mut self) -> Result<bool, SinkError> {
+        match self.acks.next().await {
+            Some(result) => {
+                self.handle_ack(result).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Handles the ack of the oldest unacknowledged event; on any failure, re-syncs and re-sends.
+    pub async fn handle_ack(&mut self, result: AckResult) -> Result<(), SinkError> {
+        let expected =
+            self.unacked.front().map(|u| u.sequence).ok_or_else(|| {
+                SinkError::Fatal("an ack arrived with nothing unacknowledged".into())
+            })?;
+        match result {
+            Ok(ack) if ack.sequence == expected => self.acknowledge_front(expected),
+            // A duplicate of a message stored before the end walstream knows: the event was
+            // published already (by an earlier run), and JetStream says where.
+            Ok(ack) if ack.duplicate && ack.sequence <= self.end => {
+                self.acknowledge_front(ack.sequence)
+            }
+            Ok(ack) => {
+                let error = format!(
+                    "ack for stream sequence {} (duplicate: {}) where {expected} was expected",
+                    ack.sequence, ack.duplicate
+                );
+                self.recover(PublishFailure::Unexpected(error)).await?;
+            }
+            Err(failure) => self.recover(failure).await?,
+        }
+        self.metrics.inflight_acks.set(self.acks.len() as i64);
+        Ok(())
+    }
+
+    /// Waits until every event handed to the sink is acknowledged.
+    pub async fn flush(&mut self) -> Result<(), SinkError> {
+        while self.next_ack().await? {}
+        Ok(())
+    }
+
+    /// WAL position of the last event known to be in the stream.
+    pub fn last_position(&self) -> Option<Position> {
+        self.last_position
+    }
+
+    /// Number of events awaiting an ack.
+    pub fn in_flight(&self) -> usize {
+        self.acks.len()
+    }
+
+    /// Counts the oldest unacknowledged event as stored at `sequence`: where it was sent to
+    /// go, or earlier (a duplicate of an earlier run's message).
+    fn acknowledge_front(&mut self, sequence: u64) {
+        let Some(done) = self.unacked.pop_front() else {
+            return;
+        };
+        done.published.inc();
+        if let Some(commit_micros) = done.event.commit_time_micros {
+            let now_micros = unix_micros_now() - 946_684_800_000_000;
+            let latency = (now_micros - commit_micros).max(0) as f64 / 1e6;
+            self.metrics.commit_to_ack_seconds.observe(latency);
+        }
+        self.last_position = Some(done.event.position);
+        self.acked_count += 1;
+        if sequence != done.sequence {
+            // Not at the stream's end: the next publish starts a new chain.
+            self.chain = Chain::Start;
+            return;
+        }
+        // Subscriptions follow what happens now; a replay re-delivers history to consumers
+        // that asked for it through JetStream.
+        let subscribers = self.stored.as_ref().filter(|s| s.receiver_count() > 0);
+        if let Some(subscribers) = subscribers.filter(|_| !done.event.replay) {
+            let _ = subscribers.send(Arc::new(StoredEvent {
+                stream_sequence: done.sequence,
+                subject: done.event.subject.to_string(),
+                payload: done.event.payload.clone(),
+            }));
+        }
+        self.end = sequence;
+        // The event itself is kept, not its id: the id is needed only by the next publish,
+        // and copying it here would allocate for every ack.
+        self.chain = Chain::After(done.event);
+    }
+
+    /// Sends `unacked[index]` expecting it to land directly after its predecessor: the
+    /// stream's last sequence must be the one before it and, unless it starts a chain, the
+    /// stream's last message its predecessor (by id, so another client's message between them
+    /// fails it rather than standing in for the predecessor).
+    async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
+        let entry = &self.unacked[index];
+        let mut headers = entry.event.headers();
+        headers.insert(
+            NATS_EXPECTED_LAST_SEQUENCE,
+            (entry.sequence - 1).to_string(),
+        );
+        let predecessor = match index {
+            0 => match &self.chain {
+                Chain::After(event) => Some(event),
+                Chain::Start => None,
+            },
+            _ => Some(&self.unacked[index - 1].event),
+        };
+        if let Some(predecessor) = predecessor {
+            headers.insert(
+                NATS_EXPECTED_LAST_MESSAGE_ID,
+                predecessor.message_id.as_str(),
+            );
+        }
+        let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
+        self.acks.publish(subject, headers, payload).await
+    }
+
+    /// Brings the stream and `unacked` back in step after a failure, then re-sends.
+    async fn recover(&mut self, failure: PublishFailure) -> Result<(), SinkError> {
+        if let PublishFailure::TooLarge = failure {
+            return Err(self.too_large());
+        }
+        self.metrics
+            .publish_errors
+            .with_label_values(&[failure.kind()])
+            .inc();
+        if failure.stream_moved() {
+            // Usually another client publishing into the stream: expected, not a fault.
+            tracing::info!(
+                stream = %self.stream_name,
+                unacked = self.unacked.len(),
+                "the stream moved under walstream ({failure}); re-syncing and re-sending"
+            );
+        } else {
+            tracing::warn!(
+                stream = %self.stream_name,
+                unacked = self.unacked.len(),
+                "publish failed ({failure}); re-syncing with the stream and re-sending"
+            );
+        }
+        let mut backoff = Backoff::new();
+        // Since when every answer put the stream's end before what JetStream acknowledged.
+        let mut behind_since: Option<Instant> = None;
+        loop {
+            // Let every outstanding ack resolve so nothing sent earlier lands after the re-sync.
+            while self.acks.next().await.is_some() {}
+            self.metrics.inflight_acks.set(0);
+            let result = self.resync().await;
+            if !matches!(result, Err(ResyncError::Behind { .. })) {
+                behind_since = None;
+            }
+            match result {
+                Ok(()) => return Ok(()),
+                Err(ResyncError::Fatal(error)) => return Err(error),
+                Err(ResyncError::Behind { found }) => {
+                    let since = *behind_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > STREAM_BEHIND_LIMIT {
+                        return Err(SinkError::StreamWentBack {
+                            stream: self.stream_name.clone(),
+                            acknowledged: self.end,
+                            found,
+                            limit: STREAM_BEHIND_LIMIT,
+                        });
+                    }
+                    tracing::warn!(
+                        stream = %self.stream_name,
+                        acknowledged = self.end,
+                        found,
+                        "the stream reports an end before what JetStream acknowledged (a \
+                         replica answering during a leader election?); reading it again in {:?}",
+                        backoff.peek()
+                    );
+                }
+                Err(ResyncError::Retry(reason)) => {
+                    tracing::warn!(
+                        stream = %self.stream_name,
+                        "stream not reachable for re-sync ({reason}); retrying in {:?}",
+                        backoff.peek()
+                    );
+                }
+            }
+            if *self.shutdown.borrow() {
+                return Err(SinkError::ShuttingDown);
+            }
+            let delay = backoff.next_delay();
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn resync(&mut self) -> Result<(), ResyncError> {
+        let retry = |e: &dyn std::fmt::Display| ResyncError::Retry(e.to_string());
+        let mut stream = self
+            .js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| retry(&e))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| retry(&e))?
+            .state
+            .last_sequence;
+        if last < self.end {
+            return Err(ResyncError::Behind { found: last });
+        }
+        let ids: Vec<&str> = self
+            .unacked
+            .iter()
+            .map(|u| u.event.message_id.as_str())
+            .collect();
+        let end = self.end;
+        let stored = stored_count(&ids, last - end, |offset| {
+            let stream = &stream;
+            async move { id_at(stream, end + 1 + offset as u64).await }
+        })
+        .await
+        .map_err(ResyncError::Retry)?;
+        let stored = match stored {
+            Count::Stored(count) => count,
+            Count::Broken { offset, found } => {
+                return Err(ResyncError::Fatal(SinkError::ChainBroken {
+                    stream: self.stream_name.clone(),
+                    sequence: end + 1 + offset as u64,
+                    found,
+                    expected: ids.get(offset).map_or_else(String::new, |s| s.to_string()),
+                }))
+            }
+        };
+        tracing::debug!(
+            stream = %self.stream_name,
+            end,
+            last,
+            stored,
+            unacked = self.unacked.len(),
+            "re-sync counted walstream's events in the stream"
+        );
+        for _ in 0..stored {
+            let sequence = self.end + 1;
+            if let Some(front) = self.unacked.front_mut() {
+                front.sequence = sequence;
+            }
+            self.acknowledge_front(sequence);
+        }
+        let others = last - self.end;
+        if others > 0 {
+            self.metrics.other_publishers_messages.inc_by(others);
+            tracing::info!(
+                stream = %self.stream_name,
+                messages = others,
+                after = self.end,
+                "messages another client published into the stream; walstream's events go on \
+                 after them"
+            );
+            self.end = last;
+            self.chain = Chain::Start;
+        }
+        let resend = self.unacked.len();
+        for (offset, entry) in self.unacked.iter_mut().enumerate() {
+            entry.sequence = last + offset as u64 + 1;
+        }
+        if resend > 0 {
+            self.metrics.publish_retries.inc_by(resend as u64);
+            tracing::info!(stream = %self.stream_name, resend, "re-sending unacknowledged events");
+        }
+        for index in 0..resend {
+            match self.send(index).await {
+                Ok(()) => {}
+                Err(PublishFailure::TooLarge) => return Err(ResyncError::Fatal(self.too_large())),
+                Err(other) => return Err(ResyncError::Retry(other.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    fn too_large(&self) -> SinkError {
+        let max = self.js.client().server_info().max_payload;
+        match self.unacked.back() {
+            Some(entry) => SinkError::TooLarge {
+                subject: entry.event.subject.to_string(),
+                position: format!(
+                    "commit LSN {} change #{}",
+                    entry.event.position.commit_lsn, entry.event.position.seq
+                ),
+                size: entry.event.payload.len() + headers_len(&entry.event),
+                max,
+            },
+            None => SinkError::Fatal("a publish was refused as too large".into()),
+        }
+    }
+}
+
+/// What a re-sync finds of the unacknowledged events in the stream.
+#[derive(Debug, PartialEq, Eq)]
+enum Count {
+    /// The stream holds this many of them, the oldest first.
+    Stored(usize),
+    /// The message at this offset after the known end has the id of a later event than the
+    /// chain allows there.
+    Broken { offset: usize, found: String },
+}
+
+/// How many of the unacknowledged events (`ids`, oldest first) the stream holds, `appended`
+/// messages having been stored after the end walstream knew; `id_at(offset)` reads the
+/// `Nats-Msg-Id` of the message `offset` places after that end (`None`: none, or gone).
+///
+/// The chain of expectations puts walstream's stored events right after that end, one after
+/// another, so "the message at offset i is event i" holds for a prefix of the offsets: the
+/// last candidate is read first (the usual case: nobody else published), else a binary search
+/// finds the prefix. Only an id seen in its place counts; a message without one, with
+/// another id, or gone, never does.
+async fn stored_count<F, Fut>(ids: &[&str], appended: u64, id_at: F) -> Result<Count, String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, String>>,
+{
+    let candidates = ids
+        .len()
+        .min(usize::try_from(appended).unwrap_or(usize::MAX));
+    if candidates == 0 {
+        return Ok(Count::Stored(0));
+    }
+    let holds = |offset: usize| {
+        let future = id_at(offset);
+        async move {
+            let found: Option<String> = future.await?;
+            let verdict = match found {
+                Some(found) if found == ids[offset] => Ok(true),
+                // A later event of the window where an earlier one belongs.
+                Some(found) if ids[offset..].contains(&found.as_str()) => {
+                    Err(Count::Broken { offset, found })
+                }
+                _ => Ok(false),
+            };
+            Ok::<_, String>(verdict)
+        }
+    };
+    match holds(candidates - 1).await? {
+        Ok(true) => return Ok(Count::Stored(candidates)),
+        Ok(false) => {}
+        Err(broken) => return Ok(broken),
+    }
+    let (mut low, mut high) = (0, candidates - 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        match holds(middle).await? {
+            Ok(true) => low = middle + 1,
+            Ok(false) => high = middle,
+            Err(broken) => return Ok(broken),
+        }
+    }
+    Ok(Count::Stored(low))
+}
+
+/// The `Nats-Msg-Id` of the message at `sequence`; `None` when it has none or is gone.
+async fn id_at(
+    stream: &jetstream::stream::Stream,
+    sequence: u64,
+) -> Result<Option<String>, String> {
+    let message = message_at(stream, sequence)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(message.and_then(|m| {
+        m.headers
+            .get(NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_owned())
+    }))
+}
+
+/// What the next publish after the acknowledged events is chained to.
+enum Chain {
+    /// A new chain: the stream's end is not walstream's last acknowledged event (at start,
+    /// after another client's message); the next publish expects only the last sequence.
+    Start,
+    /// walstream's event stored at the stream's end: the next publish expects its id too.
+    After(EncodedEvent),
+}
+
+enum ResyncError {
+    Retry(String),
+    /// The stream reports an end before the last message known stored.
+    Behind {
+        found: u64,
+    },
+    Fatal(SinkError),
+}
+
+fn headers_len(event: &EncodedEvent) -> usize {
+    event
+        .headers()
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| name.to_string().len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts with the stream's messages after the known end given by their ids.
+    fn count(ids: &[&str], stream: &[Option<&str>]) -> Count {
+        let stream: Vec<Option<String>> = stream.iter().map(|id| id.map(str::to_owned)).collect();
+        let reads = std::cell::Cell::new(0);
+        let result = futures::executor::block_on(stored_count(ids, stream.len() as u64, |i| {
+            reads.set(reads.get() + 1);
+            let found = stream[i].clone();
+            async move { Ok(found) }
+        }));
+        assert!(
+            reads.get() <= 2 + ids.len().max(1).ilog2() as usize,
+            "too many reads"
+        );
+        result.expect("no read fails here")
+    }
+
+    #[test]
+    fn nothing_appended_means_nothing_stored() {
+        assert_eq!(count(&["a", "b"], &[]), Count::Stored(0));
+        assert_eq!(count(&[], &[Some("x")]), Count::Stored(0));
+    }
+
+    #[test]
+    fn a_prefix_of_the_window_in_its_places_is_stored() {
+        let ids = ["a", "b", "c", "d"];
+        assert_eq!(
+            count(&ids, &[Some("a"), Some("b"), Some("c"), Some("d")]),
+            Count::Stored(4)
+        );
+        assert_eq!(count(&ids, &[Some("a"), Some("b")]), Count::Stored(2));
+        assert_eq!(count(&ids, &[Some("a")]), Count::Stored(1));
+    }
+
+    // The silent loss of issue 16: another client's message took the place of the first event,
+    // and a sequence number alone made it look stored.
+    #[test]
+    fn another_clients_message_is_never_taken_for_an_event() {
+        let ids = ["a", "b", "c"];
+        assert_eq!(count(&ids, &[None]), Count::Stored(0));
+        assert_eq!(count(&ids, &[Some("foreign")]), Count::Stored(0));
+        assert_eq!(count(&ids, &[Some("a"), None, None]), Count::Stored(1));
+        assert_eq!(
+            count(
+                &ids,
+                &[Some("a"), Some("b"), Some("x"), Some("y"), Some("z")]
+            ),
+            Count::Stored(2)
+        );
+        // A copy of an event's id in another place is not the event.
+        assert_eq!(count(&ids, &[None, Some("a"), Some("b")]), Count::Stored(0));
+    }
+
+    // JetStream stored "b" only with "a" as the stream's last message: a message gone from
+    // before it (deleted, expired) was "a".
+    #[test]
+    fn an_event_in_its_place_vouches_for_its_predecessors() {
+        assert_eq!(
+            count(&["a", "b", "c"], &[None, Some("b")]),
+            Count::Stored(2)
+        );
+    }
+
+    #[test]
+    fn a_later_event_where_an_earlier_belongs_breaks_the_chain() {
+        assert_eq!(
+            count(&["a", "b", "c"], &[None, Some("c")]),
+            Count::Broken {
+                offset: 1,
+                found: "c".into()
+            }
+        );
+        assert_eq!(
+            count(&["a", "b", "c"], &[Some("c")]),
+            Count::Broken {
+                offset: 0,
+                found: "c".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_read_is_an_error_not_an_answer() {
+        let result = futures::executor::block_on(stored_count(&["a"], 1, |_| async {
+            Err::<Option<String>, _>("timeout".to_owned())
+        }));
+        assert_eq!(result, Err("timeout".to_owned()));
+    }
+}
