@@ -760,6 +760,10 @@ impl Pipeline {
         if self.write_landed()? {
             client.update_applied_lsn(self.confirmable());
         }
+        // Before reading the clock: this runs after every replication message.
+        if self.checkpoint_write.is_some() {
+            return Ok(());
+        }
         let Some(lsn) = self.outlet.progress.next_write(Instant::now()) else {
             return Ok(());
         };
