@@ -58,16 +58,6 @@ async fn insert(cluster: &Cluster, identifier: &str) -> anyhow::Result<()> {
         .await
 }
 
-async fn metric(cluster: &Cluster, name: &str) -> anyhow::Result<f64> {
-    let (_, body) = http_get(cluster.http_port, "/metrics").await?;
-    Ok(body
-        .lines()
-        .find(|line| line.starts_with(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn other_clients_messages_interleave_and_no_change_is_lost() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;

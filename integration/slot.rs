@@ -180,7 +180,8 @@ async fn an_invalidated_slot_stops_walstream_with_the_recovery() -> anyhow::Resu
         .await
         .inspect_err(|_| dump_log(&cluster.log_path()))?;
     assert!(!status.success(), "an invalidated slot is an error exit");
-    assert_log_shows(&cluster, "was invalidated (wal_status = lost)", 1)?;
+    assert_log_shows(&cluster, "was invalidated (wal_status = lost", 1)?;
+    assert_log_shows(&cluster, "max_slot_wal_keep_size", 1)?;
     assert_log_shows(&cluster, "walstream setup", 1)?;
 
     // Started again, it refuses the same way instead of streaming from a slot with a hole.
@@ -193,5 +194,72 @@ async fn an_invalidated_slot_stops_walstream_with_the_recovery() -> anyhow::Resu
     assert!(!status.success());
     let log = std::fs::read_to_string(&restart_log)?;
     assert!(log.contains("wal_status = lost"), "{log}");
+    Ok(())
+}
+
+// PostgreSQL 18 invalidates a slot no walsender used for idle_replication_slot_timeout; the
+// slot then looks healthy by wal_status, and only invalidation_reason says why it is dead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_invalidated_for_idling_stops_walstream_naming_the_reason() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    if cluster.postgres_version().await? < 180000 {
+        eprintln!("not run: idle_replication_slot_timeout is PostgreSQL 18's (scripts/test-matrix runs it there)");
+        return Ok(());
+    }
+    cluster.sql(TABLE).await?;
+    let config = cluster.config(&["public.t_load"], "")?;
+    let mut streamer = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    write_load(cluster.db_url(), 1, 2, 5, Duration::ZERO).await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 10, Duration::from_secs(30)).await?;
+    streamer.terminate(Duration::from_secs(30))?;
+
+    let client = cluster.client().await?;
+    client
+        .batch_execute("ALTER SYSTEM SET idle_replication_slot_timeout = '1s'")
+        .await?;
+    client.batch_execute("SELECT pg_reload_conf()").await?;
+    let mut reason = None;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.batch_execute("CHECKPOINT").await?;
+        let row = client
+            .query_one(
+                "SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = 'walstream'",
+                &[],
+            )
+            .await?;
+        reason = row.get::<_, Option<String>>(0);
+        if reason.is_some() {
+            break;
+        }
+    }
+    assert_eq!(reason.as_deref(), Some("idle_timeout"));
+
+    let restart_log = cluster.dir.path().join("restart.log");
+    let mut restarted = Walstream::start(&config, &restart_log)?;
+    let status = restarted
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: it kept running on an invalidated slot"))?;
+    assert!(!status.success(), "an invalidated slot is an error exit");
+    let log = std::fs::read_to_string(&restart_log)?;
+    assert!(
+        log.contains("invalidation_reason = idle_timeout")
+            && log.contains("idle_replication_slot_timeout")
+            && log.contains("walstream setup"),
+        "{log}"
+    );
+    let check = walstream(&["check"], &config)?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        !check.status.success() && said.contains("idle_timeout"),
+        "{said}"
+    );
     Ok(())
 }

@@ -467,3 +467,37 @@ async fn tables_added_to_and_dropped_from_the_publication_while_streaming() -> a
     assert_exactly_once_in_order(&messages);
     Ok(())
 }
+
+// PostgreSQL 18 publishes stored generated columns when the publication says so
+// (`publish_generated_columns = stored`); they then arrive like any column.
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_generated_columns_arrive_when_the_publication_publishes_them() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start().await?;
+    if cluster.postgres_version().await? < 180000 {
+        eprintln!("not run: publish_generated_columns is PostgreSQL 18's (scripts/test-matrix runs it there)");
+        return Ok(());
+    }
+    cluster
+        .sql(
+            "CREATE TABLE t_gen (id INT PRIMARY KEY, price NUMERIC NOT NULL, qty INT NOT NULL,
+                 total NUMERIC GENERATED ALWAYS AS (price * qty) STORED);
+             CREATE PUBLICATION walstream FOR TABLE t_gen
+                 WITH (publish_generated_columns = stored)",
+        )
+        .await?;
+    let config = cluster.config(&["public.t_gen"], "")?;
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    cluster
+        .sql("INSERT INTO t_gen (id, price, qty) VALUES (1, 2.50, 4)")
+        .await?;
+    cluster.sql("UPDATE t_gen SET qty = 5 WHERE id = 1").await?;
+    let js = cluster.jetstream().await?;
+    wait_for_messages(&js, 2, Duration::from_secs(30)).await?;
+    let messages = read_stream(&js).await?;
+    // numeric arrives as its exact text, as for any numeric column.
+    let totals: Vec<&Value> = messages.iter().map(|m| &m.body["data"]["total"]).collect();
+    assert_eq!(totals, [&json!("10.00"), &json!("12.50")]);
+    Ok(())
+}

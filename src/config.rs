@@ -86,6 +86,24 @@ pub struct ReplicationConfig {
     /// (`"10GB"`) or a time (`"2h"`). PostgreSQL keeps that WAL on disk.
     #[serde(default, deserialize_with = "deserialize_retention")]
     pub replay_retention: Retention,
+    /// Per table: which columns and rows the publication publishes (PostgreSQL 15+).
+    #[serde(default, rename = "table")]
+    pub table_filters: Vec<TableFilter>,
+}
+
+/// `[[replication.table]]`: what the publication publishes of one table. A column left out
+/// never leaves the database (not in an event, not in a backfill); a row outside `where`
+/// produces no event.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TableFilter {
+    /// The table, as in `replication.tables`.
+    pub name: String,
+    /// The published columns (a publication column list); all when absent.
+    pub columns: Option<Vec<String>>,
+    /// A row filter, an SQL condition on the row (a publication `WHERE`).
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
 }
 
 fn deserialize_retention<'de, D: serde::Deserializer<'de>>(
@@ -482,6 +500,8 @@ impl Config {
         for table in &repl.tables {
             parse_qualified_table(table).map_err(|m| ("replication.tables", m))?;
         }
+        self.validate_table_filters()
+            .map_err(|m| ("replication.table", m))?;
         if repl.status_interval_secs == 0 {
             return Err((
                 "replication.status_interval_secs",
@@ -551,6 +571,55 @@ impl Config {
 
     /// Resolves a table as written in a route or entity override (`tb_order` or `public.tb_order`)
     /// to one of the watched tables.
+    /// The column list and row filter configured for `qualified_table`, if any.
+    pub fn table_filter(&self, qualified_table: &str) -> Option<&TableFilter> {
+        self.replication
+            .table_filters
+            .iter()
+            .find(|filter| self.resolve_table(&filter.name).as_deref() == Ok(qualified_table))
+    }
+
+    fn validate_table_filters(&self) -> Result<(), String> {
+        let mut seen = Vec::new();
+        for filter in &self.replication.table_filters {
+            let table = self.resolve_table(&filter.name).map_err(|m| {
+                format!("{m}; a [[replication.table]] refines a table listed there")
+            })?;
+            if seen.contains(&table) {
+                return Err(format!("{table} appears twice; give it one entry"));
+            }
+            if filter.columns.is_none() && filter.filter.is_none() {
+                return Err(format!("{table}: give `columns`, `where`, or both"));
+            }
+            if let Some(columns) = &filter.columns {
+                if columns.is_empty() {
+                    return Err(format!(
+                        "{table}: `columns` is empty; leave it out to publish every column"
+                    ));
+                }
+                for (index, column) in columns.iter().enumerate() {
+                    if column.trim().is_empty() {
+                        return Err(format!("{table}: an empty column name in `columns`"));
+                    }
+                    if columns[..index].contains(column) {
+                        return Err(format!("{table}: column `{column}` is listed twice"));
+                    }
+                }
+            }
+            if filter
+                .filter
+                .as_deref()
+                .is_some_and(|w| w.trim().is_empty())
+            {
+                return Err(format!(
+                    "{table}: `where` is empty; leave it out to publish every row"
+                ));
+            }
+            seen.push(table);
+        }
+        Ok(())
+    }
+
     pub fn resolve_table(&self, name: &str) -> Result<String, String> {
         let watched = &self.replication.tables;
         if name.contains('.') {
@@ -1018,5 +1087,39 @@ mod tests {
             error.contains("\"10GB\"") && error.contains("\"2h\""),
             "{error}"
         );
+    }
+
+    #[test]
+    fn table_filters_refine_watched_tables() {
+        let with = |table: &str| parse(&format!("{MINIMAL}\n[[replication.table]]\n{table}\n"));
+        let config =
+            with("name = \"tb_order\"\ncolumns = [\"id\", \"total\"]\nwhere = \"total > 0\"")
+                .expect("a valid filter");
+        let filter = config
+            .table_filter("public.tb_order")
+            .expect("found by its full name");
+        assert_eq!(
+            filter.columns.as_deref(),
+            Some(&["id".to_owned(), "total".to_owned()][..])
+        );
+        assert_eq!(filter.filter.as_deref(), Some("total > 0"));
+        assert!(config.table_filter("public.tb_order_item").is_none());
+        for (table, complaint) in [
+            (
+                "name = \"public.nope\"\ncolumns = [\"id\"]",
+                "not in replication.tables",
+            ),
+            ("name = \"tb_order\"", "give `columns`, `where`, or both"),
+            ("name = \"tb_order\"\ncolumns = []", "`columns` is empty"),
+            (
+                "name = \"tb_order\"\ncolumns = [\"id\", \"id\"]",
+                "listed twice",
+            ),
+            ("name = \"tb_order\"\nwhere = \" \"", "`where` is empty"),
+            ("name = \"tb_order\"\nrows = \"x\"", "rows"),
+        ] {
+            let error = with(table).expect_err(table).to_string();
+            assert!(error.contains(complaint), "{table}: {error}");
+        }
     }
 }

@@ -96,7 +96,8 @@ where
     }
 }
 
-/// A row of `pg_replication_slots`.
+/// A row of `pg_replication_slots`, read whole (`to_jsonb`), so the columns each PostgreSQL
+/// version adds are there when the server has them.
 #[derive(Debug, Clone)]
 pub struct SlotInfo {
     pub plugin: Option<String>,
@@ -109,33 +110,86 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
     /// WAL the server keeps for the slot: current WAL LSN minus `restart_lsn`.
     pub wal_retained_bytes: Option<i64>,
+    /// 17+: the slot follows a failover to a standby that synchronizes slots.
+    pub failover: Option<bool>,
+    /// 17+: on a standby, a slot synchronized from the primary.
+    pub synced: Option<bool>,
+    /// 17+: since when no walsender streams the slot.
+    pub inactive_since: Option<String>,
+    /// 17+: why the slot was invalidated (`wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`; 18: `idle_timeout`).
+    pub invalidation_reason: Option<String>,
+}
+
+impl SlotInfo {
+    /// Why the slot can no longer be streamed, and how to recover; `None` while it can.
+    pub fn invalidated(&self, name: &str) -> Option<String> {
+        let lost = self.wal_status.as_deref() == Some("lost");
+        let reason = self.invalidation_reason.as_deref();
+        if !lost && reason.is_none() {
+            return None;
+        }
+        let why = match reason {
+            Some("idle_timeout") => {
+                "no walsender used it for longer than idle_replication_slot_timeout \
+                 (PostgreSQL 18); raise or disable that setting, or keep walstream running"
+            }
+            Some("rows_removed") => {
+                "catalog rows it needed were removed (vacuum on the primary; on a standby, \
+                 hot_standby_feedback off)"
+            }
+            Some("wal_level_insufficient") => "wal_level was lowered below logical",
+            _ => "PostgreSQL removed WAL it still needed (max_slot_wal_keep_size)",
+        };
+        let shown = match (lost, reason) {
+            (true, Some(reason)) => format!("wal_status = lost, invalidation_reason = {reason}"),
+            (true, None) => "wal_status = lost".to_owned(),
+            (false, Some(reason)) => format!("invalidation_reason = {reason}"),
+            (false, None) => unreachable!("returned above"),
+        };
+        Some(format!(
+            "replication slot {name} was invalidated ({shown}): {why}. Changes were lost for it; \
+             drop and recreate the slot with `walstream setup`, then re-emit the tables' current \
+             rows with `walstream backfill --table …` (the changes in between are gone, their \
+             result is in the tables)"
+        ))
+    }
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<SlotInfo>> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, slot_type, database::text, active, active_pid, \
-                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
-                    (pg_current_wal_lsn() - restart_lsn)::int8 \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT to_jsonb(s)::text, (pg_current_wal_lsn() - s.restart_lsn)::int8 \
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
             &[&slot],
         )
         .await?;
-    let lsn = |text: Option<String>| text.map(|t| parse_lsn(&t)).transpose();
-    row.map(|row| {
-        Ok(SlotInfo {
-            plugin: row.get(0),
-            slot_type: row.get(1),
-            database: row.get(2),
-            active: row.get(3),
-            active_pid: row.get(4),
-            confirmed_flush_lsn: lsn(row.get(5)).map_err(anyhow::Error::msg)?,
-            restart_lsn: lsn(row.get(6)).map_err(anyhow::Error::msg)?,
-            wal_status: row.get(7),
-            wal_retained_bytes: row.get(8),
-        })
-    })
-    .transpose()
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let text: String = row.get(0);
+    let columns: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("reading pg_replication_slots: {e}"))?;
+    let text = |name: &str| columns[name].as_str().map(str::to_owned);
+    let flag = |name: &str| columns[name].as_bool();
+    let lsn = |name: &str| text(name).map(|t| parse_lsn(&t)).transpose();
+    Ok(Some(SlotInfo {
+        plugin: text("plugin"),
+        slot_type: text("slot_type").unwrap_or_default(),
+        database: text("database"),
+        active: flag("active").unwrap_or(false),
+        active_pid: columns["active_pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok()),
+        confirmed_flush_lsn: lsn("confirmed_flush_lsn").map_err(anyhow::Error::msg)?,
+        restart_lsn: lsn("restart_lsn").map_err(anyhow::Error::msg)?,
+        wal_status: text("wal_status"),
+        wal_retained_bytes: row.get(1),
+        failover: flag("failover"),
+        synced: flag("synced"),
+        inactive_since: text("inactive_since"),
+        invalidation_reason: text("invalidation_reason"),
+    }))
 }
 
 /// Seconds since PostgreSQL last heard from the walsender streaming `slot`, or `None` when no
@@ -188,9 +242,128 @@ pub fn quote_table(qualified: &str) -> String {
 }
 
 /// The SQL that creates the publication and the slot, as `setup` runs it and prints it.
+/// A table as a publication names it: `"public"."t" ("a", "b") WHERE (a > 0)`, with the column
+/// list and row filter `[[replication.table]]` gives it.
+pub fn publication_table_spec(config: &Config, table: &str) -> String {
+    let mut spec = quote_table(table);
+    if let Some(filter) = config.table_filter(table) {
+        if let Some(columns) = &filter.columns {
+            let columns: Vec<String> = columns.iter().map(|c| escape_identifier(c)).collect();
+            spec.push_str(&format!(" ({})", columns.join(", ")));
+        }
+        if let Some(condition) = &filter.filter {
+            spec.push_str(&format!(" WHERE ({condition})"));
+        }
+    }
+    spec
+}
+
+/// What a publication publishes of one table (PostgreSQL 15+ can publish less than all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedTable {
+    /// The published columns; every column when `None` (no column list, or before 15).
+    pub columns: Option<Vec<String>>,
+    /// The row filter as PostgreSQL deparsed it (`(country <> 'internal'::text)`).
+    pub row_filter: Option<String>,
+}
+
+/// What `publication` publishes of `table`, or `None` when it does not include the table.
+pub async fn published_table(
+    client: &Client,
+    publication: &str,
+    table: &str,
+) -> anyhow::Result<Option<PublishedTable>> {
+    let (schema, name) = crate::config::parse_qualified_table(table).map_err(anyhow::Error::msg)?;
+    // Whole rows: `attnames` and `rowfilter` exist from PostgreSQL 15 on.
+    let row = client
+        .query_opt(
+            "SELECT to_jsonb(p)::text FROM pg_publication_tables p
+             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &schema, &name],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("reading publication {publication}: {}", db_error(&e)))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let text: String = row.get(0);
+    let columns: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("reading pg_publication_tables: {e}"))?;
+    Ok(Some(PublishedTable {
+        columns: columns["attnames"].as_array().map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        }),
+        row_filter: columns["rowfilter"].as_str().map(str::to_owned),
+    }))
+}
+
+/// Where the live publication publishes other columns or rows than `[[replication.table]]`
+/// says, one sentence each, with the statement that makes them agree.
+pub async fn publication_differences(
+    client: &Client,
+    config: &Config,
+) -> anyhow::Result<Vec<String>> {
+    let publication = &config.replication.publication;
+    let mut differences = Vec::new();
+    for filter in &config.replication.table_filters {
+        let Ok(table) = config.resolve_table(&filter.name) else {
+            continue;
+        };
+        let Some(live) = published_table(client, publication, &table).await? else {
+            continue;
+        };
+        let fix = format!(
+            "ALTER PUBLICATION {} SET TABLE … {} (list every table of the publication)",
+            escape_identifier(publication),
+            publication_table_spec(config, &table)
+        );
+        if let Some(wanted) = &filter.columns {
+            let mut wanted = wanted.clone();
+            wanted.sort();
+            let mut published = live.columns.clone().unwrap_or_default();
+            published.sort();
+            if live.columns.is_none() || wanted != published {
+                differences.push(format!(
+                    "publication {publication} publishes columns [{}] of {table}, where \
+                     [[replication.table]] says [{}]: {fix}",
+                    live.columns.map_or("all".into(), |c| c.join(", ")),
+                    wanted.join(", ")
+                ));
+            }
+        }
+        match (&filter.filter, &live.row_filter) {
+            (Some(wanted), None) => differences.push(format!(
+                "publication {publication} publishes every row of {table}, where \
+                 [[replication.table]] says `where = \"{wanted}\"`: {fix}"
+            )),
+            (None, Some(live)) => differences.push(format!(
+                "publication {publication} filters the rows of {table} ({live}), where \
+                 [[replication.table]] gives no `where`: {fix}"
+            )),
+            _ => {}
+        }
+    }
+    Ok(differences)
+}
+
+/// PostgreSQL's `server_version_num` (`150007` for 15.7).
+pub async fn server_version(client: &Client) -> anyhow::Result<i32> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
 pub fn setup_sql(config: &Config) -> Vec<String> {
     let repl = &config.replication;
-    let tables: Vec<String> = repl.tables.iter().map(|t| quote_table(t)).collect();
+    let tables: Vec<String> = repl
+        .tables
+        .iter()
+        .map(|t| publication_table_spec(config, t))
+        .collect();
     vec![
         format!(
             "CREATE PUBLICATION {} FOR TABLE {}",
@@ -244,6 +417,12 @@ pub async fn ensure_publication_and_slot(
     create_slot: bool,
 ) -> anyhow::Result<()> {
     let repl = &config.replication;
+    if !repl.table_filters.is_empty() && server_version(client).await? < 150_000 {
+        anyhow::bail!(
+            "[[replication.table]] column lists and row filters need PostgreSQL 15 or later; \
+             this server is older. Remove them, or publish every column and row"
+        );
+    }
     let statements = setup_sql(config);
     match publication_tables(client, &repl.publication).await? {
         None if create_publication => {
@@ -274,7 +453,7 @@ pub async fn ensure_publication_and_slot(
                     escape_identifier(&repl.publication),
                     missing
                         .iter()
-                        .map(|t| quote_table(t))
+                        .map(|t| publication_table_spec(config, t))
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
@@ -296,6 +475,12 @@ pub async fn ensure_publication_and_slot(
                 );
             }
         }
+    }
+    // A column left out of the config's list must never be published: walstream does not
+    // stream from a publication that says otherwise.
+    let differences = publication_differences(client, config).await?;
+    if !differences.is_empty() {
+        anyhow::bail!("{}", differences.join("; "));
     }
     match slot_info(client, &repl.slot).await? {
         None if create_slot => {
@@ -370,5 +555,23 @@ mod tests {
         assert!(message.contains("no answer within 1s"), "{message}");
         assert!(message.contains("connect_timeout"), "{message}");
         silent.abort();
+    }
+
+    #[test]
+    fn the_publication_names_column_lists_and_row_filters() {
+        let config = Config::parse(
+            "[database]\nurl = \"postgres://u@localhost/db\"\n[replication]\n\
+             tables = [\"public.tb_order\", \"public.tb_customer\"]\n\
+             [[replication.table]]\nname = \"tb_customer\"\ncolumns = [\"id\", \"Country\"]\n\
+             where = \"country <> 'internal'\"\n",
+            std::path::Path::new("walstream.toml"),
+            &|_| None,
+        )
+        .expect("config");
+        assert_eq!(
+            setup_sql(&config)[0],
+            "CREATE PUBLICATION \"walstream\" FOR TABLE \"public\".\"tb_order\", \
+             \"public\".\"tb_customer\" (\"id\", \"Country\") WHERE (country <> 'internal')"
+        );
     }
 }

@@ -83,6 +83,15 @@ impl Cluster {
         walstream::postgres::connect(&self.db_url()).await
     }
 
+    /// The server's `server_version_num` (`180004` for 18.4).
+    pub async fn postgres_version(&self) -> anyhow::Result<i32> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
     pub async fn jetstream(&self) -> anyhow::Result<jetstream::Context> {
         let client = async_nats::connect(self.nats.url()).await?;
         Ok(jetstream::new(client))
@@ -582,6 +591,29 @@ pub async fn http_request(
 }
 
 /// Waits until the replication slot exists (walstream created it).
+/// The version of the nats-server binary the tests use, as `(major, minor)`: `(2, 11)`.
+pub fn nats_server_version() -> anyhow::Result<(u64, u64)> {
+    let output = Command::new(LocalNats::binary()?)
+        .arg("--version")
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // `nats-server: v2.15.1`
+    let version = text.trim().rsplit('v').next().unwrap_or("");
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
+}
+
+/// The value of the first line of walstream's `/metrics` that starts with `name` (0 if none).
+pub async fn metric(cluster: &Cluster, name: &str) -> anyhow::Result<f64> {
+    let (_, body) = http_get(cluster.http_port, "/metrics").await?;
+    Ok(body
+        .lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0))
+}
+
 pub async fn wait_for_slot(cluster: &Cluster) -> anyhow::Result<()> {
     let client = cluster.client().await?;
     eventually(Duration::from_secs(30), "the replication slot", || async {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, IsolationLevel};
 
-use crate::config::{parse_qualified_table, Config};
+use crate::config::Config;
 use crate::nats;
 use crate::pipeline::backfill::{ColumnHeader, Header, Kind, PREFIX};
 use crate::pipeline::pgoutput::encode_tuple;
@@ -63,6 +63,8 @@ struct TableShape {
     /// SQL type of each key column, to cast the cursor's text back.
     key_types: Vec<String>,
     key: Vec<String>,
+    /// The publication's row filter: rows outside it are not the table's for walstream.
+    row_filter: Option<String>,
 }
 
 /// Runs (or resumes, or cancels) a backfill and prints what it did.
@@ -325,7 +327,7 @@ fn chunk_query(shape: &TableShape, filter: Option<&str>, has_cursor: bool) -> St
     let key_list: Vec<String> = shape.key.iter().map(|k| escape_identifier(k)).collect();
     let key_list = key_list.join(", ");
     let mut conditions = Vec::new();
-    if let Some(filter) = filter {
+    for filter in [shape.row_filter.as_deref(), filter].into_iter().flatten() {
         conditions.push(format!("({filter})"));
     }
     if has_cursor {
@@ -353,32 +355,16 @@ fn chunk_query(shape: &TableShape, filter: Option<&str>, has_cursor: bool) -> St
 /// The published columns (what pgoutput sends), their types and the primary key.
 async fn table_shape(client: &Client, config: &Config, table: &str) -> anyhow::Result<TableShape> {
     let quoted = quote_table(table);
-    let (schema, name) = parse_qualified_table(table).map_err(anyhow::Error::msg)?;
     let oid: u32 = client
         .query_one("SELECT $1::text::regclass::oid", &[&quoted])
         .await
         .map_err(|e| anyhow::anyhow!("table {table}: {}", db_error(&e)))?
         .get(0);
-    let published: Option<Vec<String>> = client
-        .query_opt(
-            "SELECT attnames::text[] FROM pg_publication_tables
-             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&config.replication.publication, &schema, &name],
-        )
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "reading publication {}: {}",
-                config.replication.publication,
-                db_error(&e)
-            )
-        })?
-        .map(|row| row.get(0));
-    let Some(published) = published else {
+    let publication = &config.replication.publication;
+    let Some(published) = postgres::published_table(client, publication, table).await? else {
         anyhow::bail!(
-            "table {table} is not in publication {}: start walstream once (it adds the tables \
-             it watches) or run `walstream setup`",
-            config.replication.publication
+            "table {table} is not in publication {publication}: start walstream once (it adds \
+             the tables it watches) or run `walstream setup`"
         );
     };
     let key: Vec<String> = client
@@ -400,7 +386,8 @@ async fn table_shape(client: &Client, config: &Config, table: &str) -> anyhow::R
              one chunk at a time. Add a primary key to backfill it"
         );
     }
-    if let Some(missing) = key.iter().find(|k| !published.contains(k)) {
+    let is_published = |name: &String| published.columns.as_ref().is_none_or(|c| c.contains(name));
+    if let Some(missing) = key.iter().find(|k| !is_published(k)) {
         anyhow::bail!(
             "primary-key column {missing} of {table} is not in publication {}'s column list",
             config.replication.publication
@@ -421,7 +408,7 @@ async fn table_shape(client: &Client, config: &Config, table: &str) -> anyhow::R
     let mut key_types = vec![String::new(); key.len()];
     for row in rows {
         let name: String = row.get(0);
-        if !published.contains(&name) {
+        if !is_published(&name) {
             continue;
         }
         let type_oid: u32 = row.get(1);
@@ -442,6 +429,7 @@ async fn table_shape(client: &Client, config: &Config, table: &str) -> anyhow::R
         columns,
         key_types,
         key,
+        row_filter: published.row_filter,
     })
 }
 
@@ -622,6 +610,7 @@ mod tests {
                 .collect(),
             key_types: vec!["integer".into()],
             key: vec!["a".into()],
+            row_filter: None,
         }
     }
 

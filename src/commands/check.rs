@@ -174,12 +174,8 @@ async fn check_postgres(
                     repl.slot,
                     slot.database.unwrap_or_default()
                 ));
-            } else if slot.wal_status.as_deref() == Some("lost") {
-                report.fail(format!(
-                    "slot {} is invalidated (wal_status = lost): drop it, run walstream setup, \
-                     then backfill the tables",
-                    repl.slot
-                ));
+            } else if let Some(why) = slot.invalidated(&repl.slot) {
+                report.fail(why);
             } else if let Some(pid) = slot.active_pid.filter(|_| slot.active) {
                 report.fail(format!(
                     "slot {} is in use by another process (PID {pid}); stop the other consumer \
@@ -219,10 +215,11 @@ async fn check_postgres(
                         "publication {} does not include {table}: ALTER PUBLICATION {} ADD TABLE {}",
                         repl.publication,
                         repl.publication,
-                        postgres::quote_table(table)
+                        postgres::publication_table_spec(config, table)
                     ));
                 }
             }
+            check_table_filters(client, config, report).await?;
         }
     }
     for table in &repl.tables {
@@ -286,6 +283,38 @@ fn nats_hint(error: &str) -> &'static str {
     }
 }
 
+/// Whether the live publication publishes the columns and rows `[[replication.table]]` says.
+async fn check_table_filters(
+    client: &Client,
+    config: &Config,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let filters = &config.replication.table_filters;
+    if filters.is_empty() {
+        return Ok(());
+    }
+    if postgres::server_version(client).await? < 150_000 {
+        report.fail(
+            "[[replication.table]] column lists and row filters need PostgreSQL 15 or later; \
+             this server is older",
+        );
+        return Ok(());
+    }
+    let differences = postgres::publication_differences(client, config).await?;
+    if differences.is_empty() {
+        report.pass(format!(
+            "publication {} publishes the columns and rows [[replication.table]] gives for {} \
+             table(s)",
+            config.replication.publication,
+            filters.len()
+        ));
+    }
+    for difference in differences {
+        report.fail(difference);
+    }
+    Ok(())
+}
+
 async fn check_nats(config: &Config, report: &mut Report) {
     let client = match nats::connect(&config.nats, Arc::new(Metrics::new()), Duration::ZERO).await {
         Ok(client) => client,
@@ -297,24 +326,9 @@ async fn check_nats(config: &Config, report: &mut Report) {
         }
     };
     report.pass("NATS reachable");
-    // A raw request: async-nats' typed account info does not parse nats-server 2.9's reply.
-    let reply = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request("$JS.API.INFO", bytes::Bytes::new()),
-    )
-    .await;
-    let error = match reply {
-        Ok(Ok(message)) => match serde_json::from_slice::<serde_json::Value>(&message.payload) {
-            Ok(info) if info.get("error").is_none() => None,
-            Ok(info) => Some(info["error"]["description"].to_string()),
-            Err(e) => Some(format!("unreadable reply: {e}")),
-        },
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some("no answer within 5 s".into()),
-    };
-    match error {
-        None => report.pass("JetStream enabled"),
-        Some(error) => {
+    match nats::server_features(&client).await {
+        Ok(features) => report.pass(format!("JetStream enabled ({features})")),
+        Err(error) => {
             return report.fail(format!(
                 "JetStream not available ({error}): start nats-server with -js (jetstream enabled)"
             ))

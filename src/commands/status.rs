@@ -19,6 +19,8 @@ use crate::{postgres, secrets};
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub slot: Option<SlotStatus>,
+    /// The NATS server's version and JetStream API level.
+    pub nats: Option<nats::ServerFeatures>,
     pub checkpoint: CheckpointStatus,
     pub stream: StreamStatus,
     /// WAL the slot has not confirmed yet, in bytes (`pg_current_wal_lsn - confirmed_flush_lsn`).
@@ -49,6 +51,14 @@ pub struct SlotStatus {
     pub wal_status: Option<String>,
     /// WAL kept on the server for this slot (`pg_current_wal_lsn - restart_lsn`).
     pub wal_retained_bytes: Option<u64>,
+    /// PostgreSQL 17+: a failover slot, synchronized to standbys that ask for it.
+    pub failover: Option<bool>,
+    /// PostgreSQL 17+: synchronized from the primary (on a standby).
+    pub synced: Option<bool>,
+    /// PostgreSQL 17+: since when no walsender streams the slot.
+    pub inactive_since: Option<String>,
+    /// PostgreSQL 17+: why the slot was invalidated, if it was.
+    pub invalidation_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,6 +102,9 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         )
         .await
         .map_err(|e| anyhow::anyhow!("reading slot {slot_name}: {}", postgres::db_error(&e)))?;
+    let columns = postgres::slot_info(&client, slot_name).await?;
+    let column = |read: fn(&postgres::SlotInfo) -> Option<String>| columns.as_ref().and_then(read);
+    let flag = |read: fn(&postgres::SlotInfo) -> Option<bool>| columns.as_ref().and_then(read);
     let (slot, lag_bytes, lag_seconds) = match row {
         Some(row) => (
             Some(SlotStatus {
@@ -103,6 +116,10 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
                 restart_lsn: row.get(4),
                 wal_status: row.get(5),
                 wal_retained_bytes: row.get::<_, Option<i64>>(6).map(|b| b.max(0) as u64),
+                failover: flag(|s| s.failover),
+                synced: flag(|s| s.synced),
+                inactive_since: column(|s| s.inactive_since.clone()),
+                invalidation_reason: column(|s| s.invalidation_reason.clone()),
             }),
             row.get::<_, Option<i64>>(7).map(|b| b.max(0) as u64),
             row.get::<_, Option<f64>>(8),
@@ -129,6 +146,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         ),
     };
     let js = nats::jetstream_for_command(&config.nats).await?;
+    let nats = nats::server_features(&js.client()).await.ok();
     let name = &config.nats.stream_name;
     let (stream, tail) = if let Some(stream) = nats::existing_stream(&js, name).await? {
         let tail = history::read_tail(&js, name, slot_name, history::REPORT_SEARCH_LIMIT).await?;
@@ -154,6 +172,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     });
     Ok(Status {
         slot,
+        nats,
         checkpoint,
         stream,
         lag_bytes,
@@ -213,6 +232,16 @@ impl Answer for Status {
                     slot.restart_lsn.as_deref().unwrap_or("-"),
                     slot.wal_retained_bytes.map_or("-".into(), human_bytes)
                 );
+                if let Some(failover) = slot.failover {
+                    println!(
+                        "  failover {failover}, synced {}, inactive since {}",
+                        slot.synced.unwrap_or(false),
+                        slot.inactive_since.as_deref().unwrap_or("-")
+                    );
+                }
+                if let Some(reason) = &slot.invalidation_reason {
+                    println!("  INVALIDATED: {reason} (walstream check says how to recover)");
+                }
             }
             None => println!("slot: does not exist (walstream setup creates it)"),
         }
@@ -229,6 +258,9 @@ impl Answer for Status {
                 "replay {}: {}, through {}",
                 replay.id, replay.state, replay.through
             );
+        }
+        if let Some(nats) = &self.nats {
+            println!("NATS: {nats}");
         }
         self.stream.print();
         println!(

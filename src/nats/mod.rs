@@ -1,10 +1,13 @@
 //! The NATS plumbing the sink, the commands and GraphQL share: connecting with the configured
-//! servers, credentials and TLS; walstream's stream and its messages; key-value buckets.
+//! servers, credentials and TLS; what the server supports; streams and their messages;
+//! key-value buckets.
 
 mod connect;
 mod key_value;
+mod server;
 mod stream;
 
 pub use connect::{connect, jetstream_for_command};
 pub use key_value::ensure_key_value;
+pub use server::{server_features, ServerFeatures};
 pub use stream::{ensure_stream, existing_stream, message_at};

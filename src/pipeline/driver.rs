@@ -115,6 +115,12 @@ pub async fn run(
     let control = postgres::connect(&config.database.url).await?;
     let naming = Naming::from_config(&config);
     let nats = nats::connect(&config.nats, metrics.clone(), Duration::from_secs(60)).await?;
+    match nats::server_features(&nats).await {
+        Ok(features) => tracing::info!("NATS: {features}"),
+        Err(error) => {
+            tracing::warn!("NATS: cannot read the JetStream account information: {error}")
+        }
+    }
     // The sink publishes on the client itself (sink::acks); the context serves its requests.
     let js = jetstream::ContextBuilder::new()
         .timeout(config.ack_timeout())
@@ -379,15 +385,8 @@ impl Pipeline {
         let Some(slot) = slot else {
             anyhow::bail!(slot_gone_message(&self.slot));
         };
-        if slot.wal_status.as_deref() == Some("lost") {
-            anyhow::bail!(
-                "replication slot {} was invalidated (wal_status = lost): PostgreSQL removed WAL \
-                 it still needed (max_slot_wal_keep_size). Changes were lost for it; drop and \
-                 recreate the slot with `walstream setup`, then re-emit the tables' current rows \
-                 with `walstream backfill --table …` (the changes in between are gone, their \
-                 result is in the tables)",
-                self.slot
-            );
+        if let Some(why) = slot.invalidated(&self.slot) {
+            anyhow::bail!(why);
         }
         let slot_confirmed = slot.confirmed_flush_lsn.unwrap_or(Lsn(0));
         Ok(self.outlet.progress.resume_point(slot_confirmed))

@@ -45,6 +45,11 @@ impl PublishFailure {
         matches!(self.kind(), "wrong_last_sequence" | "wrong_last_msg_id")
     }
 
+    /// The server is busy with what it has: re-sending at once would only meet the same answer.
+    pub fn server_busy(&self) -> bool {
+        matches!(self.kind(), "ingest_limit" | "duplicate_in_process")
+    }
+
     fn failed(kind: &'static str, detail: impl Into<String>) -> Self {
         PublishFailure::Failed {
             kind,
@@ -236,6 +241,10 @@ fn answer(message: &Message) -> AckResult {
                 "stream_not_found",
                 "no stream takes the subject (no responders)",
             )
+        } else if status.as_u16() == 429 {
+            // nats-server 2.11+: the stream's ingest queue is full (jetstream.max_buffered_msgs
+            // or max_buffered_size); the message was dropped unstored.
+            PublishFailure::failed("ingest_limit", "status 429 Too Many Requests")
         } else {
             PublishFailure::failed(
                 "other",
@@ -254,6 +263,11 @@ fn answer(message: &Message) -> AckResult {
                 10070 => "wrong_last_msg_id",
                 10071 => "wrong_last_sequence",
                 10059 => "stream_not_found",
+                // The same as a status 429, where a server answers in JSON.
+                10167 => "ingest_limit",
+                // 2.11+: a message with this id is being stored right now (a re-send racing
+                // its original); it may yet land.
+                10158 => "duplicate_in_process",
                 _ => "other",
             },
             error.description,
@@ -312,6 +326,27 @@ mod tests {
         .unwrap_err();
         assert_eq!(wrong.kind(), "wrong_last_sequence");
         assert_eq!(wrong.to_string(), "wrong last sequence: 41");
+        // What nats-server 2.11+ answers when its ingest queue for the stream is full, and to
+        // a re-send whose original is still being stored.
+        let busy = answer(&reply(
+            r#"{"error":{"code":429,"err_code":10167,"description":"too many requests"}}"#,
+        ))
+        .unwrap_err();
+        assert_eq!((busy.kind(), busy.server_busy()), ("ingest_limit", true));
+        // How nats-server 2.15 answers it: a status message.
+        let mut full = reply("");
+        full.status = Some(StatusCode::from_u16(429).expect("a status code"));
+        full.description = Some("Too Many Requests".into());
+        assert_eq!(answer(&full).unwrap_err().kind(), "ingest_limit");
+        let racing = answer(&reply(
+            r#"{"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (racing.kind(), racing.server_busy()),
+            ("duplicate_in_process", true)
+        );
+        assert!(!wrong.server_busy());
         assert_eq!(answer(&reply("not json")).unwrap_err().kind(), "other");
         assert_eq!(answer(&reply("{}")).unwrap_err().kind(), "other");
         let mut none = reply("");

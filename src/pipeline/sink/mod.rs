@@ -117,6 +117,9 @@ pub struct Sink {
     last_position: Option<Position>,
     /// Events acknowledged since start.
     acked_count: u64,
+    /// How long to wait before re-sending after the server said it is busy, growing while it
+    /// keeps saying so; reset by the next acknowledgement.
+    busy: Option<Backoff>,
     /// In-process subscribers (`walstream run`), told of each event once it is stored.
     stored: Option<broadcast::Sender<Arc<StoredEvent>>>,
 }
@@ -148,6 +151,7 @@ impl Sink {
             chain: Chain::Start,
             last_position: tail.position(),
             acked_count: 0,
+            busy: None,
             stored: None,
         })
     }
@@ -267,6 +271,7 @@ impl Sink {
         }
         self.last_position = Some(done.event.position);
         self.acked_count += 1;
+        self.busy = None;
         if sequence != done.sequence {
             // Not at the stream's end: the next publish starts a new chain.
             self.chain = Chain::Start;
@@ -325,7 +330,21 @@ impl Sink {
             .publish_errors
             .with_label_values(&[failure.kind()])
             .inc();
-        if failure.stream_moved() {
+        if failure.server_busy() {
+            // Re-sent at once, the events would meet the same full queue (or the same original
+            // still being stored): give the server time, longer each time in a row.
+            let delay = self.busy.get_or_insert_with(Backoff::new).next_delay();
+            tracing::info!(
+                stream = %self.stream_name,
+                unacked = self.unacked.len(),
+                "the server is busy ({failure}); re-syncing and re-sending in {delay:?}"
+            );
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        } else if failure.stream_moved() {
             // Usually another client publishing into the stream: expected, not a fault.
             tracing::info!(
                 stream = %self.stream_name,
