@@ -93,11 +93,8 @@ impl Delivery {
 mod tests {
     use super::*;
 
-    fn at(lsn: u64, seq: u64) -> Position {
-        Position {
-            commit_lsn: Lsn(lsn),
-            seq,
-        }
+    const fn at(lsn: u64, seq: u64) -> Position {
+        Position::at(Lsn(lsn), seq)
     }
 
     #[test]

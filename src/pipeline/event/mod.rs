@@ -32,6 +32,12 @@ pub struct Position {
     pub seq: u64,
 }
 
+impl Position {
+    pub const fn at(commit_lsn: Lsn, seq: u64) -> Self {
+        Self { commit_lsn, seq }
+    }
+}
+
 /// Turns tables into entity names and subjects, as configured.
 #[derive(Debug, Clone)]
 pub struct Naming {

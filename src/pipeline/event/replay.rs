@@ -96,11 +96,8 @@ fn parse_position(text: &str) -> Result<Position, String> {
 mod tests {
     use super::*;
 
-    fn at(lsn: u64, seq: u64) -> Position {
-        Position {
-            commit_lsn: Lsn(lsn),
-            seq,
-        }
+    const fn at(lsn: u64, seq: u64) -> Position {
+        Position::at(Lsn(lsn), seq)
     }
 
     #[test]
