@@ -89,12 +89,12 @@ pub struct StreamStatus {
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
     let client = postgres::connect(&config.database.url).await?;
     let slot_name = &config.replication.slot;
-    let row = client
+    let slot = postgres::slot_info(&client, slot_name)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading slot {slot_name}: {e:#}"))?;
+    let lag = client
         .query_opt(
-            "SELECT s.active, s.active_pid, s.plugin::text, s.confirmed_flush_lsn::text,
-                    s.restart_lsn::text, s.wal_status,
-                    (pg_current_wal_lsn() - s.restart_lsn)::int8,
-                    (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
+            "SELECT (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
                     (SELECT extract(epoch FROM r.flush_lag)::float8
                      FROM pg_stat_replication r WHERE r.pid = s.active_pid)
              FROM pg_replication_slots s WHERE s.slot_name = $1",
@@ -102,42 +102,38 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         )
         .await
         .map_err(|e| anyhow::anyhow!("reading slot {slot_name}: {}", postgres::db_error(&e)))?;
-    let columns = postgres::slot_info(&client, slot_name).await?;
-    let column = |read: fn(&postgres::SlotInfo) -> Option<String>| columns.as_ref().and_then(read);
-    let flag = |read: fn(&postgres::SlotInfo) -> Option<bool>| columns.as_ref().and_then(read);
-    let (slot, lag_bytes, lag_seconds) = match row {
-        Some(row) => (
-            Some(SlotStatus {
-                name: slot_name.clone(),
-                active: row.get(0),
-                active_pid: row.get(1),
-                plugin: row.get(2),
-                confirmed_flush_lsn: row.get(3),
-                restart_lsn: row.get(4),
-                wal_status: row.get(5),
-                wal_retained_bytes: row.get::<_, Option<i64>>(6).map(|b| b.max(0) as u64),
-                failover: flag(|s| s.failover),
-                synced: flag(|s| s.synced),
-                inactive_since: column(|s| s.inactive_since.clone()),
-                invalidation_reason: column(|s| s.invalidation_reason.clone()),
-            }),
-            row.get::<_, Option<i64>>(7).map(|b| b.max(0) as u64),
-            row.get::<_, Option<f64>>(8),
-        ),
-        None => (None, None, None),
-    };
+    let (lag_bytes, lag_seconds) = lag.map_or((None, None), |row| {
+        (
+            row.get::<_, Option<i64>>(0).map(|b| b.max(0) as u64),
+            row.get::<_, Option<f64>>(1),
+        )
+    });
+    let text = |lsn: Option<Lsn>| lsn.map(|lsn| lsn.to_string());
+    let slot = slot.map(|slot| SlotStatus {
+        name: slot_name.clone(),
+        active: slot.active,
+        active_pid: slot.active_pid,
+        plugin: slot.plugin,
+        confirmed_flush_lsn: text(slot.confirmed_flush_lsn),
+        restart_lsn: text(slot.restart_lsn),
+        wal_status: slot.wal_status,
+        wal_retained_bytes: slot.wal_retained_bytes.map(|b| b.max(0) as u64),
+        failover: slot.failover,
+        synced: slot.synced,
+        inactive_since: slot.inactive_since,
+        invalidation_reason: slot.invalidation_reason,
+    });
     let store = Checkpoint::open_read_only(&config.checkpoint.path)?;
-    let read = |lsn: Option<Lsn>| lsn.map(|lsn| lsn.to_string());
     let checkpoint = CheckpointStatus {
         path: config.checkpoint.path.display().to_string(),
-        lsn: read(
+        lsn: text(
             store
                 .as_ref()
                 .map(|c| c.confirmed_lsn())
                 .transpose()?
                 .flatten(),
         ),
-        backfill_hold: read(
+        backfill_hold: text(
             store
                 .as_ref()
                 .map(|c| c.backfill_hold())
