@@ -140,6 +140,18 @@ async fn status_and_seek_on_a_million_events() -> anyhow::Result<()> {
         "read beside the running walstream: {status}"
     );
     assert!(status["slot"]["wal_retained_bytes"].is_u64(), "{status}");
+    // PostgreSQL 17's slot columns, null before it.
+    let newer = cluster.postgres_version().await? >= 170000;
+    assert_eq!(status["slot"]["failover"].is_boolean(), newer, "{status}");
+    assert_eq!(status["slot"]["synced"].is_boolean(), newer, "{status}");
+    assert!(status["slot"]["invalidation_reason"].is_null(), "{status}");
+    let nats = &status["nats"];
+    assert!(nats["version"].is_string(), "{status}");
+    assert_eq!(
+        nats["api_level"].is_u64(),
+        nats_server_version()? >= (2, 11),
+        "{status}"
+    );
 
     // A transaction in the middle: its first event is where `seek` must land.
     let stream = js.get_stream(STREAM).await?;
