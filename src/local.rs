@@ -1,16 +1,30 @@
 //! Local PostgreSQL and NATS servers from the machine's own binaries, for `walstream dev` and
 //! the integration tests.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, and never handed out before by this process: tests run
+/// side by side, and the kernel may give a port back that another test was given and has not
+/// bound yet (a nats-server then failed to start while a walstream's HTTP port answered its
+/// clients).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the port registry is poisoned"))?;
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// The processes whose parent is `parent`, from `/proc`: the servers a test started, or
