@@ -46,7 +46,7 @@ fn bench_row() -> (RelationInfo, Vec<u8>, Naming) {
 fn decode_and_encode(c: &mut Criterion) {
     let (relation, insert, naming) = bench_row();
     let mut encoder = Encoder::new(naming);
-    let mut tx = Transaction::begin(771, Lsn(0x16B_3748), 817_027_201_123_456);
+    let mut tx = Transaction::begin(771, Lsn(0x16B_3748), 817_027_201_123_456, 1);
     let sample = match decode(&insert).expect("insert") {
         Message::Insert(i) => encoder.insert(&mut tx, &relation, &i.new).expect("encode"),
         _ => unreachable!("an insert"),

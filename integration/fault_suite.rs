@@ -213,7 +213,12 @@ async fn verify(
         walstream.supervise_for(Duration::from_secs(3)).await?;
         messages = read_stream(js).await.context("reading the stream")?;
     }
-    let verdict = oracle::judge(&committed, &messages, &table_rows(&client).await?, others);
+    let verdict = oracle::judge(
+        &committed,
+        &messages,
+        &workload::table_rows(&client).await?,
+        others,
+    );
     let status = walstream
         .walstream
         .terminate(Duration::from_secs(60))
@@ -248,21 +253,6 @@ async fn verify(
         keep_log(cluster);
     }
     Ok((verdict, status))
-}
-
-async fn table_rows(
-    client: &tokio_postgres::Client,
-) -> anyhow::Result<HashMap<&'static str, BTreeMap<String, serde_json::Value>>> {
-    let mut tables = HashMap::new();
-    for (table, sql) in workload::TABLE_ROWS {
-        let mut rows = BTreeMap::new();
-        for row in client.query(sql, &[]).await? {
-            let (key, json): (String, String) = (row.get(0), row.get(1));
-            rows.insert(key, serde_json::from_str(&json)?);
-        }
-        tables.insert(table, rows);
-    }
-    Ok(tables)
 }
 
 fn seed() -> u64 {

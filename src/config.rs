@@ -89,6 +89,10 @@ pub struct ReplicationConfig {
     /// Per table: which columns and rows the publication publishes (PostgreSQL 15+).
     #[serde(default, rename = "table")]
     pub table_filters: Vec<TableFilter>,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots = on` keep in step, so walstream goes on from a promoted standby.
+    #[serde(default)]
+    pub failover: bool,
 }
 
 /// `[[replication.table]]`: what the publication publishes of one table. A column left out

@@ -49,7 +49,7 @@ pub fn decode_and_encode(data: &[u8]) {
         return;
     };
     let mut encoder = Encoder::new(naming().clone());
-    let mut tx = Transaction::begin(1, Lsn(1), 0);
+    let mut tx = Transaction::begin(1, Lsn(1), 0, 1);
     let event = match message {
         Message::Insert(insert) => encoder.insert(&mut tx, &relation_for(&insert.new), &insert.new),
         Message::Update(update) => encoder.update(
@@ -64,7 +64,9 @@ pub fn decode_and_encode(data: &[u8]) {
             delete.old_kind,
             &delete.old,
         ),
-        Message::LogicalMessage(message) => Ok(encoder.logical_message(None, &message)),
+        Message::LogicalMessage(message) => {
+            Ok(encoder.logical_message(&mut Transaction::standalone(message.lsn, 1), &message))
+        }
         _ => return,
     };
     if let Ok(event) = event {

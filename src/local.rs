@@ -199,6 +199,21 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// Promotes a standby of this data directory to primary, waiting until it is one.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let status = self
+            .command(&self.bin_dir.join("pg_ctl"))
+            .args(["promote", "-w", "-t", "60", "-D"])
+            .arg(&self.data_dir)
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run pg_ctl")?;
+        if !status.success() {
+            bail!("pg_ctl promote failed for {}", self.data_dir.display());
+        }
+        Ok(())
+    }
+
     /// Stops a server of this data directory that an earlier run left behind (a
     /// `walstream dev` that was killed): pg_ctl started it detached, so it outlives its parent.
     /// Returns its pid when there was one.

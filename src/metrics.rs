@@ -19,6 +19,10 @@ pub struct Metrics {
     pub publish_retries: IntCounter,
     /// Messages in the stream that another client published, as walstream came across them.
     pub other_publishers_messages: IntCounter,
+    /// walstream's events in the stream that a promoted standby does not have (a failover).
+    pub phantom_events: IntCounter,
+    /// The timeline of the PostgreSQL server walstream streams from.
+    pub postgres_timeline: IntGauge,
     pub inflight_acks: IntGauge,
     pub checkpoint_lsn: IntGauge,
     pub replication_lag_bytes: IntGauge,
@@ -69,6 +73,16 @@ impl Metrics {
             "Messages another client published into walstream's stream, counted where \
              walstream's own events continued after them",
         ));
+        let phantom_events = defined(IntCounter::new(
+            "walstream_phantom_events_total",
+            "Events walstream had published from a primary that a promoted standby never \
+             received: marked as void by a failover marker on <prefix>._failover",
+        ));
+        let postgres_timeline = defined(IntGauge::new(
+            "walstream_postgres_timeline",
+            "The timeline of the PostgreSQL primary walstream streams from (it grows with each \
+             promotion)",
+        ));
         let inflight_acks = defined(IntGauge::new(
             "walstream_inflight_acks",
             "Publishes awaiting their JetStream ack",
@@ -113,8 +127,10 @@ impl Metrics {
             "walstream_standby",
             "1 while this instance stands by for another that holds the slot's lease, else 0",
         ));
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(other_publishers_messages.clone()),
+            Box::new(phantom_events.clone()),
+            Box::new(postgres_timeline.clone()),
             Box::new(standby.clone()),
             Box::new(events_published.clone()),
             Box::new(publish_errors.clone()),
@@ -139,6 +155,8 @@ impl Metrics {
             publish_errors,
             publish_retries,
             other_publishers_messages,
+            phantom_events,
+            postgres_timeline,
             inflight_acks,
             checkpoint_lsn,
             replication_lag_bytes,

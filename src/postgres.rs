@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{parse_qualified_table, Config};
@@ -30,6 +30,11 @@ pub fn parse_url(url: &str) -> anyhow::Result<(tokio_postgres::Config, PostgresT
     });
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    // Several hosts are a primary and its standbys: walstream needs the one that writes
+    // (a slot is streamed, heartbeats are written, on the primary only).
+    if config.get_hosts().len() > 1 {
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     Ok((config, tls))
 }
@@ -350,6 +355,11 @@ pub async fn publication_differences(
 }
 
 /// PostgreSQL's `server_version_num` (`150007` for 15.7).
+/// `170004` as `17.4`.
+pub fn version_text(version_num: i32) -> String {
+    format!("{}.{}", version_num / 10_000, version_num % 10_000)
+}
+
 pub async fn server_version(client: &Client) -> anyhow::Result<i32> {
     let row = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
@@ -371,10 +381,49 @@ pub fn setup_sql(config: &Config) -> Vec<String> {
             tables.join(", ")
         ),
         format!(
-            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
-            escape_literal(&repl.slot)
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput'{})",
+            escape_literal(&repl.slot),
+            if repl.failover {
+                ", failover => true"
+            } else {
+                ""
+            }
         ),
     ]
+}
+
+/// The first PostgreSQL version whose slots can follow a failover (`server_version_num`).
+pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
+
+/// What a primary and its standbys need so that walstream's failover slot follows a
+/// promotion, as SQL and postgresql.conf lines for a DBA (comments where a value is theirs).
+pub fn failover_settings(config: &Config) -> String {
+    let database = parse_url(&config.database.url)
+        .ok()
+        .and_then(|(url, _)| url.get_dbname().map(str::to_owned))
+        .unwrap_or_else(|| "<database>".into());
+    format!(
+        "-- Failover (replication.failover = true, PostgreSQL 17+): the slot is created with\n\
+         -- failover => true, and standbys that synchronize slots keep it in step, so walstream\n\
+         -- goes on from a promoted standby. database.url names every host, e.g.\n\
+         --   postgres://walstream@primary:5432,standby:5432/{database}\n\
+         --\n\
+         -- On the primary: a physical slot per standby, and logical walsenders held back until\n\
+         -- the standbys have the WAL (without it walstream can publish changes a promoted\n\
+         -- standby never got: phantom events, which walstream detects and marks).\n\
+         SELECT pg_create_physical_replication_slot('standby1');\n\
+         ALTER SYSTEM SET synchronized_standby_slots = 'standby1';\n\
+         SELECT pg_reload_conf();\n\
+         --\n\
+         -- On each standby, in postgresql.conf (then reload). primary_conninfo must name the\n\
+         -- database: the slot synchronization worker connects to it.\n\
+         --   primary_conninfo = 'host=<primary> port=5432 user=<replication role> dbname={database}'\n\
+         --   primary_slot_name = 'standby1'\n\
+         --   hot_standby_feedback = on\n\
+         --   sync_replication_slots = on\n\
+         -- Do not set synchronized_standby_slots on a standby: once promoted it would wait for\n\
+         -- slots it does not have.\n"
+    )
 }
 
 /// SQL for a DBA: a least-privilege role that can stream the slot and nothing else.
@@ -417,7 +466,16 @@ pub async fn ensure_publication_and_slot(
     create_slot: bool,
 ) -> anyhow::Result<()> {
     let repl = &config.replication;
-    if !repl.table_filters.is_empty() && server_version(client).await? < 150_000 {
+    let version = server_version(client).await?;
+    if repl.failover && version < FAILOVER_SLOTS_SINCE {
+        anyhow::bail!(
+            "replication.failover = true needs PostgreSQL 17 or later (failover slots); this \
+             server is {}. Set replication.failover = false: after a failover, recreate the \
+             slot on the new primary and re-emit the tables with `walstream backfill`",
+            version_text(version)
+        );
+    }
+    if !repl.table_filters.is_empty() && version < 150_000 {
         anyhow::bail!(
             "[[replication.table]] column lists and row filters need PostgreSQL 15 or later; \
              this server is older. Remove them, or publish every column and row"

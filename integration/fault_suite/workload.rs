@@ -1,6 +1,7 @@
 //! The fault suite's writer: seeded random transactions of 1 to 1,000 row changes over three
 //! tables, with TOASTed values, key changes and an occasional TRUNCATE.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,22 @@ pub const TABLE_ROWS: [(&str, &str); 3] = [
         "SELECT k, jsonb_build_object('k', k, 'v', v, 'flag', flag)::text FROM t_c",
     ),
 ];
+
+/// Each table's rows, as [`TABLE_ROWS`] reads them.
+pub async fn table_rows(
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<HashMap<&'static str, BTreeMap<String, serde_json::Value>>> {
+    let mut tables = HashMap::new();
+    for (table, sql) in TABLE_ROWS {
+        let mut rows = BTreeMap::new();
+        for row in client.query(sql, &[]).await? {
+            let (key, json): (String, String) = (row.get(0), row.get(1));
+            rows.insert(key, serde_json::from_str(&json)?);
+        }
+        tables.insert(table, rows);
+    }
+    Ok(tables)
+}
 
 /// What the writer did; what it committed is read from the WAL, not from here.
 #[derive(Debug, Default)]

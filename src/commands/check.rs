@@ -150,6 +150,10 @@ async fn check_postgres(
         .query_one("SELECT current_database()::text", &[])
         .await?
         .get(0);
+    if repl.failover {
+        let slot_failover = slot.as_ref().map(|s| s.failover);
+        check_failover(client, config, slot_failover, report).await?;
+    }
     match slot {
         None if repl.create_slot => report.pass(format!(
             "slot {} does not exist yet; walstream stream will create it",
@@ -224,6 +228,102 @@ async fn check_postgres(
     }
     for table in &repl.tables {
         check_table(client, table, report).await?;
+    }
+    Ok(())
+}
+
+/// What a failover needs that the primary shows: a PostgreSQL with failover slots, the slot
+/// made one, `synchronized_standby_slots`, and standbys streaming. `slot_failover` is the slot's
+/// flag (`None` when there is no slot yet).
+async fn check_failover(
+    client: &Client,
+    config: &Config,
+    slot_failover: Option<Option<bool>>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let slot = &config.replication.slot;
+    let version = postgres::server_version(client).await?;
+    if version < postgres::FAILOVER_SLOTS_SINCE {
+        report.fail(format!(
+            "replication.failover = true needs PostgreSQL 17 or later; this server is {}: set \
+             replication.failover = false",
+            postgres::version_text(version)
+        ));
+        return Ok(());
+    }
+    match slot_failover {
+        None => report.pass(format!(
+            "slot {slot} will be created as a failover slot (replication.failover)"
+        )),
+        Some(Some(true)) => report.pass(format!("slot {slot} is a failover slot")),
+        Some(_) => report.warn(format!(
+            "slot {slot} is not a failover slot yet: walstream makes it one when it starts \
+             (ALTER_REPLICATION_SLOT {slot} (FAILOVER true)); until then it would not follow a \
+             promotion"
+        )),
+    }
+    let standby_slots: String = client
+        .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+        .await?
+        .get(0);
+    if standby_slots.trim().is_empty() {
+        report.warn(
+            "synchronized_standby_slots is empty: walstream can receive and publish changes \
+             before a standby has them, and after a failover to that standby those events \
+             never happened for the database (walstream marks them void on <prefix>._failover). \
+             ALTER SYSTEM SET synchronized_standby_slots = '<each standby's physical slot>' \
+             (walstream setup --print-sql shows the settings)",
+        );
+    } else {
+        let rows = client
+            .query(
+                "SELECT name, s.active FROM unnest(string_to_array($1, ',')) AS n(raw), \
+                 LATERAL (SELECT trim(n.raw) AS name) t \
+                 LEFT JOIN pg_replication_slots s ON s.slot_name = t.name AND s.slot_type = 'physical'",
+                &[&standby_slots],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", db_error(&e)))?;
+        for row in rows {
+            let (name, active): (String, Option<bool>) = (row.get(0), row.get(1));
+            match active {
+                Some(true) => report.pass(format!(
+                    "synchronized_standby_slots: {name} is a physical slot a standby streams"
+                )),
+                Some(false) => report.warn(format!(
+                    "synchronized_standby_slots: no standby streams physical slot {name}; \
+                     walstream receives nothing until one does"
+                )),
+                None => report.fail(format!(
+                    "synchronized_standby_slots names {name}, which is no physical slot here: \
+                     walstream would receive nothing; create it or fix the setting"
+                )),
+            }
+        }
+    }
+    let standbys = client
+        .query(
+            "SELECT coalesce(r.application_name, ''), coalesce(r.client_addr::text, 'local'), \
+             coalesce(r.state, ''), coalesce(r.sync_state, '') \
+             FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid \
+             WHERE s.slot_type IS DISTINCT FROM 'logical'",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", db_error(&e)))?;
+    if standbys.is_empty() {
+        report.warn(
+            "no standby streams from this primary (pg_stat_replication): a failover has nowhere \
+             to go yet",
+        );
+    }
+    for row in standbys {
+        let (name, address, state, sync): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        report.pass(format!(
+            "standby {name} ({address}) is {state}, {sync}; it must run with \
+             sync_replication_slots = on and hot_standby_feedback = on to carry the slot"
+        ));
     }
     Ok(())
 }

@@ -23,4 +23,8 @@ pub fn print_sql(config: &Config, role: &str) {
     }
     println!();
     print!("{}", postgres::role_sql(config, role));
+    if config.replication.failover {
+        println!();
+        print!("{}", postgres::failover_settings(config));
+    }
 }

@@ -1,4 +1,5 @@
-//! The durable checkpoint in RocksDB: the LSN up to which every event is in JetStream.
+//! The durable checkpoint in RocksDB: the LSN up to which every event is in JetStream, and the
+//! PostgreSQL timeline that LSN was read on (an LSN means nothing across a failover without it).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use crate::lsn::Lsn;
 const KEY_CONFIRMED_LSN: &[u8] = b"confirmed_lsn";
 /// Where decoding must restart to rebuild what a backfill under way knows (see `backfill`).
 const KEY_BACKFILL_HOLD: &[u8] = b"backfill_hold";
+const KEY_TIMELINE: &[u8] = b"timeline";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -26,11 +28,14 @@ pub enum CheckpointError {
         path: PathBuf,
         source: rocksdb::Error,
     },
-    #[error("the checkpoint at {path} is corrupt: key `{key}` holds {len} bytes, expected 8")]
+    #[error(
+        "the checkpoint at {path} is corrupt: key `{key}` holds {len} bytes, expected {expected}"
+    )]
     Corrupt {
         path: PathBuf,
         key: &'static str,
         len: usize,
+        expected: usize,
     },
 }
 
@@ -91,36 +96,62 @@ impl Checkpoint {
         self.read_lsn(KEY_BACKFILL_HOLD, "backfill_hold")
     }
 
+    /// The timeline the confirmed LSN was read on; `None` for a checkpoint written before
+    /// walstream kept it.
+    pub fn timeline(&self) -> Result<Option<u32>, CheckpointError> {
+        Ok(self
+            .read::<4>(KEY_TIMELINE, "timeline")?
+            .map(u32::from_be_bytes))
+    }
+
     fn read_lsn(&self, key: &[u8], name: &'static str) -> Result<Option<Lsn>, CheckpointError> {
+        Ok(self
+            .read::<8>(key, name)?
+            .map(|raw| Lsn(u64::from_be_bytes(raw))))
+    }
+
+    fn read<const N: usize>(
+        &self,
+        key: &[u8],
+        name: &'static str,
+    ) -> Result<Option<[u8; N]>, CheckpointError> {
         let value = self.db.get(key).map_err(|source| CheckpointError::Read {
             path: self.path.clone(),
             source,
         })?;
         value
             .map(|bytes| {
-                <[u8; 8]>::try_from(bytes.as_slice())
-                    .map(|raw| Lsn(u64::from_be_bytes(raw)))
-                    .map_err(|_| CheckpointError::Corrupt {
-                        path: self.path.clone(),
-                        key: name,
-                        len: bytes.len(),
-                    })
+                <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| CheckpointError::Corrupt {
+                    path: self.path.clone(),
+                    key: name,
+                    len: bytes.len(),
+                    expected: N,
+                })
             })
             .transpose()
     }
 
     /// Stores `lsn` and syncs it to disk.
     pub fn store_confirmed_lsn(&self, lsn: Lsn) -> Result<(), CheckpointError> {
-        self.store_progress(lsn, None)
+        self.store_progress(lsn, None, None)
     }
 
-    /// Stores `lsn` and the backfill hold together, synced to disk.
-    pub fn store_progress(&self, lsn: Lsn, hold: Option<Lsn>) -> Result<(), CheckpointError> {
+    /// Stores `lsn`, the backfill hold and the timeline `lsn` was read on (kept as it is when
+    /// `None`) together, synced to disk.
+    pub fn store_progress(
+        &self,
+        lsn: Lsn,
+        hold: Option<Lsn>,
+        timeline: Option<u32>,
+    ) -> Result<(), CheckpointError> {
         let mut batch = rocksdb::WriteBatch::default();
         batch.put(KEY_CONFIRMED_LSN, lsn.0.to_be_bytes());
         match hold {
             Some(hold) => batch.put(KEY_BACKFILL_HOLD, hold.0.to_be_bytes()),
             None => batch.delete(KEY_BACKFILL_HOLD),
+        }
+        if let Some(timeline) = timeline {
+            batch.put(KEY_TIMELINE, timeline.to_be_bytes());
         }
         let mut write_options = rocksdb::WriteOptions::default();
         write_options.set_sync(true);
@@ -169,11 +200,18 @@ mod tests {
     fn the_backfill_hold_is_stored_with_the_lsn_and_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        checkpoint.store_progress(Lsn(200), Some(Lsn(100))).unwrap();
+        checkpoint
+            .store_progress(Lsn(200), Some(Lsn(100)), Some(2))
+            .unwrap();
         assert_eq!(checkpoint.backfill_hold().unwrap(), Some(Lsn(100)));
-        checkpoint.store_progress(Lsn(300), None).unwrap();
+        checkpoint.store_progress(Lsn(300), None, None).unwrap();
         assert_eq!(checkpoint.backfill_hold().unwrap(), None);
         assert_eq!(checkpoint.confirmed_lsn().unwrap(), Some(Lsn(300)));
+        assert_eq!(
+            checkpoint.timeline().unwrap(),
+            Some(2),
+            "kept when not given"
+        );
     }
 
     #[test]

@@ -137,7 +137,7 @@ mod tests {
             skip_through: Some(at(200, 0)),
             replay: Some(replay),
         };
-        let mut tx = Transaction::begin(7, Lsn(200), 0);
+        let mut tx = Transaction::begin(7, Lsn(200), 0, 1);
         assert!(!delivery.admit(&mut tx), "already in the stream");
         assert!(delivery.admit(&mut tx), "the next one is not");
         assert_eq!(tx.replay(), Some(replay));

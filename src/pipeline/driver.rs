@@ -22,6 +22,7 @@ use crate::op::Op;
 use crate::pipeline::backfill::{self, Watches};
 use crate::pipeline::checkpoint::{Checkpoint, CheckpointError};
 use crate::pipeline::delivery::{Delivery, ResumePlan};
+use crate::pipeline::event::failover::FailoverMarker;
 use crate::pipeline::event::replay::PositionText;
 use crate::pipeline::event::{
     ColumnCountMismatch, EncodedEvent, Encoder, Naming, RelationInfo, Transaction,
@@ -31,6 +32,7 @@ use crate::pipeline::pgoutput::{self, Message, TupleData};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::sink::{Sink, StoredEvent};
 use crate::pipeline::source::ReplicationTarget;
+use crate::pipeline::timeline::History;
 use crate::postgres::{self, HEARTBEAT_PREFIX};
 
 /// How often acknowledged progress is written to RocksDB and reported to PostgreSQL.
@@ -185,9 +187,10 @@ pub async fn run(
     metrics.set_checkpoint(durable.0);
     // A backfill under way needs the changes since it started decoded again after a restart.
     let rewind_to = checkpoint.backfill_hold()?;
+    let checkpoint_timeline = checkpoint.timeline()?;
     let sink = Sink::new(
-        js,
-        stream_name,
+        js.clone(),
+        stream_name.clone(),
         config.nats.max_inflight,
         config.ack_timeout(),
         &tail,
@@ -209,6 +212,14 @@ pub async fn run(
             ),
         },
         backfills: Watches::default(),
+        timelines: Timelines {
+            session: None,
+            // Events from before walstream wrote their timeline were read on the checkpoint's.
+            events: tail.timeline().or(checkpoint_timeline),
+            checkpoint: checkpoint_timeline,
+        },
+        js,
+        stream_name,
         checkpoint: Arc::new(checkpoint),
         metrics,
         shutdown,
@@ -242,8 +253,23 @@ struct RelationEntry {
     published: [IntCounter; 5],
 }
 
+/// The PostgreSQL timelines walstream's positions were read on: what a new session's history
+/// is checked against.
+struct Timelines {
+    /// The session's, once its server is found; every event it publishes carries it.
+    session: Option<u32>,
+    /// That of walstream's last event in the stream.
+    events: Option<u32>,
+    /// That of the checkpoint's LSN.
+    checkpoint: Option<u32>,
+}
+
 struct Pipeline {
     outlet: Outlet,
+    timelines: Timelines,
+    /// For reading the stream back after a failover (the sink publishes on its own client).
+    js: jetstream::Context,
+    stream_name: String,
     checkpoint: Arc<Checkpoint>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -302,15 +328,7 @@ impl Pipeline {
             if self.is_shutting_down() {
                 return self.drain_and_stop(None).await;
             }
-            let start = self.resume_point().await?;
-            tracing::info!(
-                server = target.display(),
-                slot = %self.slot,
-                start = %start,
-                skip_through = ?self.outlet.delivery.skip_through,
-                "starting replication"
-            );
-            match target.start(start, self.outlet.progress.confirmed()).await {
+            match self.open_session(target).await? {
                 Ok(mut client) => {
                     self.metrics
                         .replication_connected
@@ -334,7 +352,7 @@ impl Pipeline {
                         }
                     }
                 }
-                Err(error) => self.lost(format!("{error:#}")),
+                Err(reason) => self.lost(reason),
             }
             // Everything in flight must be in the stream before the next session decides where
             // to resume, or it would be published again.
@@ -350,6 +368,128 @@ impl Pipeline {
         }
     }
 
+    /// Finds the primary, follows its timeline, and starts streaming where walstream resumes.
+    /// The inner error is why this session could not start (tried again); the outer is fatal.
+    async fn open_session(
+        &mut self,
+        target: &ReplicationTarget,
+    ) -> anyhow::Result<Result<ReplicationClient, String>> {
+        let primary = match target.find_primary().await {
+            Ok(primary) => primary,
+            Err(error) => {
+                return Ok(Err(format!(
+                    "cannot reach a primary ({}): {error:#}",
+                    target.display_all()
+                )))
+            }
+        };
+        self.follow_timeline(&primary.history).await?;
+        let start = self.resume_point().await?;
+        tracing::info!(
+            server = target.display_primary(&primary),
+            timeline = primary.history.current,
+            slot = %self.slot,
+            start = %start,
+            skip_through = ?self.outlet.delivery.skip_through,
+            "starting replication"
+        );
+        Ok(target
+            .start(&primary, start, self.outlet.progress.confirmed())
+            .await
+            .map_err(|error| format!("{error:#}")))
+    }
+
+    /// Checks what walstream read before against the server's history. After a promotion the
+    /// new primary shares the old one's WAL only up to the switch point: the checkpoint is
+    /// taken back to it, and walstream's events committed past it (published before the
+    /// standby had them) are marked void in the stream. A server whose history does not lead
+    /// from walstream's timeline stops walstream.
+    async fn follow_timeline(&mut self, history: &History) -> anyhow::Result<()> {
+        let current = history.current;
+        self.metrics.postgres_timeline.set(i64::from(current));
+        if let Some(switch) = history.diverges_at(self.timelines.checkpoint)? {
+            self.persist_now(None).await?;
+            let before = self.outlet.progress.durable();
+            self.outlet.progress.diverged(switch);
+            let durable = self.outlet.progress.durable();
+            self.checkpoint
+                .store_progress(durable, self.backfills.hold(), Some(current))?;
+            self.metrics.set_checkpoint(durable.0);
+            tracing::warn!(
+                from_timeline = ?self.timelines.checkpoint,
+                timeline = current,
+                switch = %switch,
+                checkpoint = %before,
+                resume_at_most = %durable,
+                "PostgreSQL was promoted: its history parts from the one walstream read at the \
+                 switch point; resuming from there at the latest"
+            );
+        }
+        if let Some(switch) = history.diverges_at(self.timelines.events)? {
+            let past_switch = self
+                .outlet
+                .sink
+                .last_position()
+                .is_some_and(|last| last.commit_lsn >= switch);
+            if past_switch {
+                let from_timeline = self.timelines.events.unwrap_or_default();
+                self.void_phantoms(from_timeline, current, switch).await?;
+            }
+        }
+        self.timelines = Timelines {
+            session: Some(current),
+            events: Some(current),
+            checkpoint: Some(current),
+        };
+        Ok(())
+    }
+
+    /// Marks walstream's events committed at or after `switch` void with a failover marker,
+    /// then resumes after everything committed before it.
+    async fn void_phantoms(
+        &mut self,
+        from_timeline: u32,
+        timeline: u32,
+        switch: Lsn,
+    ) -> anyhow::Result<()> {
+        let phantoms = history::events_since(&self.js, &self.stream_name, &self.slot, switch)
+            .await
+            .context("reading back the events the promoted server does not have")?;
+        let Some(phantoms) = phantoms else {
+            return Ok(());
+        };
+        tracing::error!(
+            stream = %self.stream_name,
+            switch = %switch,
+            from_timeline,
+            timeline,
+            events = phantoms.count,
+            first_sequence = phantoms.first_sequence,
+            last_sequence = phantoms.last_sequence,
+            "walstream published events the promoted server never received (a failover \
+             without synchronized_standby_slots, or an asynchronous standby): for the database \
+             they never happened. A marker on {} names them; the new primary's changes follow it",
+            self.outlet.encoder.naming().failover_subject()
+        );
+        self.metrics.phantom_events.inc_by(phantoms.count);
+        let marker = self.outlet.encoder.failover_marker(&FailoverMarker {
+            from_timeline,
+            timeline,
+            switch,
+            phantoms,
+        });
+        let published = self
+            .metrics
+            .events_published
+            .with_label_values(&["_failover", "FAILOVER"]);
+        self.outlet.progress.published();
+        self.outlet.sink.publish(marker, published).await?;
+        self.outlet.sink.flush().await?;
+        self.outlet.count_acks();
+        self.outlet.delivery.skip_through = self.outlet.sink.last_position();
+        Ok(())
+    }
+
     fn lost(&self, reason: String) {
         tracing::warn!("{reason}");
         self.metrics
@@ -357,6 +497,11 @@ impl Pipeline {
             .with_label_values(&["postgres"])
             .inc();
         self.metrics.set_last_error(Some(reason));
+    }
+
+    /// The session's timeline, which every event it reads was read on.
+    fn timeline(&self) -> u32 {
+        self.timelines.session.unwrap_or_default()
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -490,7 +635,14 @@ impl Pipeline {
                 final_lsn,
                 xid,
                 commit_time_micros,
-            } => self.tx = Some(Transaction::begin(xid, final_lsn, commit_time_micros)),
+            } => {
+                self.tx = Some(Transaction::begin(
+                    xid,
+                    final_lsn,
+                    commit_time_micros,
+                    self.timeline(),
+                ))
+            }
             ReplicationEvent::XLogData { data, .. } => self.handle_pgoutput(&data).await?,
             ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn),
             ReplicationEvent::Message {
@@ -734,13 +886,12 @@ impl Pipeline {
             .metrics
             .events_published
             .with_label_values(&["_message", "MESSAGE"]);
-        let encode = |encoder: &mut Encoder, tx: &mut Transaction| {
-            Ok(encoder.logical_message(Some(tx), message))
-        };
+        let encode =
+            |encoder: &mut Encoder, tx: &mut Transaction| Ok(encoder.logical_message(tx, message));
         match (&mut self.tx, message.transactional) {
             (Some(tx), true) => self.outlet.publish(tx, &published, encode).await,
             (_, _) => {
-                let mut standalone = Transaction::standalone(message.lsn);
+                let mut standalone = Transaction::standalone(message.lsn, self.timeline());
                 self.outlet
                     .publish(&mut standalone, &published, encode)
                     .await?;
@@ -767,9 +918,9 @@ impl Pipeline {
             return Ok(());
         };
         let checkpoint = self.checkpoint.clone();
-        let hold = self.backfills.hold();
+        let (hold, timeline) = (self.backfills.hold(), self.timelines.session);
         self.checkpoint_write = Some(tokio::task::spawn_blocking(move || {
-            checkpoint.store_progress(lsn, hold)
+            checkpoint.store_progress(lsn, hold, timeline)
         }));
         Ok(())
     }
@@ -784,7 +935,8 @@ impl Pipeline {
         }
         self.outlet.count_acks();
         if let Some(lsn) = self.outlet.progress.final_write() {
-            self.checkpoint.store_progress(lsn, self.backfills.hold())?;
+            self.checkpoint
+                .store_progress(lsn, self.backfills.hold(), self.timelines.session)?;
             self.mark_written();
         }
         if let Some(client) = client {

@@ -8,9 +8,12 @@ use time::OffsetDateTime;
 
 use crate::lsn::parse_lsn;
 use crate::nats::message_at;
+use crate::pipeline::event::failover::{FailoverMarker, Phantoms};
 use crate::pipeline::event::replay::ReplayHeaders;
 use crate::pipeline::event::{message_id_from_prefix, message_id_prefix, Position};
-use crate::pipeline::event::{HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_XID};
+use crate::pipeline::event::{
+    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_TIMELINE, HEADER_XID,
+};
 
 /// Where the stream ends, and walstream's last message in it. Other clients may publish into
 /// the stream too: their messages can follow walstream's last one.
@@ -37,6 +40,12 @@ impl StreamTail {
     pub fn replay(&self) -> Option<ReplayHeaders> {
         self.own.as_ref().and_then(|own| own.replay)
     }
+
+    /// The PostgreSQL timeline walstream's last message was read on (`None` before walstream
+    /// wrote it into its events).
+    pub fn timeline(&self) -> Option<u32> {
+        self.own.as_ref().and_then(|own| own.timeline)
+    }
 }
 
 /// A message walstream published: an event, or a replay's marker.
@@ -46,6 +55,8 @@ pub struct OwnMessage {
     /// The event's WAL position (`None` for a replay's marker).
     pub position: Option<Position>,
     pub replay: Option<ReplayHeaders>,
+    /// The PostgreSQL timeline it was read on.
+    pub timeline: Option<u32>,
 }
 
 /// How many messages the search for walstream's last message reads back from the stream's end
@@ -99,6 +110,17 @@ pub fn own_message(
     let id = headers.get(async_nats::header::NATS_MESSAGE_ID)?;
     let id = id.as_str();
     let local = id.strip_prefix(slot)?.strip_prefix(':')?;
+    let header = |name: &str| headers.get(name).map(|v| v.as_str());
+    let timeline = header(HEADER_TIMELINE).and_then(|t| t.parse().ok());
+    if let (Some((_, switch)), Some(timeline)) = (FailoverMarker::read(headers), timeline) {
+        let own = id == FailoverMarker::message_id(slot, timeline, switch);
+        return own.then_some(OwnMessage {
+            sequence,
+            position: Some(FailoverMarker::position(switch)),
+            replay: None,
+            timeline: Some(timeline),
+        });
+    }
     let replay = ReplayHeaders::read(headers).ok()?;
     if let Some(marker) = replay.filter(|r| r.from.is_some()) {
         let own = local == format!("replay:{}", marker.replay.id);
@@ -106,9 +128,9 @@ pub fn own_message(
             sequence,
             position: None,
             replay,
+            timeline,
         });
     }
-    let header = |name: &str| headers.get(name).map(|v| v.as_str());
     let xid = header(HEADER_XID)?.parse().ok()?;
     let commit_lsn = parse_lsn(header(HEADER_LSN)?).ok()?;
     let seq = header(HEADER_SEQ)?.parse().ok()?;
@@ -118,6 +140,7 @@ pub fn own_message(
         sequence,
         position: Some(Position { commit_lsn, seq }),
         replay,
+        timeline,
     })
 }
 
@@ -202,4 +225,37 @@ pub async fn meta_at_or_after(
         return Ok(Some(meta));
     }
     Ok(None)
+}
+
+/// walstream's events committed at or after `lsn`, to the stream's end: the first, the last and
+/// how many (`None` when there are none). After a failover these are the events the promoted
+/// standby's history does not hold.
+pub async fn events_since(
+    js: &jetstream::Context,
+    name: &str,
+    slot: &str,
+    lsn: crate::lsn::Lsn,
+) -> anyhow::Result<Option<Phantoms>> {
+    let mut stream = js.get_stream(name).await?;
+    let info = stream.info().await?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let Some(start) =
+        first_where(&stream, slot, first, last, |m| m.position.commit_lsn >= lsn).await?
+    else {
+        return Ok(None);
+    };
+    let mut events = Phantoms {
+        first_sequence: start.sequence,
+        last_sequence: start.sequence,
+        count: 0,
+        first: start.position,
+        last: start.position,
+    };
+    let mut next = start.sequence;
+    while let Some(meta) = meta_at_or_after(&stream, slot, next, last).await? {
+        events.count += 1;
+        (events.last_sequence, events.last) = (meta.sequence, meta.position);
+        next = meta.sequence + 1;
+    }
+    Ok(Some(events))
 }

@@ -6,7 +6,8 @@
 //! JSON envelope) → [`sink`] (JetStream). Beside them: [`progress`] (what is published,
 //! acknowledged, persisted, confirmable), [`checkpoint`] (RocksDB), [`delivery`] (what is
 //! already in the stream, what a replay re-delivers), [`history`] (walstream's events read
-//! back from the stream), [`backfill`] (a table's rows emitted through the WAL). [`driver`]
+//! back from the stream), [`timeline`] (which WAL history a position belongs to, across a
+//! failover), [`backfill`] (a table's rows emitted through the WAL). [`driver`]
 //! runs them; [`lease`] decides which instance does, [`slot_watch`] reports the slot's health.
 
 pub mod backfill;
@@ -25,6 +26,7 @@ pub mod sink;
 #[cfg(feature = "server")]
 pub mod slot_watch;
 pub mod source;
+pub mod timeline;
 
 #[cfg(feature = "server")]
 pub use driver::run;

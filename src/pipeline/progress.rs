@@ -156,6 +156,17 @@ impl Progress {
         slot_confirmed.max(from)
     }
 
+    /// The server's history now parts from the one walstream read at `switch` (a failover):
+    /// nothing read past it counts any more, neither what the checkpoint holds nor what was
+    /// confirmed. Called between sessions, with nothing in flight; the checkpoint on disk is
+    /// the driver's to rewrite.
+    pub fn diverged(&mut self, switch: Lsn) {
+        self.durable = self.durable.min(switch);
+        self.unwritten = self.unwritten.filter(|lsn| *lsn <= switch);
+        self.commits.retain(|(_, lsn)| *lsn <= switch);
+        self.confirmer.diverged(switch);
+    }
+
     fn advance_commits(&mut self) {
         while let Some(&(count, lsn)) = self.commits.front() {
             if count > self.acknowledged {
@@ -229,6 +240,11 @@ impl Confirmer {
         self.confirmed
     }
 
+    fn diverged(&mut self, switch: Lsn) {
+        self.confirmed = self.confirmed.min(switch);
+        self.aging.retain(|(_, lsn)| *lsn <= switch);
+    }
+
     /// What PostgreSQL shows the slot confirmed at: nothing below it needs holding back.
     fn slot_confirmed(&mut self, lsn: Lsn) {
         self.confirmed = self.confirmed.max(lsn);
@@ -250,6 +266,26 @@ mod tests {
         let lsn = progress.next_write(now)?;
         progress.written();
         Some(lsn)
+    }
+
+    #[test]
+    fn a_failover_takes_back_what_was_read_past_the_switch_point() {
+        let now = Instant::now();
+        let mut progress = progress();
+        progress.committed(Lsn(500));
+        assert_eq!(write(&mut progress, now), Some(Lsn(500)));
+        assert_eq!(progress.confirmable(None, now), Lsn(500));
+        progress.diverged(Lsn(300));
+        assert_eq!(progress.durable(), Lsn(300));
+        assert_eq!(progress.confirmed(), Lsn(300));
+        assert_eq!(progress.resume_point(Lsn(250)), Lsn(300));
+        progress.committed(Lsn(320));
+        assert_eq!(write(&mut progress, now + INTERVAL), Some(Lsn(320)));
+        assert_eq!(
+            progress.durable(),
+            Lsn(320),
+            "written again from the switch point on"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
+use super::failover::FailoverMarker;
 use super::replay::{Replay, ReplayHeaders};
 use super::value::{write_binary, write_string, write_value};
 use super::{message_id_from_prefix, Naming, Position, RelationInfo};
@@ -18,12 +19,16 @@ pub const HEADER_XID: &str = "Walstream-Xid";
 pub const HEADER_LSN: &str = "Walstream-Lsn";
 pub const HEADER_SEQ: &str = "Walstream-Seq";
 pub const HEADER_COMMIT_TIME: &str = "Walstream-Commit-Time";
+/// The server's timeline the change was read on: after a failover, what tells an event of the
+/// old primary's history from one of the new primary's.
+pub const HEADER_TIMELINE: &str = "Walstream-Timeline";
 
 // Parsed once: header names given as &str are validated on every insert.
 const XID: HeaderName = HeaderName::from_static(HEADER_XID);
 const LSN: HeaderName = HeaderName::from_static(HEADER_LSN);
 const SEQ: HeaderName = HeaderName::from_static(HEADER_SEQ);
 const COMMIT_TIME: HeaderName = HeaderName::from_static(HEADER_COMMIT_TIME);
+const TIMELINE: HeaderName = HeaderName::from_static(HEADER_TIMELINE);
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i128 = 946_684_800_000_000;
@@ -35,6 +40,8 @@ pub struct Transaction {
     pub commit_lsn: Lsn,
     /// Microseconds since 2000-01-01 (PostgreSQL's epoch); none for a standalone message.
     pub commit_time_micros: Option<i64>,
+    /// The server's timeline it was read on.
+    pub timeline: u32,
     timestamp: String,
     lsn_text: String,
     next_seq: u64,
@@ -47,20 +54,21 @@ pub struct Transaction {
 }
 
 impl Transaction {
-    pub fn begin(xid: u32, commit_lsn: Lsn, commit_time_micros: i64) -> Self {
-        Self::new(xid, commit_lsn, Some(commit_time_micros))
+    pub fn begin(xid: u32, commit_lsn: Lsn, commit_time_micros: i64, timeline: u32) -> Self {
+        Self::new(xid, commit_lsn, Some(commit_time_micros), timeline)
     }
 
     /// A transaction of one non-transactional logical message: no xid, no commit time.
-    pub fn standalone(lsn: Lsn) -> Self {
-        Self::new(0, lsn, None)
+    pub fn standalone(lsn: Lsn, timeline: u32) -> Self {
+        Self::new(0, lsn, None, timeline)
     }
 
-    fn new(xid: u32, commit_lsn: Lsn, commit_time_micros: Option<i64>) -> Self {
+    fn new(xid: u32, commit_lsn: Lsn, commit_time_micros: Option<i64>, timeline: u32) -> Self {
         let mut tx = Self {
             xid,
             commit_lsn,
             commit_time_micros,
+            timeline,
             timestamp: commit_time_micros.map_or_else(String::new, format_pg_timestamp),
             lsn_text: commit_lsn.to_string(),
             next_seq: 0,
@@ -79,6 +87,7 @@ impl Transaction {
         if !self.timestamp.is_empty() {
             headers.insert(COMMIT_TIME, self.timestamp.as_str());
         }
+        headers.insert(TIMELINE, self.timeline.to_string().as_str());
         if let Some(replay) = self.replay {
             ReplayHeaders { replay, from: None }.write(&mut headers);
         }
@@ -146,6 +155,8 @@ pub struct EncodedEvent {
     pub commit_time_micros: Option<i64>,
     /// The headers its transaction's events share.
     tx_headers: Arc<HeaderMap>,
+    /// A change has a place in its transaction (`Walstream-Seq`); a marker has none.
+    in_transaction: bool,
 }
 
 impl EncodedEvent {
@@ -155,7 +166,9 @@ impl EncodedEvent {
     pub fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::clone(&self.tx_headers);
         headers.insert(NATS_MESSAGE_ID, self.message_id.as_str());
-        headers.insert(SEQ, self.position.seq.to_string());
+        if self.in_transaction {
+            headers.insert(SEQ, self.position.seq.to_string());
+        }
         headers
     }
 }
@@ -311,20 +324,13 @@ impl Encoder {
         self.finish(out, relation.subject(Op::Truncate), tx, position)
     }
 
-    /// A `pg_logical_emit_message` message: inside `tx` when transactional, else on its own.
+    /// A `pg_logical_emit_message` message: inside its transaction when transactional, else in
+    /// a [`Transaction::standalone`] of its own.
     pub fn logical_message(
         &mut self,
-        tx: Option<&mut Transaction>,
+        tx: &mut Transaction,
         message: &LogicalMessage<'_>,
     ) -> EncodedEvent {
-        let mut standalone;
-        let tx = match tx {
-            Some(tx) => tx,
-            None => {
-                standalone = Transaction::standalone(message.lsn);
-                &mut standalone
-            }
-        };
         let subject = self.naming.message_subject(message.prefix);
         let mut out = Vec::with_capacity(self.size_hint.max(message.content.len() + 256));
         out.extend_from_slice(
@@ -413,6 +419,30 @@ impl Encoder {
             message_id: self.message_id(tx, position.seq, replay_id),
             commit_time_micros: tx.commit_time_micros,
             tx_headers: tx.headers.clone(),
+            in_transaction: true,
+        }
+    }
+
+    /// The marker that voids the events a promoted standby does not have, on
+    /// `<prefix>._failover`.
+    pub fn failover_marker(&self, marker: &FailoverMarker) -> EncodedEvent {
+        let mut headers = HeaderMap::new();
+        headers.insert(TIMELINE, marker.timeline.to_string().as_str());
+        marker.write(&mut headers);
+        let payload = serde_json::to_vec(&marker.body()).unwrap_or_default();
+        EncodedEvent {
+            subject: Subject::from(self.naming.failover_subject()),
+            payload: Bytes::from(payload),
+            position: FailoverMarker::position(marker.switch),
+            replay: false,
+            message_id: FailoverMarker::message_id(
+                self.naming.slot(),
+                marker.timeline,
+                marker.switch,
+            ),
+            commit_time_micros: None,
+            tx_headers: Arc::new(headers),
+            in_transaction: false,
         }
     }
 
@@ -554,7 +584,12 @@ mod tests {
         for (_, bytes) in &fixtures {
             let event = match decode(bytes).unwrap() {
                 Message::Begin(b) => {
-                    tx = Some(Transaction::begin(b.xid, b.final_lsn, b.commit_time_micros));
+                    tx = Some(Transaction::begin(
+                        b.xid,
+                        b.final_lsn,
+                        b.commit_time_micros,
+                        1,
+                    ));
                     None
                 }
                 Message::Type(t) => {
@@ -590,9 +625,10 @@ mod tests {
                         )
                         .unwrap(),
                 ),
-                Message::LogicalMessage(m) => Some(
-                    encoder.logical_message(if m.transactional { tx.as_mut() } else { None }, &m),
-                ),
+                Message::LogicalMessage(m) => Some(match (m.transactional, tx.as_mut()) {
+                    (true, Some(tx)) => encoder.logical_message(tx, &m),
+                    _ => encoder.logical_message(&mut Transaction::standalone(m.lsn, 1), &m),
+                }),
                 Message::Truncate(t) => {
                     for oid in &t.relation_oids {
                         let event = encoder.truncate(
@@ -661,8 +697,8 @@ mod tests {
             prefix: "audit",
             content: b"{}",
         };
-        let mut tx = Transaction::begin(42, Lsn(0x300), 0);
-        let first = encoder.logical_message(Some(&mut tx), &message);
+        let mut tx = Transaction::begin(42, Lsn(0x300), 0, 1);
+        let first = encoder.logical_message(&mut tx, &message);
         let replay = Replay {
             id: 7,
             through: Position {
@@ -670,9 +706,9 @@ mod tests {
                 seq: 1,
             },
         };
-        let mut tx = Transaction::begin(42, Lsn(0x300), 0);
+        let mut tx = Transaction::begin(42, Lsn(0x300), 0, 1);
         tx.set_replay(Some(replay));
-        let again = encoder.logical_message(Some(&mut tx), &message);
+        let again = encoder.logical_message(&mut tx, &message);
         let id = |event: &EncodedEvent| event.headers().get(NATS_MESSAGE_ID).unwrap().to_string();
         assert_eq!(id(&again), format!("{}:r7", id(&first)));
         assert_eq!(
@@ -690,7 +726,7 @@ mod tests {
             Some(ReplayHeaders { replay, from: None })
         );
         tx.set_replay(None);
-        let after = encoder.logical_message(Some(&mut tx), &message);
+        let after = encoder.logical_message(&mut tx, &message);
         assert!(
             !after.replay
                 && after

@@ -5,12 +5,13 @@
 //! copies bytes.
 
 mod encode;
+pub mod failover;
 pub mod replay;
 pub mod value;
 
 pub use encode::{
     format_pg_timestamp, ColumnCountMismatch, EncodedEvent, Encoder, Transaction,
-    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_XID,
+    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_TIMELINE, HEADER_XID,
 };
 
 use std::collections::HashMap;
@@ -97,6 +98,12 @@ impl Naming {
             Some(route) => route.clone(),
             None => format!("{}.{entity}.{op}", self.subject_prefix),
         }
+    }
+
+    /// Subject of the marker a failover leaves when the stream holds events the promoted
+    /// standby does not have.
+    pub fn failover_subject(&self) -> String {
+        format!("{}._failover", self.subject_prefix)
     }
 
     /// Subject of a `pg_logical_emit_message` message with this prefix.
