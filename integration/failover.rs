@@ -250,6 +250,19 @@ async fn failover(pair: &Pair, restart: bool) -> anyhow::Result<Outcome> {
         check.contains("slot walstream is a failover slot") && check.contains("standby standby1"),
         "{check}"
     );
+    let sql = walstream_command(&["setup", "--print-sql"], &config)?;
+    for needed in [
+        "failover => true",
+        "synchronized_standby_slots",
+        "sync_replication_slots = on",
+        "hot_standby_feedback = on",
+        &format!("dbname={DATABASE}"),
+    ] {
+        assert!(
+            sql.contains(needed),
+            "setup --print-sql lacks {needed}:\n{sql}"
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(workload::write(pair.url(), fastrand::u64(..), stop.clone()));
