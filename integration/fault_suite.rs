@@ -618,6 +618,19 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
         "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
     );
     assert!(status.success(), "walstream's final SIGTERM: {status}");
+    // The mode the server calls for, not the other one passing by luck: chained publishes on a
+    // replicated stream stop nats-server 2.15 (README "Guarantees").
+    let version = js.client().server_info().version;
+    let wanted = if walstream::nats::atomic_batches_with_ids(&version) {
+        "publishing=\"atomic batches\""
+    } else {
+        "publishing=\"chained\""
+    };
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    assert!(
+        log.contains(wanted),
+        "walstream did not publish with {wanted} on nats-server {version}"
+    );
     let replicas = js
         .get_stream(STREAM)
         .await?

@@ -85,7 +85,7 @@ impl Metrics {
         ));
         let inflight_acks = defined(IntGauge::new(
             "walstream_inflight_acks",
-            "Publishes awaiting their JetStream ack",
+            "Events handed to JetStream and not yet acknowledged",
         ));
         let checkpoint_lsn = defined(IntGauge::new(
             "walstream_checkpoint_lsn",

@@ -39,6 +39,27 @@ pub async fn server_features(client: &Client) -> Result<ServerFeatures, String> 
     features(&info, client.server_info().version)
 }
 
+/// Whether a server announcing `version` stores atomic batches whose messages carry
+/// `Nats-Msg-Id` (nats-server 2.12.1+; 2.12.0 refuses the header inside a batch, and older
+/// servers ignore a stream's `allow_atomic` and store batch messages one by one).
+pub fn atomic_batches_with_ids(version: &str) -> bool {
+    version_at_least(version, (2, 12, 1))
+}
+
+/// `2.12.8`, `2.15.1-RC.2`, `v2.10.26`: compared by their numbers; an unreadable version is
+/// taken for an old server.
+fn version_at_least(version: &str, wanted: (u64, u64, u64)) -> bool {
+    let mut numbers = version
+        .trim_start_matches('v')
+        .split(['.', '-', '+'])
+        .map(|part| part.parse::<u64>().ok());
+    let mut next = || numbers.next().flatten();
+    match (next(), next(), next()) {
+        (Some(major), Some(minor), patch) => (major, minor, patch.unwrap_or(0)) >= wanted,
+        _ => false,
+    }
+}
+
 fn features(info: &serde_json::Value, version: String) -> Result<ServerFeatures, String> {
     if let Some(error) = info.get("error") {
         return Err(error["description"]
@@ -55,6 +76,24 @@ fn features(info: &serde_json::Value, version: String) -> Result<ServerFeatures,
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn atomic_batches_with_ids_need_2_12_1() {
+        for old in ["2.9.10", "2.10.26", "2.11.11", "2.12.0", "nonsense", ""] {
+            assert!(!atomic_batches_with_ids(old), "{old}");
+        }
+        for new in [
+            "2.12.1",
+            "2.12.8",
+            "2.14.6",
+            "2.15.1",
+            "v2.15.1",
+            "2.16.0-RC.1",
+            "3.0.0",
+        ] {
+            assert!(atomic_batches_with_ids(new), "{new}");
+        }
+    }
 
     #[test]
     fn the_api_level_is_read_where_servers_report_it() {

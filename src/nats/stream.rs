@@ -7,14 +7,16 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::{JetStreamConfig, StorageKind};
 
-/// Creates the stream, or updates it to the configured settings.
+/// Creates the stream, or updates it to the configured settings; `atomic` turns on atomic
+/// batch publishing (`allow_atomic`), which is never turned off once on.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     name: &str,
     subjects: Vec<String>,
     settings: &JetStreamConfig,
+    atomic: bool,
 ) -> anyhow::Result<stream::Info> {
-    let wanted = stream::Config {
+    let mut wanted = stream::Config {
         name: name.to_owned(),
         subjects,
         duplicate_window: Duration::from_secs(settings.dedup_window_minutes * 60),
@@ -26,6 +28,7 @@ pub async fn ensure_stream(
             StorageKind::File => stream::StorageType::File,
             StorageKind::Memory => stream::StorageType::Memory,
         },
+        allow_atomic_publish: atomic,
         ..Default::default()
     };
     match js.get_stream(name).await {
@@ -47,7 +50,9 @@ pub async fn ensure_stream(
                     current.retention
                 );
             }
-            let differs = current.subjects != wanted.subjects
+            wanted.allow_atomic_publish |= current.allow_atomic_publish;
+            let differs = current.allow_atomic_publish != wanted.allow_atomic_publish
+                || current.subjects != wanted.subjects
                 || current.duplicate_window != wanted.duplicate_window
                 || current.max_age != wanted.max_age
                 || current.max_messages != wanted.max_messages

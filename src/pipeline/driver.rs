@@ -30,7 +30,7 @@ use crate::pipeline::event::{
 use crate::pipeline::history;
 use crate::pipeline::pgoutput::{self, Message, TupleData};
 use crate::pipeline::progress::Progress;
-use crate::pipeline::sink::{Sink, StoredEvent};
+use crate::pipeline::sink::{PublishMode, Sink, StoredEvent};
 use crate::pipeline::source::ReplicationTarget;
 use crate::pipeline::timeline::History;
 use crate::postgres::{self, HEARTBEAT_PREFIX};
@@ -123,18 +123,28 @@ pub async fn run(
             tracing::warn!("NATS: cannot read the JetStream account information: {error}")
         }
     }
+    let server_version = nats.server_info().version;
     // The sink publishes on the client itself (sink::acks); the context serves its requests.
     let js = jetstream::ContextBuilder::new()
         .timeout(config.ack_timeout())
         .build(nats);
     let stream_name = config.nats.stream_name.clone();
-    nats::ensure_stream(
+    let atomic =
+        config.nats.jetstream.replicas > 1 && nats::atomic_batches_with_ids(&server_version);
+    let stream = nats::ensure_stream(
         &js,
         &stream_name,
         naming.stream_subjects(),
         &config.nats.jetstream,
+        atomic,
     )
     .await?;
+    let mode = PublishMode::for_stream(
+        stream.config.num_replicas,
+        &server_version,
+        stream.config.allow_atomic_publish,
+        config.nats.max_inflight,
+    )?;
     let slot = &config.replication.slot;
     let tail = read_tail_patiently(&js, &stream_name, slot, Duration::from_secs(60))
         .await
@@ -143,6 +153,8 @@ pub async fn run(
         stream = %stream_name,
         last_sequence = tail.sequence,
         last_position = ?tail.position(),
+        replicas = stream.config.num_replicas,
+        publishing = mode.name(),
         "stream ready"
     );
     report_other_publishers(&tail, &stream_name, &metrics);
@@ -192,6 +204,7 @@ pub async fn run(
         js.clone(),
         stream_name.clone(),
         config.nats.max_inflight,
+        mode,
         config.ack_timeout(),
         &tail,
         metrics.clone(),

@@ -16,11 +16,13 @@ use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt};
 use tokio::time::{Instant, Sleep};
 
-/// JetStream stored the message at `sequence` (`duplicate`: it already held its id).
+/// JetStream stored the message at `sequence` (`duplicate`: it already held its id); for a
+/// batch's commit, the batch's last message, the batch being `batch_count` messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stored {
     pub sequence: u64,
     pub duplicate: bool,
+    pub batch_count: Option<usize>,
 }
 
 /// Why one publish did not go through.
@@ -47,7 +49,37 @@ impl PublishFailure {
 
     /// The server is busy with what it has: re-sending at once would only meet the same answer.
     pub fn server_busy(&self) -> bool {
-        matches!(self.kind(), "ingest_limit" | "duplicate_in_process")
+        matches!(
+            self.kind(),
+            "ingest_limit" | "duplicate_in_process" | "batches_in_flight"
+        )
+    }
+
+    /// A refusal that re-sending cannot change, as the error walstream stops with.
+    pub fn fatal_for(&self, stream: &str) -> Option<super::SinkError> {
+        let PublishFailure::Failed { kind, detail } = self else {
+            return None;
+        };
+        let why = match *kind {
+            "atomic_disabled" => format!(
+                "stream {stream} refused an atomic batch ({detail}): its allow_atomic setting \
+                 was turned off while walstream ran. walstream publishes to replicated streams \
+                 in atomic batches on nats-server 2.12.1+ and turns the setting on when it \
+                 starts: restart walstream"
+            ),
+            "batch_too_large" => format!(
+                "stream {stream} refused a batch as too large ({detail}): the server's \
+                 jetstream.limits.batch.max_msgs is below nats.max_inflight. Lower \
+                 nats.max_inflight to the server's limit, or raise the limit, and restart"
+            ),
+            "batch_header_refused" => format!(
+                "stream {stream} refused a header inside an atomic batch ({detail}): this \
+                 nats-server does not take message ids in batches (2.12.0 does not). Upgrade \
+                 nats-server to 2.12.1 or later"
+            ),
+            _ => return None,
+        };
+        Some(super::SinkError::Fatal(why))
     }
 
     fn failed(kind: &'static str, detail: impl Into<String>) -> Self {
@@ -138,6 +170,23 @@ impl Acks {
         Ok(())
     }
 
+    /// Sends a message no answer is asked for: a batch's messages before its commit, whose
+    /// fate the commit's answer tells.
+    pub async fn send_unanswered(
+        &mut self,
+        subject: Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), PublishFailure> {
+        self.client
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|error| match error.kind() {
+                PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
+                _ => PublishFailure::failed("broken_pipe", error.to_string()),
+            })
+    }
+
     /// Publishes awaiting their answer.
     pub fn len(&self) -> usize {
         self.waiting.len()
@@ -226,6 +275,8 @@ fn answer(message: &Message) -> AckResult {
         seq: Option<u64>,
         #[serde(default)]
         duplicate: bool,
+        /// A batch's size, in the answer to its commit.
+        count: Option<usize>,
         error: Option<ApiError>,
     }
     #[derive(serde::Deserialize)]
@@ -261,13 +312,21 @@ fn answer(message: &Message) -> AckResult {
         (Some(error), _) => Err(PublishFailure::failed(
             match error.err_code {
                 10070 => "wrong_last_msg_id",
-                10071 => "wrong_last_sequence",
+                // 10164: another write was in flight when a replicated stream's leader checked.
+                10071 | 10164 => "wrong_last_sequence",
                 10059 => "stream_not_found",
                 // The same as a status 429, where a server answers in JSON.
                 10167 => "ingest_limit",
                 // 2.11+: a message with this id is being stored right now (a re-send racing
                 // its original); it may yet land.
                 10158 => "duplicate_in_process",
+                // Atomic batches (2.12+): a message id the stream holds refuses the batch whole.
+                10201 => "duplicate_in_batch",
+                10176 => "batch_incomplete",
+                10210 => "batches_in_flight",
+                10174 => "atomic_disabled",
+                10199 => "batch_too_large",
+                10177 => "batch_header_refused",
                 _ => "other",
             },
             error.description,
@@ -275,6 +334,7 @@ fn answer(message: &Message) -> AckResult {
         (None, Some(sequence)) => Ok(Stored {
             sequence,
             duplicate: reply.duplicate,
+            batch_count: reply.count,
         }),
         (None, None) => Err(PublishFailure::failed(
             "other",
@@ -308,7 +368,8 @@ mod tests {
             answer(&reply(r#"{"stream":"fraiseql_events","seq":42}"#)),
             Ok(Stored {
                 sequence: 42,
-                duplicate: false
+                duplicate: false,
+                batch_count: None
             })
         );
         assert_eq!(
@@ -317,7 +378,19 @@ mod tests {
             )),
             Ok(Stored {
                 sequence: 42,
-                duplicate: true
+                duplicate: true,
+                batch_count: None
+            })
+        );
+        // The answer to an atomic batch's commit (nats-server 2.12+).
+        assert_eq!(
+            answer(&reply(
+                r#"{"stream":"fraiseql_events","seq":50,"batch":"b-1","count":8}"#
+            )),
+            Ok(Stored {
+                sequence: 50,
+                duplicate: false,
+                batch_count: Some(8)
             })
         );
         let wrong = answer(&reply(

@@ -1,15 +1,26 @@
 //! The JetStream sink: publishes events pipelined yet in WAL order, and counts those JetStream
 //! has acknowledged.
 //!
-//! Order under failure, beside other publishers: every publish carries
-//! `Nats-Expected-Last-Sequence` and, after the first of a chain, its predecessor's id as
-//! `Nats-Expected-Last-Msg-Id`. JetStream stores an event only when its predecessor is the
-//! stream's last message, so walstream's stored events sit one after another from the end it
-//! knew, and anything another client publishes in between breaks the chain instead of taking a
-//! place in it. Any failure makes every later publish in the window fail too; the sink then
-//! counts how many of its events the stream holds (by their ids, never by sequence numbers
-//! alone), takes the other messages as another publisher's, and re-sends the rest in order,
-//! with the same `Nats-Msg-Id`s, as a new chain after the stream's end.
+//! Order under failure, beside other publishers, in one of two ways ([`PublishMode`]):
+//! - **Chained** (single-replica streams; servers before 2.12.1): every publish carries
+//!   `Nats-Expected-Last-Sequence` and, after the first of a chain, its predecessor's id as
+//!   `Nats-Expected-Last-Msg-Id`. JetStream stores an event only when its predecessor is the
+//!   stream's last message, so walstream's stored events sit one after another from the end it
+//!   knew, and anything another client publishes in between breaks the chain instead of taking
+//!   a place in it.
+//! - **Atomic batches** (replicated streams on nats-server 2.12.1+): a replicated stream's
+//!   leader checks `Nats-Expected-Last-Msg-Id` only when it applies a message, after later ones
+//!   were accepted, and nats-server 2.15 takes a failed check there for a critical write error
+//!   that stops the stream. So the events go out as atomic batches, one in flight at a time,
+//!   the first message of each expecting the last sequence the previous batch's
+//!   acknowledgement named: a batch is stored whole, right after walstream's last event, or not
+//!   at all, and nothing is sent before the fate of what precedes it is known. Events handed
+//!   over while a batch is in flight form the next one, so batches grow with the load.
+//!
+//! Any failure makes every later publish fail too; the sink then counts how many of its events
+//! the stream holds (by their ids, never by sequence numbers alone), takes the other messages
+//! as another publisher's, and re-sends the rest in order, with the same `Nats-Msg-Id`s, after
+//! the stream's end.
 
 mod acks;
 
@@ -21,6 +32,7 @@ use async_nats::header::{
     NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID,
 };
 use async_nats::jetstream;
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
@@ -84,6 +96,58 @@ pub enum SinkError {
     ShuttingDown,
 }
 
+/// Headers of an atomic batch (ADR-50).
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+
+/// How many messages nats-server takes in one atomic batch unless configured otherwise
+/// (`jetstream.limits.batch.max_msgs`).
+pub const SERVER_BATCH_LIMIT: usize = 1000;
+
+/// How the sink keeps walstream's events in WAL order on the stream (see the module's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishMode {
+    Chained,
+    /// At most `max` events a batch.
+    AtomicBatches {
+        max: usize,
+    },
+}
+
+impl PublishMode {
+    /// The mode for a stream of `replicas` on a server announcing `server_version`, whose
+    /// `allow_atomic` setting is `atomic_allowed`.
+    pub fn for_stream(
+        replicas: usize,
+        server_version: &str,
+        atomic_allowed: bool,
+        window: usize,
+    ) -> Result<Self, SinkError> {
+        if replicas <= 1 || !crate::nats::atomic_batches_with_ids(server_version) {
+            return Ok(PublishMode::Chained);
+        }
+        if !atomic_allowed {
+            return Err(SinkError::Fatal(format!(
+                "the stream has {replicas} replicas on nats-server {server_version} but does \
+                 not allow atomic publishing: walstream publishes to replicated streams in \
+                 atomic batches there, and turns allow_atomic on when it starts. Allow it \
+                 (allow_atomic: true in the stream's configuration), or let walstream update the stream"
+            )));
+        }
+        Ok(PublishMode::AtomicBatches {
+            max: window.clamp(1, SERVER_BATCH_LIMIT),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            PublishMode::Chained => "chained",
+            PublishMode::AtomicBatches { .. } => "atomic batches",
+        }
+    }
+}
+
 /// An event sent to JetStream and not yet acknowledged.
 struct Unacked {
     event: EncodedEvent,
@@ -104,6 +168,15 @@ pub struct Sink {
     js: jetstream::Context,
     stream_name: String,
     window: usize,
+    mode: PublishMode,
+    /// How many of the oldest `unacked` were sent; the rest wait for the batch in flight.
+    sent: usize,
+    /// Batch ids are this and a counter: unique per sink.
+    batch_prefix: String,
+    batches: u64,
+    /// The next send is one message on its own: a batch was refused for an id JetStream
+    /// already holds, and only a single publish gets the duplicate's acknowledgement.
+    send_single: bool,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     unacked: VecDeque<Unacked>,
@@ -127,10 +200,12 @@ pub struct Sink {
 impl Sink {
     /// A sink publishing after `tail`; a publish not acknowledged within `ack_timeout` counts
     /// as failed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn new(
         js: jetstream::Context,
         stream_name: String,
         window: usize,
+        mode: PublishMode,
         ack_timeout: Duration,
         tail: &StreamTail,
         metrics: Arc<Metrics>,
@@ -139,10 +214,22 @@ impl Sink {
         let acks = Acks::subscribe(js.client(), ack_timeout)
             .await
             .map_err(SinkError::Fatal)?;
+        let batch_prefix = js
+            .client()
+            .new_inbox()
+            .rsplit('.')
+            .next()
+            .unwrap_or("walstream")
+            .to_owned();
         Ok(Self {
             js,
             stream_name,
             window,
+            mode,
+            sent: 0,
+            batch_prefix,
+            batches: 0,
+            send_single: false,
             metrics,
             shutdown,
             unacked: VecDeque::new(),
@@ -171,8 +258,13 @@ impl Sink {
         event: EncodedEvent,
         published: IntCounter,
     ) -> Result<(), SinkError> {
-        while self.acks.len() >= self.window {
-            self.next_ack().await?;
+        while self.unacked.len() >= self.window {
+            if !self.next_ack().await? {
+                // Nothing in flight (batch mode only): send what waits.
+                if let Err(failure) = self.send_next_batch().await {
+                    self.recover(failure).await?;
+                }
+            }
         }
         let sequence = self.end + self.unacked.len() as u64 + 1;
         self.unacked.push_back(Unacked {
@@ -180,11 +272,16 @@ impl Sink {
             sequence,
             published,
         });
-        let index = self.unacked.len() - 1;
-        if let Err(error) = self.send(index).await {
+        let sent = match self.mode {
+            PublishMode::Chained => self.send(self.unacked.len() - 1).await,
+            // Joins the next batch, which goes out when the one in flight is acknowledged.
+            PublishMode::AtomicBatches { .. } if self.sent > 0 => Ok(()),
+            PublishMode::AtomicBatches { .. } => self.send_batch().await,
+        };
+        if let Err(error) = sent {
             self.recover(error).await?;
         }
-        self.metrics.inflight_acks.set(self.acks.len() as i64);
+        self.metrics.inflight_acks.set(self.unacked.len() as i64);
         Ok(())
     }
 
@@ -215,29 +312,94 @@ impl Sink {
         }
     }
 
-    /// Handles the ack of the oldest unacknowledged event; on any failure, re-syncs and re-sends.
+    /// Handles the answer to the oldest publish in flight (an event, or a batch's commit); on
+    /// any failure, re-syncs and re-sends.
     pub async fn handle_ack(&mut self, result: AckResult) -> Result<(), SinkError> {
-        let expected =
-            self.unacked.front().map(|u| u.sequence).ok_or_else(|| {
-                SinkError::Fatal("an ack arrived with nothing unacknowledged".into())
-            })?;
+        // In chained mode every answer is for one event; in batch mode for all those sent.
+        let count = match self.mode {
+            PublishMode::Chained => 1,
+            PublishMode::AtomicBatches { .. } => std::mem::take(&mut self.sent),
+        };
+        let expected = count
+            .checked_sub(1)
+            .and_then(|last| self.unacked.get(last))
+            .map(|u| u.sequence)
+            .ok_or_else(|| SinkError::Fatal("an ack arrived with nothing unacknowledged".into()))?;
         match result {
-            Ok(ack) if ack.sequence == expected => self.acknowledge_front(expected),
+            Ok(ack) if ack.sequence == expected && ack.batch_count.unwrap_or(1) == count => {
+                for _ in 0..count {
+                    let sequence = self.unacked.front().map_or(expected, |u| u.sequence);
+                    self.acknowledge_front(sequence);
+                }
+                if let Err(failure) = self.send_next_batch().await {
+                    self.recover(failure).await?;
+                }
+            }
             // A duplicate of a message stored before the end walstream knows: the event was
             // published already (by an earlier run), and JetStream says where.
-            Ok(ack) if ack.duplicate && ack.sequence <= self.end => {
-                self.acknowledge_front(ack.sequence)
+            Ok(ack) if count == 1 && ack.duplicate && ack.sequence <= self.end => {
+                self.acknowledge_front(ack.sequence);
+                if let Err(failure) = self.send_next_batch().await {
+                    self.recover(failure).await?;
+                }
             }
             Ok(ack) => {
                 let error = format!(
-                    "ack for stream sequence {} (duplicate: {}) where {expected} was expected",
-                    ack.sequence, ack.duplicate
+                    "ack for stream sequence {} (duplicate: {}, batch of {:?}) where {expected} \
+                     for {count} was expected",
+                    ack.sequence, ack.duplicate, ack.batch_count
                 );
                 self.recover(PublishFailure::Unexpected(error)).await?;
             }
             Err(failure) => self.recover(failure).await?,
         }
-        self.metrics.inflight_acks.set(self.acks.len() as i64);
+        self.metrics.inflight_acks.set(self.unacked.len() as i64);
+        Ok(())
+    }
+
+    /// In batch mode, sends what waited for the batch just acknowledged.
+    async fn send_next_batch(&mut self) -> Result<(), PublishFailure> {
+        match self.mode {
+            PublishMode::AtomicBatches { .. } if !self.unacked.is_empty() => {
+                self.send_batch().await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends the oldest unacknowledged events as one atomic batch whose first message expects
+    /// the stream's end where walstream knows it; a single event goes as a plain publish.
+    async fn send_batch(&mut self) -> Result<(), PublishFailure> {
+        let PublishMode::AtomicBatches { max } = self.mode else {
+            return Err(PublishFailure::Unexpected("a batch in chained mode".into()));
+        };
+        let count = if std::mem::take(&mut self.send_single) {
+            1
+        } else {
+            self.unacked.len().min(max)
+        };
+        if count == 1 {
+            let entry = &self.unacked[0];
+            let mut headers = entry.event.headers();
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, self.end.to_string());
+            let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
+            self.acks.publish(subject, headers, payload).await?;
+            self.sent = 1;
+            return Ok(());
+        }
+        self.batches += 1;
+        let batch_id = format!("{}-{}", self.batch_prefix, self.batches);
+        for index in 0..count {
+            let entry = &self.unacked[index];
+            let headers = batch_headers(&entry.event, &batch_id, index, count, self.end);
+            let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
+            if index + 1 < count {
+                self.acks.send_unanswered(subject, headers, payload).await?;
+            } else {
+                self.acks.publish(subject, headers, payload).await?;
+            }
+        }
+        self.sent = count;
         Ok(())
     }
 
@@ -252,7 +414,7 @@ impl Sink {
         self.last_position
     }
 
-    /// Number of events awaiting an ack.
+    /// Number of answers awaited (events in chained mode, batches in batch mode).
     pub fn in_flight(&self) -> usize {
         self.acks.len()
     }
@@ -330,6 +492,12 @@ impl Sink {
             .publish_errors
             .with_label_values(&[failure.kind()])
             .inc();
+        if failure.kind() == "duplicate_in_batch" {
+            self.send_single = true;
+        }
+        if let Some(fatal) = failure.fatal_for(&self.stream_name) {
+            return Err(fatal);
+        }
         if failure.server_busy() {
             // Re-sent at once, the events would meet the same full queue (or the same original
             // still being stored): give the server time, longer each time in a row.
@@ -364,7 +532,7 @@ impl Sink {
         loop {
             // Let every outstanding ack resolve so nothing sent earlier lands after the re-sync.
             while self.acks.next().await.is_some() {}
-            self.metrics.inflight_acks.set(0);
+            self.sent = 0;
             let result = self.resync().await;
             if !matches!(result, Err(ResyncError::Behind { .. })) {
                 behind_since = None;
@@ -486,19 +654,34 @@ impl Sink {
             self.metrics.publish_retries.inc_by(resend as u64);
             tracing::info!(stream = %self.stream_name, resend, "re-sending unacknowledged events");
         }
-        for index in 0..resend {
-            match self.send(index).await {
-                Ok(()) => {}
-                Err(PublishFailure::TooLarge) => return Err(ResyncError::Fatal(self.too_large())),
-                Err(other) => return Err(ResyncError::Retry(other.to_string())),
+        let sent = match self.mode {
+            PublishMode::Chained => {
+                let mut sent = Ok(());
+                for index in 0..resend {
+                    sent = self.send(index).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                sent
             }
+            PublishMode::AtomicBatches { .. } if resend > 0 => self.send_batch().await,
+            PublishMode::AtomicBatches { .. } => Ok(()),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(PublishFailure::TooLarge) => Err(ResyncError::Fatal(self.too_large())),
+            Err(other) => Err(ResyncError::Retry(other.to_string())),
         }
-        Ok(())
     }
 
     fn too_large(&self) -> SinkError {
         let max = self.js.client().server_info().max_payload;
-        match self.unacked.back() {
+        let over = self
+            .unacked
+            .iter()
+            .find(|entry| entry.event.payload.len() + headers_len(&entry.event) > max);
+        match over.or(self.unacked.back()) {
             Some(entry) => SinkError::TooLarge {
                 subject: entry.event.subject.to_string(),
                 position: format!(
@@ -608,6 +791,27 @@ enum ResyncError {
     Fatal(SinkError),
 }
 
+/// An event's headers as message `index` of `count` in batch `batch_id`; the first expects
+/// the stream's last sequence to be `end`.
+fn batch_headers(
+    event: &EncodedEvent,
+    batch_id: &str,
+    index: usize,
+    count: usize,
+    end: u64,
+) -> HeaderMap {
+    let mut headers = event.headers();
+    headers.insert(BATCH_ID, batch_id);
+    headers.insert(BATCH_SEQUENCE, (index + 1).to_string());
+    if index == 0 {
+        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, end.to_string());
+    }
+    if index + 1 == count {
+        headers.insert(BATCH_COMMIT, "1");
+    }
+    headers
+}
+
 fn headers_len(event: &EncodedEvent) -> usize {
     event
         .headers()
@@ -646,6 +850,73 @@ mod tests {
             "too many reads"
         );
         result.expect("no read fails here")
+    }
+
+    #[test]
+    fn replicated_streams_on_2_12_1_and_later_take_atomic_batches() {
+        let mode =
+            |replicas, version, allowed| PublishMode::for_stream(replicas, version, allowed, 4096);
+        assert_eq!(mode(1, "2.15.1", true).ok(), Some(PublishMode::Chained));
+        assert_eq!(mode(3, "2.9.10", false).ok(), Some(PublishMode::Chained));
+        assert_eq!(mode(3, "2.12.0", false).ok(), Some(PublishMode::Chained));
+        assert_eq!(
+            mode(3, "2.12.8", true).ok(),
+            Some(PublishMode::AtomicBatches {
+                max: SERVER_BATCH_LIMIT
+            })
+        );
+        assert_eq!(
+            PublishMode::for_stream(3, "2.15.1", true, 64).ok(),
+            Some(PublishMode::AtomicBatches { max: 64 })
+        );
+        // A replicated stream that refuses atomic batches is not published to in chained mode
+        // there: a failed id check would stop the stream.
+        let refused = mode(3, "2.15.1", false).unwrap_err().to_string();
+        assert!(refused.contains("allow_atomic"), "{refused}");
+    }
+
+    #[test]
+    fn a_batch_expects_the_end_on_its_first_message_and_commits_on_its_last() {
+        let config = crate::config::Config::parse(
+            "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['public.t']\n",
+            std::path::Path::new("test"),
+            &|_| None,
+        )
+        .expect("a valid config");
+        let encoder = crate::pipeline::event::Encoder::new(
+            crate::pipeline::event::Naming::from_config(&config),
+        );
+        let event = encoder.failover_marker(&crate::pipeline::event::failover::FailoverMarker {
+            from_timeline: 1,
+            timeline: 2,
+            switch: crate::lsn::Lsn(0x100),
+            phantoms: crate::pipeline::event::failover::Phantoms {
+                first_sequence: 1,
+                last_sequence: 1,
+                count: 1,
+                first: Position::at(crate::lsn::Lsn(0x100), 0),
+                last: Position::at(crate::lsn::Lsn(0x100), 0),
+            },
+        });
+        let header = |headers: &HeaderMap, name: &str| headers.get(name).map(|v| v.to_string());
+        let first = batch_headers(&event, "b-1", 0, 3, 41);
+        assert_eq!(header(&first, BATCH_ID).as_deref(), Some("b-1"));
+        assert_eq!(header(&first, BATCH_SEQUENCE).as_deref(), Some("1"));
+        assert_eq!(
+            header(&first, NATS_EXPECTED_LAST_SEQUENCE.as_ref()).as_deref(),
+            Some("41")
+        );
+        assert_eq!(header(&first, BATCH_COMMIT), None);
+        assert_eq!(
+            header(&first, NATS_MESSAGE_ID.as_ref()),
+            Some(event.message_id.clone())
+        );
+        let last = batch_headers(&event, "b-1", 2, 3, 41);
+        assert_eq!(header(&last, BATCH_SEQUENCE).as_deref(), Some("3"));
+        assert_eq!(header(&last, BATCH_COMMIT).as_deref(), Some("1"));
+        assert_eq!(header(&last, NATS_EXPECTED_LAST_SEQUENCE.as_ref()), None);
+        // Never the id chain: a replicated stream checks it only when applying.
+        assert_eq!(header(&last, NATS_EXPECTED_LAST_MESSAGE_ID.as_ref()), None);
     }
 
     #[test]
