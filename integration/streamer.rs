@@ -42,6 +42,21 @@ async fn row_changes_reach_the_stream_in_commit_order() -> anyhow::Result<()> {
     let messages = result.inspect_err(|_| dump_log(&cluster.log_path()))?;
     assert_eq!(messages.len(), 9, "{messages:#?}");
     assert_exactly_once_in_order(&messages);
+    // Where each transaction ends: the two-row INSERT, the UPDATE, the DELETE, the
+    // order-items-message transaction, the TRUNCATE.
+    let last: Vec<bool> = messages
+        .iter()
+        .map(|m| {
+            m.headers
+                .get(walstream::pipeline::event::HEADER_TX_LAST)
+                .is_some_and(|v| v.as_str() == "true")
+        })
+        .collect();
+    assert_eq!(
+        last,
+        [false, true, true, true, false, false, false, true, true],
+        "Walstream-Tx-Last"
+    );
 
     let orders = events(&messages, "public.tb_order");
     let ops: Vec<&str> = orders

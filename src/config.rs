@@ -158,8 +158,24 @@ pub struct NatsConfig {
     /// How long to wait for one ack before the publish is retried.
     #[serde(default = "defaults::ack_timeout_secs")]
     pub ack_timeout_secs: u64,
+    /// Whether a transaction's events are stored one by one or as one atomic batch.
+    #[serde(default)]
+    pub transactions: TransactionMode,
     #[serde(default)]
     pub jetstream: JetStreamConfig,
+}
+
+/// `nats.transactions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransactionMode {
+    /// Each event is stored on its own: a consumer may read a transaction's first events
+    /// before its last one is stored.
+    #[default]
+    Independent,
+    /// Each transaction is stored as one atomic batch (nats-server 2.12.1+): a consumer never
+    /// sees part of one, unless it is larger than a batch may be.
+    Atomic,
 }
 
 impl Default for NatsConfig {

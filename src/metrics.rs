@@ -17,6 +17,8 @@ pub struct Metrics {
     pub events_published: IntCounterVec,
     pub publish_errors: IntCounterVec,
     pub publish_retries: IntCounter,
+    /// Transactions stored in more than one atomic batch (`nats.transactions = "atomic"`).
+    pub split_transactions: IntCounter,
     /// Messages in the stream that another client published, as walstream came across them.
     pub other_publishers_messages: IntCounter,
     /// walstream's events in the stream that a promoted standby does not have (a failover).
@@ -67,6 +69,11 @@ impl Metrics {
         let publish_retries = defined(IntCounter::new(
             "walstream_publish_retries_total",
             "Events re-sent after a failed or unconfirmed publish",
+        ));
+        let split_transactions = defined(IntCounter::new(
+            "walstream_split_transactions_total",
+            "Transactions larger than an atomic batch, stored in several (nats.transactions = \
+             \"atomic\"); their events carry Walstream-Tx-Split",
         ));
         let other_publishers_messages = defined(IntCounter::new(
             "walstream_other_publishers_messages_total",
@@ -127,7 +134,8 @@ impl Metrics {
             "walstream_standby",
             "1 while this instance stands by for another that holds the slot's lease, else 0",
         ));
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+            Box::new(split_transactions.clone()),
             Box::new(other_publishers_messages.clone()),
             Box::new(phantom_events.clone()),
             Box::new(postgres_timeline.clone()),
@@ -154,6 +162,7 @@ impl Metrics {
             events_published,
             publish_errors,
             publish_retries,
+            split_transactions,
             other_publishers_messages,
             phantom_events,
             postgres_timeline,

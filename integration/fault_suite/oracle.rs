@@ -246,8 +246,8 @@ fn check_others(verdict: &mut Verdict, messages: &[Stored], published: &Publishe
 }
 
 /// One transaction: its events carry seq 0..n once each, with the table and operation
-/// PostgreSQL decoded at that position, and one commit LSN inside the transaction's commit
-/// record.
+/// PostgreSQL decoded at that position, one commit LSN inside the transaction's commit
+/// record, and `Walstream-Tx-Last` on the last one only.
 fn check_transaction(
     verdict: &mut Verdict,
     transaction: &Committed,
@@ -273,6 +273,25 @@ fn check_transaction(
             continue;
         };
         *count += 1;
+        // Every table is watched here, so the last change committed is the last event.
+        let last = seq as usize + 1 == transaction.changes.len();
+        let marked = message
+            .headers
+            .get(walstream::pipeline::event::HEADER_TX_LAST)
+            .is_some_and(|v| v.as_str() == "true");
+        if marked != last {
+            verdict.wrong_content += 1;
+            verdict.problem(format!(
+                "xid {xid} seq {seq} of {}: {HEADER} {}",
+                transaction.changes.len(),
+                if marked {
+                    "on an event before the last"
+                } else {
+                    "missing on the last event"
+                },
+                HEADER = walstream::pipeline::event::HEADER_TX_LAST,
+            ));
+        }
         let (table, op) = &transaction.changes[seq as usize];
         if message.body["table"] != table.as_str() || message.body["event"] != op.as_str() {
             verdict.wrong_content += 1;

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::nats;
 use crate::pipeline::checkpoint::Checkpoint;
 use crate::pipeline::history;
+use crate::pipeline::sink::PublishMode;
 use crate::postgres::{self, db_error};
 
 /// How a check came out.
@@ -434,7 +435,27 @@ async fn check_nats(config: &Config, report: &mut Report) {
             ))
         }
     }
+    check_publish_mode(config, &client.server_info().version, report);
     check_stream(&async_nats::jetstream::new(client), config, report).await;
+}
+
+/// How walstream will publish to this server: the mode `stream` logs at start.
+fn check_publish_mode(config: &Config, version: &str, report: &mut Report) {
+    let replicas = config.nats.jetstream.replicas;
+    // The stream's allow_atomic is walstream's to turn on at start.
+    match PublishMode::for_stream(
+        replicas,
+        version,
+        true,
+        config.nats.max_inflight,
+        config.nats.transactions,
+    ) {
+        Ok(mode) => report.pass(format!(
+            "publishing: {} ({replicas} replica(s), nats-server {version})",
+            mode.name()
+        )),
+        Err(error) => report.fail(error.to_string()),
+    }
 }
 
 /// What the stream's end shows: walstream's last event, and other clients' messages after it.

@@ -129,8 +129,11 @@ pub async fn run(
         .timeout(config.ack_timeout())
         .build(nats);
     let stream_name = config.nats.stream_name.clone();
-    let atomic =
-        config.nats.jetstream.replicas > 1 && nats::atomic_batches_with_ids(&server_version);
+    let atomic = PublishMode::needs_atomic(
+        config.nats.jetstream.replicas,
+        &server_version,
+        config.nats.transactions,
+    );
     let stream = nats::ensure_stream(
         &js,
         &stream_name,
@@ -144,6 +147,7 @@ pub async fn run(
         &server_version,
         stream.config.allow_atomic_publish,
         config.nats.max_inflight,
+        config.nats.transactions,
     )?;
     let slot = &config.replication.slot;
     let tail = read_tail_patiently(&js, &stream_name, slot, Duration::from_secs(60))
@@ -223,6 +227,7 @@ pub async fn run(
                 config.replication.replay_retention,
                 PERSIST_INTERVAL,
             ),
+            held: None,
         },
         backfills: Watches::default(),
         timelines: Timelines {
@@ -310,6 +315,9 @@ struct Outlet {
     encoder: Encoder,
     sink: Sink,
     progress: Progress,
+    /// The open transaction's newest event, held until the next event or the commit says
+    /// whether it is the transaction's last (`Walstream-Tx-Last`).
+    held: Option<(EncodedEvent, IntCounter)>,
 }
 
 impl Outlet {
@@ -324,8 +332,50 @@ impl Outlet {
             return Ok(());
         }
         let event = encode(&mut self.encoder, tx)?;
+        match self.held.replace((event, published.clone())) {
+            Some((previous, counter)) => self.send(previous, counter).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes an event that is a transaction of its own, unless the stream has it.
+    async fn publish_alone(
+        &mut self,
+        tx: &mut Transaction,
+        published: &IntCounter,
+        encode: impl FnOnce(&mut Encoder, &mut Transaction) -> Result<EncodedEvent, ColumnCountMismatch>,
+    ) -> anyhow::Result<()> {
+        if !self.delivery.admit(tx) {
+            return Ok(());
+        }
+        let mut event = encode(&mut self.encoder, tx)?;
+        event.last_in_transaction = true;
+        self.send(event, published.clone()).await
+    }
+
+    /// The open transaction committed: the event held is its last.
+    async fn end_transaction(&mut self) -> anyhow::Result<()> {
+        match self.held.take() {
+            Some((mut event, counter)) => {
+                event.last_in_transaction = true;
+                self.send(event, counter).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The open transaction is read again from its start (a new session): its held event
+    /// goes with it, never published without knowing whether it is the last, and so do its
+    /// events the sink has not sent (atomic transactions send a transaction only whole).
+    fn abandon_transaction(&mut self) {
+        self.held = None;
+        let withdrawn = self.sink.withdraw_unsent();
+        self.progress.withdrawn(withdrawn);
+    }
+
+    async fn send(&mut self, event: EncodedEvent, published: IntCounter) -> anyhow::Result<()> {
         self.progress.published();
-        Ok(self.sink.publish(event, published.clone()).await?)
+        Ok(self.sink.publish(event, published).await?)
     }
 
     /// Brings the progress up to what JetStream has acknowledged.
@@ -525,6 +575,7 @@ impl Pipeline {
         self.relations.clear();
         self.type_names.clear();
         self.tx = None;
+        self.outlet.abandon_transaction();
     }
 
     /// Where the next session starts: the later of our checkpoint and the slot's confirmed
@@ -657,7 +708,7 @@ impl Pipeline {
                 ))
             }
             ReplicationEvent::XLogData { data, .. } => self.handle_pgoutput(&data).await?,
-            ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn),
+            ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn).await?,
             ReplicationEvent::Message {
                 transactional,
                 lsn,
@@ -681,9 +732,11 @@ impl Pipeline {
         Ok(None)
     }
 
-    fn commit(&mut self, end_lsn: Lsn) {
+    async fn commit(&mut self, end_lsn: Lsn) -> anyhow::Result<()> {
+        self.outlet.end_transaction().await?;
         self.tx = None;
         self.outlet.progress.committed(end_lsn);
+        Ok(())
     }
 
     /// The server's position with nothing for walstream before it: safe to confirm once
@@ -906,7 +959,7 @@ impl Pipeline {
             (_, _) => {
                 let mut standalone = Transaction::standalone(message.lsn, self.timeline());
                 self.outlet
-                    .publish(&mut standalone, &published, encode)
+                    .publish_alone(&mut standalone, &published, encode)
                     .await?;
                 if self.tx.is_none() {
                     self.outlet.progress.committed(message.lsn);

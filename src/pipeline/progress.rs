@@ -64,6 +64,12 @@ impl Progress {
         self.published += 1;
     }
 
+    /// `count` of the newest events published were taken back unsent (their transaction will
+    /// be read again); no commit counts them.
+    pub fn withdrawn(&mut self, count: u64) {
+        self.published = self.published.saturating_sub(count).max(self.acknowledged);
+    }
+
     /// A transaction (or a standalone message) ended after the events published so far.
     pub fn committed(&mut self, end_lsn: Lsn) {
         match self.commits.back_mut() {

@@ -22,6 +22,10 @@ pub const HEADER_COMMIT_TIME: &str = "Walstream-Commit-Time";
 /// The server's timeline the change was read on: after a failover, what tells an event of the
 /// old primary's history from one of the new primary's.
 pub const HEADER_TIMELINE: &str = "Walstream-Timeline";
+/// `true` on the last event of its transaction (and on an event that is a transaction of its
+/// own: a non-transactional message, a failover marker): what lets a consumer group changes by
+/// transaction without counting them.
+pub const HEADER_TX_LAST: &str = "Walstream-Tx-Last";
 
 // Parsed once: header names given as &str are validated on every insert.
 const XID: HeaderName = HeaderName::from_static(HEADER_XID);
@@ -29,6 +33,7 @@ const LSN: HeaderName = HeaderName::from_static(HEADER_LSN);
 const SEQ: HeaderName = HeaderName::from_static(HEADER_SEQ);
 const COMMIT_TIME: HeaderName = HeaderName::from_static(HEADER_COMMIT_TIME);
 const TIMELINE: HeaderName = HeaderName::from_static(HEADER_TIMELINE);
+const TX_LAST: HeaderName = HeaderName::from_static(HEADER_TX_LAST);
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i128 = 946_684_800_000_000;
@@ -157,6 +162,9 @@ pub struct EncodedEvent {
     tx_headers: Arc<HeaderMap>,
     /// A change has a place in its transaction (`Walstream-Seq`); a marker has none.
     in_transaction: bool,
+    /// The last event of its transaction (`Walstream-Tx-Last`): known only once the next
+    /// event or the commit is read, so set by the pipeline then.
+    pub last_in_transaction: bool,
 }
 
 impl EncodedEvent {
@@ -168,6 +176,9 @@ impl EncodedEvent {
         headers.insert(NATS_MESSAGE_ID, self.message_id.as_str());
         if self.in_transaction {
             headers.insert(SEQ, self.position.seq.to_string());
+        }
+        if self.last_in_transaction {
+            headers.insert(TX_LAST, "true");
         }
         headers
     }
@@ -420,6 +431,7 @@ impl Encoder {
             commit_time_micros: tx.commit_time_micros,
             tx_headers: tx.headers.clone(),
             in_transaction: true,
+            last_in_transaction: false,
         }
     }
 
@@ -443,6 +455,7 @@ impl Encoder {
             commit_time_micros: None,
             tx_headers: Arc::new(headers),
             in_transaction: false,
+            last_in_transaction: true,
         }
     }
 

@@ -41,6 +41,7 @@ pub use acks::AckResult;
 use acks::{Acks, PublishFailure};
 
 use crate::backoff::Backoff;
+use crate::config::TransactionMode;
 use crate::metrics::Metrics;
 use crate::nats::message_at;
 use crate::pipeline::event::{EncodedEvent, Position};
@@ -105,17 +106,34 @@ const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 /// (`jetstream.limits.batch.max_msgs`).
 pub const SERVER_BATCH_LIMIT: usize = 1000;
 
+/// The header on every event of a transaction stored in more than one atomic batch
+/// (`nats.transactions = "atomic"`, a transaction larger than a batch may be).
+pub const HEADER_TX_SPLIT: &str = "Walstream-Tx-Split";
+
 /// How the sink keeps walstream's events in WAL order on the stream (see the module's text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishMode {
     Chained,
-    /// At most `max` events a batch.
+    /// At most `max` events a batch; with `whole_transactions`, a batch ends only where a
+    /// transaction does, unless one transaction alone is more than `max`.
     AtomicBatches {
         max: usize,
+        whole_transactions: bool,
     },
 }
 
 impl PublishMode {
+    /// Whether walstream needs the stream's `allow_atomic` for `replicas` on a server
+    /// announcing `server_version`.
+    pub fn needs_atomic(
+        replicas: usize,
+        server_version: &str,
+        transactions: TransactionMode,
+    ) -> bool {
+        crate::nats::atomic_batches_with_ids(server_version)
+            && (replicas > 1 || transactions == TransactionMode::Atomic)
+    }
+
     /// The mode for a stream of `replicas` on a server announcing `server_version`, whose
     /// `allow_atomic` setting is `atomic_allowed`.
     pub fn for_stream(
@@ -123,27 +141,45 @@ impl PublishMode {
         server_version: &str,
         atomic_allowed: bool,
         window: usize,
+        transactions: TransactionMode,
     ) -> Result<Self, SinkError> {
-        if replicas <= 1 || !crate::nats::atomic_batches_with_ids(server_version) {
+        let whole_transactions = transactions == TransactionMode::Atomic;
+        if whole_transactions && !crate::nats::atomic_batches_with_ids(server_version) {
+            return Err(SinkError::Fatal(format!(
+                "nats.transactions = \"atomic\" needs nats-server 2.12.1 or later (atomic \
+                 batches with message ids); this one is {server_version}. Upgrade it, or set \
+                 nats.transactions = \"independent\""
+            )));
+        }
+        if !Self::needs_atomic(replicas, server_version, transactions) {
             return Ok(PublishMode::Chained);
         }
         if !atomic_allowed {
             return Err(SinkError::Fatal(format!(
-                "the stream has {replicas} replicas on nats-server {server_version} but does \
-                 not allow atomic publishing: walstream publishes to replicated streams in \
-                 atomic batches there, and turns allow_atomic on when it starts. Allow it \
-                 (allow_atomic: true in the stream's configuration), or let walstream update the stream"
+                "the stream ({replicas} replicas, nats-server {server_version}) does not allow \
+                 atomic publishing, which walstream needs here (replicated streams, and \
+                 nats.transactions = \"atomic\") and turns on when it starts: allow it \
+                 (allow_atomic: true in the stream's configuration), or let walstream update \
+                 the stream"
             )));
         }
         Ok(PublishMode::AtomicBatches {
             max: window.clamp(1, SERVER_BATCH_LIMIT),
+            whole_transactions,
         })
     }
 
     pub fn name(&self) -> &'static str {
         match self {
             PublishMode::Chained => "chained",
-            PublishMode::AtomicBatches { .. } => "atomic batches",
+            PublishMode::AtomicBatches {
+                whole_transactions: false,
+                ..
+            } => "atomic batches",
+            PublishMode::AtomicBatches {
+                whole_transactions: true,
+                ..
+            } => "atomic transactions",
         }
     }
 }
@@ -154,6 +190,8 @@ struct Unacked {
     /// The stream sequence it is expected to get.
     sequence: u64,
     published: IntCounter,
+    /// Of a transaction stored in more than one atomic batch.
+    split: bool,
 }
 
 /// An event JetStream has stored, as in-process subscribers receive it.
@@ -271,6 +309,7 @@ impl Sink {
             event,
             sequence,
             published,
+            split: false,
         });
         let sent = match self.mode {
             PublishMode::Chained => self.send(self.unacked.len() - 1).await,
@@ -370,18 +409,36 @@ impl Sink {
     /// Sends the oldest unacknowledged events as one atomic batch whose first message expects
     /// the stream's end where walstream knows it; a single event goes as a plain publish.
     async fn send_batch(&mut self) -> Result<(), PublishFailure> {
-        let PublishMode::AtomicBatches { max } = self.mode else {
+        let PublishMode::AtomicBatches {
+            max,
+            whole_transactions,
+        } = self.mode
+        else {
             return Err(PublishFailure::Unexpected("a batch in chained mode".into()));
         };
-        let count = if std::mem::take(&mut self.send_single) {
+        let (count, split) = if whole_transactions {
+            self.whole_transactions(max)
+        } else {
+            (self.unacked.len().min(max), 0)
+        };
+        let count = if count > 0 && std::mem::take(&mut self.send_single) {
             1
         } else {
-            self.unacked.len().min(max)
+            count
         };
+        if count == 0 {
+            return Ok(());
+        }
+        for entry in self.unacked.iter_mut().take(split.min(count)) {
+            entry.split = true;
+        }
         if count == 1 {
             let entry = &self.unacked[0];
             let mut headers = entry.event.headers();
             headers.insert(NATS_EXPECTED_LAST_SEQUENCE, self.end.to_string());
+            if entry.split {
+                headers.insert(HEADER_TX_SPLIT, "true");
+            }
             let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
             self.acks.publish(subject, headers, payload).await?;
             self.sent = 1;
@@ -391,7 +448,10 @@ impl Sink {
         let batch_id = format!("{}-{}", self.batch_prefix, self.batches);
         for index in 0..count {
             let entry = &self.unacked[index];
-            let headers = batch_headers(&entry.event, &batch_id, index, count, self.end);
+            let mut headers = batch_headers(&entry.event, &batch_id, index, count, self.end);
+            if entry.split {
+                headers.insert(HEADER_TX_SPLIT, "true");
+            }
             let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
             if index + 1 < count {
                 self.acks.send_unanswered(subject, headers, payload).await?;
@@ -412,6 +472,58 @@ impl Sink {
     /// WAL position of the last event known to be in the stream.
     pub fn last_position(&self) -> Option<Position> {
         self.last_position
+    }
+
+    /// The next batch of whole transactions: how many events, and how many of the first
+    /// belong to a transaction split across batches.
+    fn whole_transactions(&mut self, max: usize) -> (usize, usize) {
+        let Some(front) = self.unacked.front() else {
+            return (0, 0);
+        };
+        // The stream holds the first part of the front event's transaction already (stored
+        // by an earlier batch, or before a restart).
+        let continuing = self
+            .last_position
+            .is_some_and(|last| last.commit_lsn == front.event.position.commit_lsn);
+        let ends: Vec<bool> = self
+            .unacked
+            .iter()
+            .take(max)
+            .map(|entry| entry.event.last_in_transaction)
+            .collect();
+        let (count, split) = batch_of_transactions(&ends, self.unacked.len(), max, continuing);
+        if split == count && count > 0 && !continuing {
+            self.metrics.split_transactions.inc();
+            tracing::warn!(
+                max,
+                "a transaction has more changes than an atomic batch may hold: it is stored in \
+                 several batches, each atomic, its events marked {HEADER_TX_SPLIT}"
+            );
+        }
+        (count, split)
+    }
+
+    /// Forgets the events not sent yet of a transaction that will be read again from its
+    /// start (a lost session); returns how many. Only atomic transactions hold such events.
+    pub fn withdraw_unsent(&mut self) -> u64 {
+        if !matches!(
+            self.mode,
+            PublishMode::AtomicBatches {
+                whole_transactions: true,
+                ..
+            }
+        ) {
+            return 0;
+        }
+        let keep = self
+            .unacked
+            .iter()
+            .rposition(|entry| entry.event.last_in_transaction)
+            .map_or(0, |last| last + 1)
+            .max(self.sent);
+        let withdrawn = self.unacked.len().saturating_sub(keep);
+        self.unacked.truncate(keep);
+        withdrawn as u64
     }
 
     /// Number of answers awaited (events in chained mode, batches in batch mode).
@@ -791,6 +903,30 @@ enum ResyncError {
     Fatal(SinkError),
 }
 
+/// The next batch of whole transactions among `waiting` events whose first `max` end their
+/// transaction where `ends` says: how many events, and how many of the first belong to a
+/// transaction split across batches (`continuing`: the stream holds the first part of the
+/// first one's). None until a transaction ends, unless one alone fills a batch: then it is
+/// split, `max` events a batch.
+fn batch_of_transactions(
+    ends: &[bool],
+    waiting: usize,
+    max: usize,
+    continuing: bool,
+) -> (usize, usize) {
+    match ends.iter().take(max).rposition(|&end| end) {
+        Some(last) => {
+            let split = match continuing {
+                true => ends.iter().position(|&end| end).map_or(0, |end| end + 1),
+                false => 0,
+            };
+            (last + 1, split)
+        }
+        None if waiting >= max => (max, max),
+        None => (0, 0),
+    }
+}
+
 /// An event's headers as message `index` of `count` in batch `batch_id`; the first expects
 /// the stream's last sequence to be `end`.
 fn batch_headers(
@@ -854,25 +990,55 @@ mod tests {
 
     #[test]
     fn replicated_streams_on_2_12_1_and_later_take_atomic_batches() {
-        let mode =
-            |replicas, version, allowed| PublishMode::for_stream(replicas, version, allowed, 4096);
+        let mode = |replicas, version, allowed| {
+            PublishMode::for_stream(
+                replicas,
+                version,
+                allowed,
+                4096,
+                TransactionMode::Independent,
+            )
+        };
         assert_eq!(mode(1, "2.15.1", true).ok(), Some(PublishMode::Chained));
         assert_eq!(mode(3, "2.9.10", false).ok(), Some(PublishMode::Chained));
         assert_eq!(mode(3, "2.12.0", false).ok(), Some(PublishMode::Chained));
         assert_eq!(
             mode(3, "2.12.8", true).ok(),
             Some(PublishMode::AtomicBatches {
-                max: SERVER_BATCH_LIMIT
+                max: SERVER_BATCH_LIMIT,
+                whole_transactions: false
             })
         );
         assert_eq!(
-            PublishMode::for_stream(3, "2.15.1", true, 64).ok(),
-            Some(PublishMode::AtomicBatches { max: 64 })
+            PublishMode::for_stream(3, "2.15.1", true, 64, TransactionMode::Independent).ok(),
+            Some(PublishMode::AtomicBatches {
+                max: 64,
+                whole_transactions: false
+            })
         );
         // A replicated stream that refuses atomic batches is not published to in chained mode
         // there: a failed id check would stop the stream.
         let refused = mode(3, "2.15.1", false).unwrap_err().to_string();
         assert!(refused.contains("allow_atomic"), "{refused}");
+    }
+
+    #[test]
+    fn atomic_transactions_take_atomic_batches_on_any_stream_of_a_server_that_has_them() {
+        let atomic = |replicas, version| {
+            PublishMode::for_stream(replicas, version, true, 4096, TransactionMode::Atomic)
+        };
+        assert_eq!(
+            atomic(1, "2.12.8").ok(),
+            Some(PublishMode::AtomicBatches {
+                max: SERVER_BATCH_LIMIT,
+                whole_transactions: true
+            })
+        );
+        assert!(atomic(3, "2.15.1").is_ok());
+        for old in ["2.9.10", "2.11.11", "2.12.0"] {
+            let refused = atomic(1, old).unwrap_err().to_string();
+            assert!(refused.contains("2.12.1"), "{refused}");
+        }
     }
 
     #[test]
@@ -917,6 +1083,26 @@ mod tests {
         assert_eq!(header(&last, NATS_EXPECTED_LAST_SEQUENCE.as_ref()), None);
         // Never the id chain: a replicated stream checks it only when applying.
         assert_eq!(header(&last, NATS_EXPECTED_LAST_MESSAGE_ID.as_ref()), None);
+    }
+
+    #[test]
+    fn batches_of_atomic_transactions_end_where_a_transaction_ends() {
+        // Transactions of 1, 3 and 2 events; at most 5 a batch.
+        let ends = [true, false, false, true, false, true];
+        assert_eq!(batch_of_transactions(&ends, 6, 5, false), (4, 0));
+        assert_eq!(batch_of_transactions(&ends, 6, 6, false), (6, 0));
+        // The last transaction has not ended yet: it waits.
+        assert_eq!(batch_of_transactions(&[false, false], 2, 5, false), (0, 0));
+        assert_eq!(batch_of_transactions(&[true, false], 2, 5, false), (1, 0));
+        // One transaction larger than a batch: split, a full batch at a time.
+        assert_eq!(batch_of_transactions(&[false; 5], 7, 5, false), (5, 5));
+        assert_eq!(batch_of_transactions(&[false; 5], 12, 5, true), (5, 5));
+        // Its last part, then whole transactions after it.
+        assert_eq!(
+            batch_of_transactions(&[false, true, true], 3, 5, true),
+            (3, 2)
+        );
+        assert_eq!(batch_of_transactions(&[], 0, 5, false), (0, 0));
     }
 
     #[test]
