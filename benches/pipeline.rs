@@ -2,7 +2,9 @@
 //! same run on the same data: the raw slot read (pgwire-replication alone, no decoding) and the
 //! raw JetStream publish of as many same-size messages with the same in-flight window; then
 //! commit → ack latency at fixed write rates, and the seeds' LISTEN/NOTIFY bridge on the same
-//! live workload.
+//! live workload. On nats-server 2.12.1+ the drain runs a second time with
+//! `nats.transactions = "atomic"` (each transaction one atomic batch), from its own slot into its
+//! own stream, after the first: its ratio to the first is quoted, the WAL warm for both.
 //!
 //! Run: `cargo bench --bench pipeline`. Sizes: WALSTREAM_BENCH_ROWS (1000000),
 //! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
@@ -49,6 +51,7 @@ impl Drop for Servers {
 #[derive(Debug, serde::Serialize)]
 struct Scenario {
     name: String,
+    nats_server: String,
     changes: u64,
     walstream_per_sec: f64,
     walstream_peak_rss_mb: f64,
@@ -58,6 +61,9 @@ struct Scenario {
     /// CPU per change during walstream's drain, µs: the three processes share two cores, so
     /// their sum bounds the rate.
     cpu_us_per_change: CpuPerChange,
+    /// The same drain with `nats.transactions = "atomic"` (nats-server 2.12.1+).
+    atomic_per_sec: Option<f64>,
+    atomic_cpu_us_per_change: Option<CpuPerChange>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -101,6 +107,7 @@ async fn prepare(servers: &Servers, backlog: &[String]) -> anyhow::Result<()> {
         "CREATE PUBLICATION walstream FOR TABLE t_bench",
         "SELECT pg_create_logical_replication_slot('walstream', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('raw', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('atomic', 'pgoutput')",
     ];
     for statement in setup
         .iter()
@@ -112,18 +119,49 @@ async fn prepare(servers: &Servers, backlog: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn config(servers: &Servers) -> anyhow::Result<std::path::PathBuf> {
-    let path = servers.dir.join("walstream.toml");
+/// How walstream publishes in a drain, each from its own slot into its own stream.
+#[derive(Clone, Copy)]
+struct Mode {
+    transactions: &'static str,
+    slot: &'static str,
+    stream: &'static str,
+    prefix: &'static str,
+}
+
+const INDEPENDENT: Mode = Mode {
+    transactions: "independent",
+    slot: "walstream",
+    stream: "fraiseql_events",
+    prefix: "fraiseql.mutation",
+};
+
+const ATOMIC: Mode = Mode {
+    transactions: "atomic",
+    slot: "atomic",
+    stream: "atomic_events",
+    prefix: "atomic.mutation",
+};
+
+fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
+    let path = servers.dir.join(format!("walstream-{}.toml", mode.slot));
     std::fs::write(
         &path,
         format!(
             "[database]\nurl = \"{}\"\n[replication]\ntables = [\"public.t_bench\"]\n\
-             heartbeat_secs = 0\n[checkpoint]\npath = \"{}\"\n[nats]\nurl = \"{}\"\n\
-             max_inflight = {WINDOW}\n[nats.jetstream]\nmax_bytes = -1\nmax_msgs = -1\n\
-             [http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n",
+             slot = \"{slot}\"\nheartbeat_secs = 0\n[checkpoint]\npath = \"{}\"\n[nats]\n\
+             url = \"{}\"\nstream_name = \"{stream}\"\nsubject_prefix = \"{prefix}\"\n\
+             transactions = \"{transactions}\"\nmax_inflight = {WINDOW}\n[nats.jetstream]\n\
+             max_bytes = -1\nmax_msgs = -1\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n",
             servers.postgres.url(DATABASE),
-            servers.dir.join("checkpoint").display(),
-            servers.nats.url()
+            servers
+                .dir
+                .join(format!("checkpoint-{}", mode.slot))
+                .display(),
+            servers.nats.url(),
+            slot = mode.slot,
+            stream = mode.stream,
+            prefix = mode.prefix,
+            transactions = mode.transactions,
         ),
     )?;
     Ok(path)
@@ -145,8 +183,8 @@ fn peak_rss_mb(child: &Child) -> f64 {
 /// `walstream stream` with the bench's config, its log in the servers' directory. The
 /// binary is this build's, or `WALSTREAM_BENCH_BINARY` to compare another build on the same
 /// run's servers and ceilings.
-fn spawn_walstream(servers: &Servers) -> anyhow::Result<Child> {
-    let config = config(servers)?;
+fn spawn_walstream(servers: &Servers, mode: Mode) -> anyhow::Result<Child> {
+    let config = config(servers, mode)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -188,13 +226,13 @@ fn server_cpu(servers: &Servers) -> anyhow::Result<(f64, f64)> {
 }
 
 /// walstream from start to the last ack of `changes` events.
-async fn run_walstream(servers: &Servers, changes: u64) -> anyhow::Result<Drain> {
+async fn run_walstream(servers: &Servers, changes: u64, mode: Mode) -> anyhow::Result<Drain> {
     let (nats_before, postgres_before) = server_cpu(servers)?;
     let started = Instant::now();
-    let mut child = spawn_walstream(servers)?;
+    let mut child = spawn_walstream(servers, mode)?;
     let js = jetstream::new(async_nats::connect(servers.nats.url()).await?);
     let (elapsed, bytes) = loop {
-        if let Ok(mut stream) = js.get_stream("fraiseql_events").await {
+        if let Ok(mut stream) = js.get_stream(mode.stream).await {
             if let Ok(info) = stream.info().await {
                 if info.state.messages >= changes {
                     break (started.elapsed(), info.state.bytes);
@@ -306,10 +344,24 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
     eprintln!("{name}: raw slot read…");
     let raw_slot_read_per_sec = raw_slot_read(&servers, changes).await?;
     eprintln!("{name}: walstream draining…");
-    let drain = run_walstream(&servers, changes).await?;
+    let drain = run_walstream(&servers, changes, INDEPENDENT).await?;
+    let version = async_nats::connect(servers.nats.url())
+        .await?
+        .server_info()
+        .version;
+    let atomic = if walstream::nats::atomic_batches_with_ids(&version) {
+        eprintln!("{name}: walstream draining again, atomic transactions…");
+        Some(run_walstream(&servers, changes, ATOMIC).await?)
+    } else {
+        eprintln!("{name}: nats-server {version} has no atomic batches with ids: one drain");
+        None
+    };
     eprintln!("{name}: raw JetStream publish…");
     let raw_publish_per_sec = raw_publish(&servers, changes, drain.mean_bytes as usize).await?;
     Ok(Scenario {
+        nats_server: version,
+        atomic_per_sec: atomic.as_ref().map(|a| a.per_sec),
+        atomic_cpu_us_per_change: atomic.map(|a| a.cpu),
         name: name.to_owned(),
         changes,
         walstream_per_sec: drain.per_sec,
@@ -356,6 +408,25 @@ fn report(results: &Results) -> anyhow::Result<()> {
             c.postgres,
             c.walstream + c.nats_server + c.postgres
         );
+    }
+    println!("\n| scenario | nats-server | atomic transactions changes/s | atomic / independent | CPU per change, atomic: walstream | nats-server | PostgreSQL |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for r in &results.backlog {
+        match (r.atomic_per_sec, &r.atomic_cpu_us_per_change) {
+            (Some(rate), Some(c)) => println!(
+                "| {} | {} | {rate:.0} | {:.0}% | {:.1} µs | {:.1} µs | {:.1} µs |",
+                r.name,
+                r.nats_server,
+                100.0 * rate / r.walstream_per_sec,
+                c.walstream,
+                c.nats_server,
+                c.postgres
+            ),
+            _ => println!(
+                "| {} | {} | (no atomic batches before 2.12.1) | | | | |",
+                r.name, r.nats_server
+            ),
+        }
     }
     println!("\n| reader | writer rate | achieved | changes | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");

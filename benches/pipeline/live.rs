@@ -12,8 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{
-    create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE, ROW,
-    TABLE, WINDOW,
+    create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE,
+    INDEPENDENT, ROW, TABLE, WINDOW,
 };
 
 /// Writer connections; each commits single-row transactions one after another.
@@ -111,7 +111,7 @@ async fn streaming() -> anyhow::Result<(Servers, jetstream::Context, Child)> {
 
 /// Starts walstream and waits until it has created its stream, i.e. it is streaming.
 async fn walstream_streaming(servers: &Servers, js: &jetstream::Context) -> anyhow::Result<Child> {
-    let child = spawn_walstream(servers)?;
+    let child = spawn_walstream(servers, INDEPENDENT)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while js.get_stream(STREAM).await.is_err() {
         anyhow::ensure!(
