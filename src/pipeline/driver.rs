@@ -328,10 +328,9 @@ impl Outlet {
         published: &IntCounter,
         encode: impl FnOnce(&mut Encoder, &mut Transaction) -> Result<EncodedEvent, ColumnCountMismatch>,
     ) -> anyhow::Result<()> {
-        if !self.delivery.admit(tx) {
+        let Some(event) = self.admitted(tx, encode)? else {
             return Ok(());
-        }
-        let event = encode(&mut self.encoder, tx)?;
+        };
         match self.held.replace((event, published.clone())) {
             Some((previous, counter)) => self.send(previous, counter).await,
             None => Ok(()),
@@ -345,12 +344,23 @@ impl Outlet {
         published: &IntCounter,
         encode: impl FnOnce(&mut Encoder, &mut Transaction) -> Result<EncodedEvent, ColumnCountMismatch>,
     ) -> anyhow::Result<()> {
-        if !self.delivery.admit(tx) {
+        let Some(mut event) = self.admitted(tx, encode)? else {
             return Ok(());
-        }
-        let mut event = encode(&mut self.encoder, tx)?;
+        };
         event.last_in_transaction = true;
         self.send(event, published.clone()).await
+    }
+
+    /// The event `encode` makes, unless the stream already has it.
+    fn admitted(
+        &mut self,
+        tx: &mut Transaction,
+        encode: impl FnOnce(&mut Encoder, &mut Transaction) -> Result<EncodedEvent, ColumnCountMismatch>,
+    ) -> anyhow::Result<Option<EncodedEvent>> {
+        if !self.delivery.admit(tx) {
+            return Ok(None);
+        }
+        Ok(Some(encode(&mut self.encoder, tx)?))
     }
 
     /// The open transaction committed: the event held is its last.
