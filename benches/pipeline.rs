@@ -61,9 +61,15 @@ struct Scenario {
     /// CPU per change during walstream's drain, µs: the three processes share two cores, so
     /// their sum bounds the rate.
     cpu_us_per_change: CpuPerChange,
+    /// How walstream published in the main drain (`fast ingest` on nats-server 2.14+).
+    publishing: &'static str,
     /// The same drain with `nats.transactions = "atomic"` (nats-server 2.12.1+).
     atomic_per_sec: Option<f64>,
     atomic_cpu_us_per_change: Option<CpuPerChange>,
+    /// The same drain with `nats.fast_ingest = false` (nats-server 2.14+): every message
+    /// acknowledged.
+    classic_per_sec: Option<f64>,
+    classic_cpu_us_per_change: Option<CpuPerChange>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -108,6 +114,7 @@ async fn prepare(servers: &Servers, backlog: &[String]) -> anyhow::Result<()> {
         "SELECT pg_create_logical_replication_slot('walstream', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('raw', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('atomic', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('classic', 'pgoutput')",
     ];
     for statement in setup
         .iter()
@@ -123,6 +130,7 @@ async fn prepare(servers: &Servers, backlog: &[String]) -> anyhow::Result<()> {
 #[derive(Clone, Copy)]
 struct Mode {
     transactions: &'static str,
+    fast_ingest: bool,
     slot: &'static str,
     stream: &'static str,
     prefix: &'static str,
@@ -130,6 +138,7 @@ struct Mode {
 
 const INDEPENDENT: Mode = Mode {
     transactions: "independent",
+    fast_ingest: true,
     slot: "walstream",
     stream: "fraiseql_events",
     prefix: "fraiseql.mutation",
@@ -137,9 +146,18 @@ const INDEPENDENT: Mode = Mode {
 
 const ATOMIC: Mode = Mode {
     transactions: "atomic",
+    fast_ingest: true,
     slot: "atomic",
     stream: "atomic_events",
     prefix: "atomic.mutation",
+};
+
+const CLASSIC: Mode = Mode {
+    transactions: "independent",
+    fast_ingest: false,
+    slot: "classic",
+    stream: "classic_events",
+    prefix: "classic.mutation",
 };
 
 fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
@@ -150,7 +168,8 @@ fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
             "[database]\nurl = \"{}\"\n[replication]\ntables = [\"public.t_bench\"]\n\
              slot = \"{slot}\"\nheartbeat_secs = 0\n[checkpoint]\npath = \"{}\"\n[nats]\n\
              url = \"{}\"\nstream_name = \"{stream}\"\nsubject_prefix = \"{prefix}\"\n\
-             transactions = \"{transactions}\"\nmax_inflight = {WINDOW}\n[nats.jetstream]\n\
+             transactions = \"{transactions}\"\nfast_ingest = {fast_ingest}\n\
+             max_inflight = {WINDOW}\n[nats.jetstream]\n\
              max_bytes = -1\nmax_msgs = -1\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n",
             servers.postgres.url(DATABASE),
             servers
@@ -162,6 +181,7 @@ fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
             stream = mode.stream,
             prefix = mode.prefix,
             transactions = mode.transactions,
+            fast_ingest = mode.fast_ingest,
         ),
     )?;
     Ok(path)
@@ -356,9 +376,22 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
         eprintln!("{name}: nats-server {version} has no atomic batches with ids: one drain");
         None
     };
+    let classic = if walstream::nats::fast_ingest_batches(&version) {
+        eprintln!("{name}: walstream draining again, every message acknowledged…");
+        Some(run_walstream(&servers, changes, CLASSIC).await?)
+    } else {
+        None
+    };
     eprintln!("{name}: raw JetStream publish…");
     let raw_publish_per_sec = raw_publish(&servers, changes, drain.mean_bytes as usize).await?;
     Ok(Scenario {
+        publishing: if walstream::nats::fast_ingest_batches(&version) {
+            "fast ingest"
+        } else {
+            "chained"
+        },
+        classic_per_sec: classic.as_ref().map(|c| c.per_sec),
+        classic_cpu_us_per_change: classic.map(|c| c.cpu),
         nats_server: version,
         atomic_per_sec: atomic.as_ref().map(|a| a.per_sec),
         atomic_cpu_us_per_change: atomic.map(|a| a.cpu),
@@ -425,6 +458,28 @@ fn report(results: &Results) -> anyhow::Result<()> {
             _ => println!(
                 "| {} | {} | (no atomic batches before 2.12.1) | | | | |",
                 r.name, r.nats_server
+            ),
+        }
+    }
+    println!("\n| scenario | nats-server | publishing | changes/s | every message acknowledged: changes/s | ratio | nats-server CPU per change | every message acknowledged | walstream CPU per change | every message acknowledged |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &results.backlog {
+        match (r.classic_per_sec, &r.classic_cpu_us_per_change) {
+            (Some(rate), Some(c)) => println!(
+                "| {} | {} | {} | {:.0} | {rate:.0} | {:.0}% | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+                r.name,
+                r.nats_server,
+                r.publishing,
+                r.walstream_per_sec,
+                100.0 * r.walstream_per_sec / rate,
+                r.cpu_us_per_change.nats_server,
+                c.nats_server,
+                r.cpu_us_per_change.walstream,
+                c.walstream,
+            ),
+            _ => println!(
+                "| {} | {} | {} | {:.0} | (no fast ingest before 2.14) | | | | | |",
+                r.name, r.nats_server, r.publishing, r.walstream_per_sec
             ),
         }
     }

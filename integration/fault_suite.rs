@@ -455,6 +455,7 @@ async fn random_faults_lose_duplicate_and_reorder_nothing() -> anyhow::Result<()
         "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
     );
     assert!(status.success(), "walstream's final SIGTERM: {status}");
+    assert_published_as_the_server_calls_for(&js, &chaos.cluster.log_path(), false)?;
     let kinds = chaos.injected.len();
     assert!(
         kinds >= chaos.available().len(),
@@ -618,19 +619,7 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
         "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
     );
     assert!(status.success(), "walstream's final SIGTERM: {status}");
-    // The mode the server calls for, not the other one passing by luck: chained publishes on a
-    // replicated stream stop nats-server 2.15 (README "Guarantees").
-    let version = js.client().server_info().version;
-    let wanted = if walstream::nats::atomic_batches_with_ids(&version) {
-        "publishing=\"atomic batches\""
-    } else {
-        "publishing=\"chained\""
-    };
-    let log = std::fs::read_to_string(cluster.log_path())?;
-    assert!(
-        log.contains(wanted),
-        "walstream did not publish with {wanted} on nats-server {version}"
-    );
+    assert_published_as_the_server_calls_for(&js, &cluster.log_path(), true)?;
     let replicas = js
         .get_stream(STREAM)
         .await?
@@ -643,6 +632,33 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
 }
 
 /// Copies walstream's log out of the test's temporary directory, which a failed test removes.
+/// The mode the server calls for, not another one passing by luck: fast ingest on 2.14+,
+/// atomic batches for a replicated stream on 2.12.1+ (chained publishes there stop nats-server
+/// 2.15, README "Guarantees"), chained otherwise.
+fn assert_published_as_the_server_calls_for(
+    js: &jetstream::Context,
+    log: &std::path::Path,
+    replicated: bool,
+) -> anyhow::Result<()> {
+    let version = js.client().server_info().version;
+    let wanted = match (
+        walstream::nats::fast_ingest_batches(&version),
+        walstream::nats::atomic_batches_with_ids(&version),
+    ) {
+        (true, _) if replicated => "fast ingest, one batch at a time",
+        (true, _) => "fast ingest",
+        (false, true) if replicated => "atomic batches",
+        _ => "chained",
+    };
+    let wanted = format!("publishing=\"{wanted}\"");
+    let log = std::fs::read_to_string(log)?;
+    assert!(
+        log.contains(&wanted),
+        "walstream did not publish with {wanted} on nats-server {version}"
+    );
+    Ok(())
+}
+
 fn keep_log(cluster: &Cluster) {
     let kept = std::env::temp_dir().join(format!("walstream-fault-{}.log", std::process::id()));
     match std::fs::copy(cluster.log_path(), &kept) {
@@ -734,6 +750,12 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
         |stream: &[Stored], tables: &HashMap<&'static str, BTreeMap<String, serde_json::Value>>| {
             oracle::judge(&committed, stream, tables, &none)
         };
+    let last = |mut message: Stored| {
+        message
+            .headers
+            .insert(walstream::pipeline::event::HEADER_TX_LAST, "true");
+        message
+    };
     let stream = vec![
         event(
             1,
@@ -744,7 +766,7 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
             "INSERT",
             json!({"id": 1, "n": 1, "note": null}),
         ),
-        event(
+        last(event(
             2,
             10,
             "0/1F0",
@@ -752,8 +774,8 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
             "public.t_a",
             "UPDATE",
             json!({"id": 1, "n": 2, "note": null}),
-        ),
-        event(
+        )),
+        last(event(
             3,
             11,
             "0/2F0",
@@ -761,7 +783,7 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
             "public.t_c",
             "INSERT",
             json!({"k": "k1", "v": 5, "flag": true}),
-        ),
+        )),
     ];
     let tables: HashMap<&'static str, BTreeMap<String, serde_json::Value>> = HashMap::from([
         (
@@ -794,6 +816,12 @@ fn the_oracle_catches_loss_duplication_reordering_and_wrong_rows() {
     let mut wrong = stream.clone();
     wrong[1].body["event"] = json!("DELETE");
     assert!(judge(&wrong, &tables).wrong_content >= 1);
+    let mut unmarked = stream.clone();
+    unmarked[1].headers = Default::default();
+    assert_eq!(judge(&unmarked, &tables).wrong_content, 1);
+    let mut early = stream.clone();
+    early[0] = last(early[0].clone());
+    assert_eq!(judge(&early, &tables).wrong_content, 1);
     let mut outside = stream.clone();
     outside[2].message_id = "walstream:11:0/1F8:0".into();
     assert_eq!(judge(&outside, &tables).wrong_content, 1);

@@ -161,6 +161,10 @@ pub struct NatsConfig {
     /// Whether a transaction's events are stored one by one or as one atomic batch.
     #[serde(default)]
     pub transactions: TransactionMode,
+    /// Publish in fast-ingest batches where the server has them (nats-server 2.14+); false
+    /// keeps the message-by-message path.
+    #[serde(default = "defaults::fast_ingest")]
+    pub fast_ingest: bool,
     #[serde(default)]
     pub jetstream: JetStreamConfig,
 }
@@ -374,6 +378,9 @@ mod defaults {
     }
     pub fn max_inflight() -> usize {
         1024
+    }
+    pub fn fast_ingest() -> bool {
+        true
     }
     pub fn ack_timeout_secs() -> u64 {
         5

@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::nats;
 use crate::pipeline::checkpoint::Checkpoint;
 use crate::pipeline::history;
-use crate::pipeline::sink::PublishMode;
+use crate::pipeline::sink::{PublishMode, StreamFacts};
 use crate::postgres::{self, db_error};
 
 /// How a check came out.
@@ -442,14 +442,14 @@ async fn check_nats(config: &Config, report: &mut Report) {
 /// How walstream will publish to this server: the mode `stream` logs at start.
 fn check_publish_mode(config: &Config, version: &str, report: &mut Report) {
     let replicas = config.nats.jetstream.replicas;
-    // The stream's allow_atomic is walstream's to turn on at start.
-    match PublishMode::for_stream(
+    // The stream's batch settings are walstream's to turn on at start.
+    let facts = StreamFacts {
         replicas,
-        version,
-        true,
-        config.nats.max_inflight,
-        config.nats.transactions,
-    ) {
+        server_version: version,
+        atomic_allowed: true,
+        batched_allowed: true,
+    };
+    match PublishMode::for_stream(facts, &config.nats) {
         Ok(mode) => report.pass(format!(
             "publishing: {} ({replicas} replica(s), nats-server {version})",
             mode.name()

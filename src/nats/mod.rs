@@ -9,5 +9,5 @@ mod stream;
 
 pub use connect::{connect, jetstream_for_command};
 pub use key_value::ensure_key_value;
-pub use server::{atomic_batches_with_ids, server_features, ServerFeatures};
-pub use stream::{ensure_stream, existing_stream, message_at};
+pub use server::{atomic_batches_with_ids, fast_ingest_batches, server_features, ServerFeatures};
+pub use stream::{ensure_stream, existing_stream, message_at, BatchSettings};

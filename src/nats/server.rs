@@ -46,6 +46,12 @@ pub fn atomic_batches_with_ids(version: &str) -> bool {
     version_at_least(version, (2, 12, 1))
 }
 
+/// Whether a server announcing `version` takes fast-ingest batches (nats-server 2.14+, a
+/// stream's `allow_batched`).
+pub fn fast_ingest_batches(version: &str) -> bool {
+    version_at_least(version, (2, 14, 0))
+}
+
 /// `2.12.8`, `2.15.1-RC.2`, `v2.10.26`: compared by their numbers; an unreadable version is
 /// taken for an old server.
 fn version_at_least(version: &str, wanted: (u64, u64, u64)) -> bool {
@@ -92,6 +98,16 @@ mod tests {
             "3.0.0",
         ] {
             assert!(atomic_batches_with_ids(new), "{new}");
+        }
+    }
+
+    #[test]
+    fn fast_ingest_batches_need_2_14() {
+        for old in ["2.9.10", "2.11.11", "2.12.8", "2.13.9", ""] {
+            assert!(!fast_ingest_batches(old), "{old}");
+        }
+        for new in ["2.14.0", "2.14.6", "2.15.1", "v2.16.0-RC.1", "3.0.0"] {
+            assert!(fast_ingest_batches(new), "{new}");
         }
     }
 

@@ -7,14 +7,23 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::{JetStreamConfig, StorageKind};
 
-/// Creates the stream, or updates it to the configured settings; `atomic` turns on atomic
-/// batch publishing (`allow_atomic`), which is never turned off once on.
+/// The batch publishing a stream allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// Atomic batches (`allow_atomic`, nats-server 2.12+).
+    pub atomic: bool,
+    /// Fast-ingest batches (`allow_batched`, nats-server 2.14+).
+    pub batched: bool,
+}
+
+/// Creates the stream, or updates it to the configured settings; `batches` turns on batch
+/// publishing, which is never turned off once on (another walstream may rely on it).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     name: &str,
     subjects: Vec<String>,
     settings: &JetStreamConfig,
-    atomic: bool,
+    batches: BatchSettings,
 ) -> anyhow::Result<stream::Info> {
     let mut wanted = stream::Config {
         name: name.to_owned(),
@@ -28,7 +37,8 @@ pub async fn ensure_stream(
             StorageKind::File => stream::StorageType::File,
             StorageKind::Memory => stream::StorageType::Memory,
         },
-        allow_atomic_publish: atomic,
+        allow_atomic_publish: batches.atomic,
+        allow_batch_publish: batches.batched,
         ..Default::default()
     };
     match js.get_stream(name).await {
@@ -51,7 +61,9 @@ pub async fn ensure_stream(
                 );
             }
             wanted.allow_atomic_publish |= current.allow_atomic_publish;
+            wanted.allow_batch_publish |= current.allow_batch_publish;
             let differs = current.allow_atomic_publish != wanted.allow_atomic_publish
+                || current.allow_batch_publish != wanted.allow_batch_publish
                 || current.subjects != wanted.subjects
                 || current.duplicate_window != wanted.duplicate_window
                 || current.max_age != wanted.max_age

@@ -30,7 +30,7 @@ use crate::pipeline::event::{
 use crate::pipeline::history;
 use crate::pipeline::pgoutput::{self, Message, TupleData};
 use crate::pipeline::progress::Progress;
-use crate::pipeline::sink::{PublishMode, Sink, StoredEvent};
+use crate::pipeline::sink::{PublishMode, Sink, StoredEvent, StreamFacts};
 use crate::pipeline::source::ReplicationTarget;
 use crate::pipeline::timeline::History;
 use crate::postgres::{self, HEARTBEAT_PREFIX};
@@ -129,26 +129,26 @@ pub async fn run(
         .timeout(config.ack_timeout())
         .build(nats);
     let stream_name = config.nats.stream_name.clone();
-    let atomic = PublishMode::needs_atomic(
+    let batches = PublishMode::stream_needs(
         config.nats.jetstream.replicas,
         &server_version,
-        config.nats.transactions,
+        &config.nats,
     );
     let stream = nats::ensure_stream(
         &js,
         &stream_name,
         naming.stream_subjects(),
         &config.nats.jetstream,
-        atomic,
+        batches,
     )
     .await?;
-    let mode = PublishMode::for_stream(
-        stream.config.num_replicas,
-        &server_version,
-        stream.config.allow_atomic_publish,
-        config.nats.max_inflight,
-        config.nats.transactions,
-    )?;
+    let facts = StreamFacts {
+        replicas: stream.config.num_replicas,
+        server_version: &server_version,
+        atomic_allowed: stream.config.allow_atomic_publish,
+        batched_allowed: stream.config.allow_batch_publish,
+    };
+    let mode = PublishMode::for_stream(facts, &config.nats)?;
     let slot = &config.replication.slot;
     let tail = read_tail_patiently(&js, &stream_name, slot, Duration::from_secs(60))
         .await
@@ -660,6 +660,11 @@ impl Pipeline {
                     last_received = Instant::now();
                 }
                 _ = tick.tick() => {}
+                // Last: only when PostgreSQL has nothing ready, so a fast-ingest batch ends
+                // with the burst that filled it, not before.
+                () = std::future::ready(()), if self.outlet.sink.burst_open() => {
+                    self.outlet.sink.end_burst().await?;
+                }
             }
             self.persist_progress(client)?;
         }

@@ -77,6 +77,17 @@ impl PublishFailure {
                  nats-server does not take message ids in batches (2.12.0 does not). Upgrade \
                  nats-server to 2.12.1 or later"
             ),
+            "fast_ingest_disabled" => format!(
+                "stream {stream} refused a fast-ingest batch ({detail}): its allow_batched \
+                 setting was turned off while walstream ran. walstream publishes in fast-ingest \
+                 batches on nats-server 2.14+ and turns the setting on when it starts: restart \
+                 walstream, or set nats.fast_ingest = false"
+            ),
+            "fast_ingest_refused" => format!(
+                "stream {stream} refused walstream's fast-ingest batch ({detail}). Set \
+                 nats.fast_ingest = false to publish message by message, and report this \
+                 with the nats-server version"
+            ),
             _ => return None,
         };
         Some(super::SinkError::Fatal(why))
@@ -157,10 +168,7 @@ impl Acks {
         self.client
             .publish_with_reply_and_headers(subject, reply, headers, payload)
             .await
-            .map_err(|error| match error.kind() {
-                PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
-                _ => PublishFailure::failed("broken_pipe", error.to_string()),
-            })?;
+            .map_err(publish_failure)?;
         self.next_token += 1;
         self.waiting.push_back(Waiting {
             token,
@@ -181,10 +189,7 @@ impl Acks {
         self.client
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(|error| match error.kind() {
-                PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
-                _ => PublishFailure::failed("broken_pipe", error.to_string()),
-            })
+            .map_err(publish_failure)
     }
 
     /// Publishes awaiting their answer.
@@ -267,9 +272,48 @@ impl Acks {
     }
 }
 
+/// Why the client could not send a message.
+pub fn publish_failure(error: async_nats::client::PublishError) -> PublishFailure {
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
+        _ => PublishFailure::failed("broken_pipe", error.to_string()),
+    }
+}
+
+/// A JetStream API error refusing a message, by its `err_code`.
+pub fn refusal(err_code: u64, description: String) -> PublishFailure {
+    PublishFailure::failed(
+        match err_code {
+            10070 => "wrong_last_msg_id",
+            // 10164: another write was in flight when a replicated stream's leader checked.
+            10071 | 10164 => "wrong_last_sequence",
+            10059 => "stream_not_found",
+            // The same as a status 429, where a server answers in JSON.
+            10167 => "ingest_limit",
+            // 2.11+: a message with this id is being stored right now (a re-send racing its
+            // original); it may yet land.
+            10158 => "duplicate_in_process",
+            // Atomic batches (2.12+): a message id the stream holds refuses the batch whole.
+            10201 => "duplicate_in_batch",
+            10176 => "batch_incomplete",
+            // Too many atomic (10210) or fast (10211) batches in flight on the server.
+            10210 | 10211 => "batches_in_flight",
+            10174 => "atomic_disabled",
+            10199 => "batch_too_large",
+            10177 => "batch_header_refused",
+            // Fast-ingest batches (2.14+).
+            10205 => "fast_ingest_disabled",
+            10206 | 10207 => "fast_ingest_refused",
+            10208 => "batch_unknown",
+            _ => "other",
+        },
+        description,
+    )
+}
+
 /// JetStream's answer to a publish: `{"stream":…,"seq":…}`, with `"duplicate":true` when the
 /// id was already stored, or `{"error":{…}}`; a 503 status when no stream takes the subject.
-fn answer(message: &Message) -> AckResult {
+pub fn answer(message: &Message) -> AckResult {
     #[derive(serde::Deserialize)]
     struct Reply {
         seq: Option<u64>,
@@ -309,28 +353,7 @@ fn answer(message: &Message) -> AckResult {
     let reply: Reply = serde_json::from_slice(&message.payload)
         .map_err(|e| PublishFailure::failed("other", format!("unreadable acknowledgement: {e}")))?;
     match (reply.error, reply.seq) {
-        (Some(error), _) => Err(PublishFailure::failed(
-            match error.err_code {
-                10070 => "wrong_last_msg_id",
-                // 10164: another write was in flight when a replicated stream's leader checked.
-                10071 | 10164 => "wrong_last_sequence",
-                10059 => "stream_not_found",
-                // The same as a status 429, where a server answers in JSON.
-                10167 => "ingest_limit",
-                // 2.11+: a message with this id is being stored right now (a re-send racing
-                // its original); it may yet land.
-                10158 => "duplicate_in_process",
-                // Atomic batches (2.12+): a message id the stream holds refuses the batch whole.
-                10201 => "duplicate_in_batch",
-                10176 => "batch_incomplete",
-                10210 => "batches_in_flight",
-                10174 => "atomic_disabled",
-                10199 => "batch_too_large",
-                10177 => "batch_header_refused",
-                _ => "other",
-            },
-            error.description,
-        )),
+        (Some(error), _) => Err(refusal(error.err_code, error.description)),
         (None, Some(sequence)) => Ok(Stored {
             sequence,
             duplicate: reply.duplicate,

@@ -1,7 +1,7 @@
 //! The JetStream sink: publishes events pipelined yet in WAL order, and counts those JetStream
 //! has acknowledged.
 //!
-//! Order under failure, beside other publishers, in one of two ways ([`PublishMode`]):
+//! Order under failure, beside other publishers, in one of three ways ([`PublishMode`]):
 //! - **Chained** (single-replica streams; servers before 2.12.1): every publish carries
 //!   `Nats-Expected-Last-Sequence` and, after the first of a chain, its predecessor's id as
 //!   `Nats-Expected-Last-Msg-Id`. JetStream stores an event only when its predecessor is the
@@ -16,6 +16,12 @@
 //!   acknowledgement named: a batch is stored whole, right after walstream's last event, or not
 //!   at all, and nothing is sent before the fate of what precedes it is known. Events handed
 //!   over while a batch is in flight form the next one, so batches grow with the load.
+//! - **Fast ingest** (nats-server 2.14+): each event carries the chained mode's expectations
+//!   and is appended to an open fast-ingest batch ([`fast_ingest`]), which ends when the
+//!   driver has nothing more for the moment; the server acknowledges every few hundred
+//!   messages, and a message lost or refused ends the batch, so an acknowledged count is a
+//!   count of events stored in their places. On a replicated stream, without the id
+//!   expectation (checked only when replicas apply it, as above) and one batch at a time.
 //!
 //! Any failure makes every later publish fail too; the sink then counts how many of its events
 //! the stream holds (by their ids, never by sequence numbers alone), takes the other messages
@@ -23,6 +29,7 @@
 //! the stream's end.
 
 mod acks;
+mod fast_ingest;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -37,13 +44,14 @@ use bytes::Bytes;
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
 
-pub use acks::AckResult;
-use acks::{Acks, PublishFailure};
+use acks::{AckResult, Acks, PublishFailure};
+use fast_ingest::{FastBatches, Progress};
 
 use crate::backoff::Backoff;
-use crate::config::TransactionMode;
+use crate::config::{NatsConfig, TransactionMode};
 use crate::metrics::Metrics;
 use crate::nats::message_at;
+use crate::nats::BatchSettings;
 use crate::pipeline::event::{EncodedEvent, Position};
 use crate::pipeline::history::StreamTail;
 
@@ -120,30 +128,44 @@ pub enum PublishMode {
         max: usize,
         whole_transactions: bool,
     },
+    /// Fast-ingest batches; on a `replicated` stream one at a time, without message id
+    /// expectations.
+    FastIngest {
+        replicated: bool,
+    },
+}
+
+/// What decides the publish mode besides walstream's settings: the stream and its server.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamFacts<'a> {
+    pub replicas: usize,
+    pub server_version: &'a str,
+    /// The stream's `allow_atomic` and `allow_batched` settings.
+    pub atomic_allowed: bool,
+    pub batched_allowed: bool,
 }
 
 impl PublishMode {
-    /// Whether walstream needs the stream's `allow_atomic` for `replicas` on a server
-    /// announcing `server_version`.
-    pub fn needs_atomic(
-        replicas: usize,
-        server_version: &str,
-        transactions: TransactionMode,
-    ) -> bool {
-        crate::nats::atomic_batches_with_ids(server_version)
-            && (replicas > 1 || transactions == TransactionMode::Atomic)
+    /// The batch settings walstream needs on a stream of `replicas` on a server announcing
+    /// `server_version`.
+    pub fn stream_needs(replicas: usize, server_version: &str, nats: &NatsConfig) -> BatchSettings {
+        let atomic_transactions = nats.transactions == TransactionMode::Atomic;
+        let batched = nats.fast_ingest
+            && !atomic_transactions
+            && crate::nats::fast_ingest_batches(server_version);
+        let atomic = crate::nats::atomic_batches_with_ids(server_version)
+            && (atomic_transactions || (replicas > 1 && !batched));
+        BatchSettings { atomic, batched }
     }
 
-    /// The mode for a stream of `replicas` on a server announcing `server_version`, whose
-    /// `allow_atomic` setting is `atomic_allowed`.
-    pub fn for_stream(
-        replicas: usize,
-        server_version: &str,
-        atomic_allowed: bool,
-        window: usize,
-        transactions: TransactionMode,
-    ) -> Result<Self, SinkError> {
-        let whole_transactions = transactions == TransactionMode::Atomic;
+    /// The mode for the stream `facts` describe.
+    pub fn for_stream(facts: StreamFacts<'_>, nats: &NatsConfig) -> Result<Self, SinkError> {
+        let StreamFacts {
+            replicas,
+            server_version,
+            ..
+        } = facts;
+        let whole_transactions = nats.transactions == TransactionMode::Atomic;
         if whole_transactions && !crate::nats::atomic_batches_with_ids(server_version) {
             return Err(SinkError::Fatal(format!(
                 "nats.transactions = \"atomic\" needs nats-server 2.12.1 or later (atomic \
@@ -151,10 +173,24 @@ impl PublishMode {
                  nats.transactions = \"independent\""
             )));
         }
-        if !Self::needs_atomic(replicas, server_version, transactions) {
+        let needs = Self::stream_needs(replicas, server_version, nats);
+        if needs.batched {
+            if !facts.batched_allowed {
+                return Err(SinkError::Fatal(format!(
+                    "the stream does not allow fast-ingest batches (nats-server \
+                     {server_version}), which walstream publishes in and turns on when it \
+                     starts: allow them (allow_batched: true in the stream's configuration), \
+                     let walstream update the stream, or set nats.fast_ingest = false"
+                )));
+            }
+            return Ok(PublishMode::FastIngest {
+                replicated: replicas > 1,
+            });
+        }
+        if !needs.atomic {
             return Ok(PublishMode::Chained);
         }
-        if !atomic_allowed {
+        if !facts.atomic_allowed {
             return Err(SinkError::Fatal(format!(
                 "the stream ({replicas} replicas, nats-server {server_version}) does not allow \
                  atomic publishing, which walstream needs here (replicated streams, and \
@@ -164,7 +200,7 @@ impl PublishMode {
             )));
         }
         Ok(PublishMode::AtomicBatches {
-            max: window.clamp(1, SERVER_BATCH_LIMIT),
+            max: nats.max_inflight.clamp(1, SERVER_BATCH_LIMIT),
             whole_transactions,
         })
     }
@@ -180,6 +216,8 @@ impl PublishMode {
                 whole_transactions: true,
                 ..
             } => "atomic transactions",
+            PublishMode::FastIngest { replicated: false } => "fast ingest",
+            PublishMode::FastIngest { replicated: true } => "fast ingest, one batch at a time",
         }
     }
 }
@@ -233,6 +271,26 @@ pub struct Sink {
     busy: Option<Backoff>,
     /// In-process subscribers (`walstream run`), told of each event once it is stored.
     stored: Option<broadcast::Sender<Arc<StoredEvent>>>,
+    /// In fast-ingest mode, the batches, and how many events of the oldest one in flight
+    /// were acknowledged.
+    fast: Option<FastBatches>,
+    fast_acknowledged: u64,
+}
+
+/// An answer from JetStream, as [`Sink::next_ack_result`] hands it out.
+pub struct Answer(AnswerKind);
+
+enum AnswerKind {
+    Publish(AckResult),
+    Fast(Progress),
+}
+
+/// What the sink does next with the events it has not sent, in fast-ingest mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FastStep {
+    Append,
+    Single,
+    Close,
 }
 
 impl Sink {
@@ -252,6 +310,16 @@ impl Sink {
         let acks = Acks::subscribe(js.client(), ack_timeout)
             .await
             .map_err(SinkError::Fatal)?;
+        let fast = match mode {
+            // Asked to acknowledge a quarter of the window at a time, the server answers
+            // twice before the window fills.
+            PublishMode::FastIngest { .. } => Some(
+                FastBatches::subscribe(js.client(), (window / 4).max(1) as u64, ack_timeout)
+                    .await
+                    .map_err(SinkError::Fatal)?,
+            ),
+            _ => None,
+        };
         let batch_prefix = js
             .client()
             .new_inbox()
@@ -278,6 +346,8 @@ impl Sink {
             acked_count: 0,
             busy: None,
             stored: None,
+            fast,
+            fast_acknowledged: 0,
         })
     }
 
@@ -298,8 +368,8 @@ impl Sink {
     ) -> Result<(), SinkError> {
         while self.unacked.len() >= self.window {
             if !self.next_ack().await? {
-                // Nothing in flight (batch mode only): send what waits.
-                if let Err(failure) = self.send_next_batch().await {
+                // Nothing in flight (batch modes only): send what waits.
+                if let Err(failure) = self.send_waiting(true).await {
                     self.recover(failure).await?;
                 }
             }
@@ -316,6 +386,7 @@ impl Sink {
             // Joins the next batch, which goes out when the one in flight is acknowledged.
             PublishMode::AtomicBatches { .. } if self.sent > 0 => Ok(()),
             PublishMode::AtomicBatches { .. } => self.send_batch().await,
+            PublishMode::FastIngest { .. } => self.pump(false).await,
         };
         if let Err(error) = sent {
             self.recover(error).await?;
@@ -336,13 +407,17 @@ impl Sink {
 
     /// Waits for the next ack. Cancel-safe: use it in `select!`, then pass the result to
     /// [`Sink::handle_ack`], which must run to completion.
-    pub async fn next_ack_result(&mut self) -> Option<AckResult> {
-        self.acks.next().await
+    pub async fn next_ack_result(&mut self) -> Option<Answer> {
+        match &mut self.fast {
+            Some(fast) => fast.next().await.map(AnswerKind::Fast),
+            None => self.acks.next().await.map(AnswerKind::Publish),
+        }
+        .map(Answer)
     }
 
     /// Waits for one ack and handles it. Returns false when nothing is in flight.
     pub async fn next_ack(&mut self) -> Result<bool, SinkError> {
-        match self.acks.next().await {
+        match self.next_ack_result().await {
             Some(result) => {
                 self.handle_ack(result).await?;
                 Ok(true)
@@ -351,13 +426,37 @@ impl Sink {
         }
     }
 
-    /// Handles the answer to the oldest publish in flight (an event, or a batch's commit); on
-    /// any failure, re-syncs and re-sends.
-    pub async fn handle_ack(&mut self, result: AckResult) -> Result<(), SinkError> {
+    /// Handles an answer from [`Sink::next_ack_result`]; on any failure, re-syncs and
+    /// re-sends.
+    pub async fn handle_ack(&mut self, answer: Answer) -> Result<(), SinkError> {
+        match answer.0 {
+            AnswerKind::Publish(result) => self.handle_publish_ack(result).await?,
+            AnswerKind::Fast(progress) => self.handle_progress(progress).await?,
+        }
+        self.metrics.inflight_acks.set(self.unacked.len() as i64);
+        Ok(())
+    }
+
+    /// The driver has nothing more to hand over for now: the open fast-ingest batch ends, so
+    /// that its answer comes without waiting for more events.
+    pub async fn end_burst(&mut self) -> Result<(), SinkError> {
+        if let Err(failure) = self.pump(true).await {
+            self.recover(failure).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Sink::end_burst`] has anything to do.
+    pub fn burst_open(&self) -> bool {
+        self.fast_step(true).is_some()
+    }
+
+    /// Handles the answer to the oldest publish in flight (an event, or a batch's commit).
+    async fn handle_publish_ack(&mut self, result: AckResult) -> Result<(), SinkError> {
         // In chained mode every answer is for one event; in batch mode for all those sent.
         let count = match self.mode {
-            PublishMode::Chained => 1,
             PublishMode::AtomicBatches { .. } => std::mem::take(&mut self.sent),
+            _ => 1,
         };
         let expected = count
             .checked_sub(1)
@@ -370,7 +469,7 @@ impl Sink {
                     let sequence = self.unacked.front().map_or(expected, |u| u.sequence);
                     self.acknowledge_front(sequence);
                 }
-                if let Err(failure) = self.send_next_batch().await {
+                if let Err(failure) = self.send_waiting(false).await {
                     self.recover(failure).await?;
                 }
             }
@@ -378,7 +477,7 @@ impl Sink {
             // published already (by an earlier run), and JetStream says where.
             Ok(ack) if count == 1 && ack.duplicate && ack.sequence <= self.end => {
                 self.acknowledge_front(ack.sequence);
-                if let Err(failure) = self.send_next_batch().await {
+                if let Err(failure) = self.send_waiting(false).await {
                     self.recover(failure).await?;
                 }
             }
@@ -392,18 +491,123 @@ impl Sink {
             }
             Err(failure) => self.recover(failure).await?,
         }
-        self.metrics.inflight_acks.set(self.unacked.len() as i64);
         Ok(())
     }
 
-    /// In batch mode, sends what waited for the batch just acknowledged.
-    async fn send_next_batch(&mut self) -> Result<(), PublishFailure> {
+    /// What fast-ingest batches said of the oldest one in flight.
+    async fn handle_progress(&mut self, progress: Progress) -> Result<(), SinkError> {
+        match progress {
+            Progress::Stored(count) => {
+                for _ in 0..count {
+                    let sequence = self.unacked.front().map_or(self.end, |u| u.sequence);
+                    self.acknowledge_front(sequence);
+                }
+                self.sent -= count as usize;
+                self.fast_acknowledged += count;
+            }
+            Progress::Ended {
+                sequence,
+                count,
+                sent,
+            } => {
+                let acknowledged = std::mem::take(&mut self.fast_acknowledged);
+                let rest = sent.saturating_sub(acknowledged) as usize;
+                let expected = match rest {
+                    0 => Some(self.end),
+                    _ => self.unacked.get(rest - 1).map(|u| u.sequence),
+                };
+                if count != sent || expected != Some(sequence) {
+                    let error = format!(
+                        "a fast batch of {sent} ended with {count} taken, the last at stream \
+                         sequence {sequence}, where {expected:?} was expected"
+                    );
+                    return self.recover(PublishFailure::Unexpected(error)).await;
+                }
+                for _ in 0..rest {
+                    let sequence = self.unacked.front().map_or(self.end, |u| u.sequence);
+                    self.acknowledge_front(sequence);
+                }
+                self.sent -= rest;
+            }
+            Progress::Failed(failure) => return self.recover(failure).await,
+        }
+        if let Err(failure) = self.pump(false).await {
+            self.recover(failure).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what waited: in batch mode, for the batch in flight to be acknowledged; in
+    /// fast-ingest mode, for room in the batch (or, `idle`, for the end of a burst).
+    async fn send_waiting(&mut self, idle: bool) -> Result<(), PublishFailure> {
         match self.mode {
-            PublishMode::AtomicBatches { .. } if !self.unacked.is_empty() => {
+            PublishMode::AtomicBatches { .. } if !self.unacked.is_empty() && self.sent == 0 => {
                 self.send_batch().await
             }
+            PublishMode::FastIngest { .. } => self.pump(idle).await,
             _ => Ok(()),
         }
+    }
+
+    /// The next thing to do with the events not sent yet in fast-ingest mode: append them to
+    /// the open batch while it has room; open a batch for two or more (a lone event waits for
+    /// company or for the end of the burst, then goes as a batch of one); end the open batch
+    /// when the burst ends. On a replicated stream a batch opens only once the previous one
+    /// ended: a message lost in a leader election is caught by the batch's own sequence, not
+    /// across batches.
+    fn fast_step(&self, idle: bool) -> Option<FastStep> {
+        let (PublishMode::FastIngest { replicated }, Some(fast)) = (self.mode, &self.fast) else {
+            return None;
+        };
+        let unsent = self.unacked.len() - self.sent;
+        if fast.has_open() {
+            return match unsent {
+                0 => idle.then_some(FastStep::Close),
+                _ => (!fast.stalled()).then_some(FastStep::Append),
+            };
+        }
+        if unsent == 0 || (replicated && fast.in_flight() > 0) {
+            return None;
+        }
+        match unsent {
+            1 => idle.then_some(FastStep::Single),
+            _ => Some(FastStep::Append),
+        }
+    }
+
+    /// Does what [`Sink::fast_step`] says until it says nothing.
+    async fn pump(&mut self, idle: bool) -> Result<(), PublishFailure> {
+        while let Some(step) = self.fast_step(idle) {
+            let replicated = matches!(self.mode, PublishMode::FastIngest { replicated: true });
+            let index = self.sent;
+            let (subject, headers, payload) = match step {
+                FastStep::Close => {
+                    return self.fast_batches().close().await;
+                }
+                FastStep::Append | FastStep::Single => {
+                    let entry = &self.unacked[index];
+                    let headers = self.expectations(index, !replicated);
+                    (
+                        entry.event.subject.clone(),
+                        headers,
+                        entry.event.payload.clone(),
+                    )
+                }
+            };
+            self.sent += 1;
+            let fast = self.fast_batches();
+            match step {
+                FastStep::Single => fast.single(subject, headers, payload).await?,
+                _ => fast.append(subject, headers, payload).await?,
+            }
+        }
+        Ok(())
+    }
+
+    fn fast_batches(&mut self) -> &mut FastBatches {
+        self.fast
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("fast-ingest mode has its batches"))
     }
 
     /// Sends the oldest unacknowledged events as one atomic batch whose first message expects
@@ -465,8 +669,12 @@ impl Sink {
 
     /// Waits until every event handed to the sink is acknowledged.
     pub async fn flush(&mut self) -> Result<(), SinkError> {
-        while self.next_ack().await? {}
-        Ok(())
+        loop {
+            self.end_burst().await?;
+            if !self.next_ack().await? && self.fast_step(true).is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// WAL position of the last event known to be in the stream.
@@ -526,9 +734,12 @@ impl Sink {
         withdrawn as u64
     }
 
-    /// Number of answers awaited (events in chained mode, batches in batch mode).
+    /// Number of answers awaited (events in chained mode, batches in batch modes).
     pub fn in_flight(&self) -> usize {
-        self.acks.len()
+        match &self.fast {
+            Some(fast) => fast.in_flight(),
+            None => self.acks.len(),
+        }
     }
 
     /// Counts the oldest unacknowledged event as stored at `sequence`: where it was sent to
@@ -572,6 +783,15 @@ impl Sink {
     /// stream's last message its predecessor (by id, so another client's message between them
     /// fails it rather than standing in for the predecessor).
     async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
+        let headers = self.expectations(index, true);
+        let entry = &self.unacked[index];
+        let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
+        self.acks.publish(subject, headers, payload).await
+    }
+
+    /// The headers of `unacked[index]` with what it expects of the stream: the last sequence
+    /// the one before its own, and, `with_id`, unless it starts a chain, its predecessor's id.
+    fn expectations(&self, index: usize, with_id: bool) -> HeaderMap {
         let entry = &self.unacked[index];
         let mut headers = entry.event.headers();
         headers.insert(
@@ -585,14 +805,13 @@ impl Sink {
             },
             _ => Some(&self.unacked[index - 1].event),
         };
-        if let Some(predecessor) = predecessor {
+        if let Some(predecessor) = predecessor.filter(|_| with_id) {
             headers.insert(
                 NATS_EXPECTED_LAST_MESSAGE_ID,
                 predecessor.message_id.as_str(),
             );
         }
-        let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
-        self.acks.publish(subject, headers, payload).await
+        headers
     }
 
     /// Brings the stream and `unacked` back in step after a failure, then re-sends.
@@ -643,8 +862,12 @@ impl Sink {
         let mut behind_since: Option<Instant> = None;
         loop {
             // Let every outstanding ack resolve so nothing sent earlier lands after the re-sync.
-            while self.acks.next().await.is_some() {}
+            match &mut self.fast {
+                Some(fast) => fast.settle().await,
+                None => while self.acks.next().await.is_some() {},
+            }
             self.sent = 0;
+            self.fast_acknowledged = 0;
             let result = self.resync().await;
             if !matches!(result, Err(ResyncError::Behind { .. })) {
                 behind_since = None;
@@ -779,6 +1002,7 @@ impl Sink {
             }
             PublishMode::AtomicBatches { .. } if resend > 0 => self.send_batch().await,
             PublishMode::AtomicBatches { .. } => Ok(()),
+            PublishMode::FastIngest { .. } => self.pump(true).await,
         };
         match sent {
             Ok(()) => Ok(()),
@@ -988,16 +1212,29 @@ mod tests {
         result.expect("no read fails here")
     }
 
+    fn nats(window: usize, transactions: TransactionMode, fast_ingest: bool) -> NatsConfig {
+        NatsConfig {
+            max_inflight: window,
+            transactions,
+            fast_ingest,
+            ..NatsConfig::default()
+        }
+    }
+
+    fn facts(replicas: usize, server_version: &str, allowed: bool) -> StreamFacts<'_> {
+        StreamFacts {
+            replicas,
+            server_version,
+            atomic_allowed: allowed,
+            batched_allowed: allowed,
+        }
+    }
+
     #[test]
     fn replicated_streams_on_2_12_1_and_later_take_atomic_batches() {
+        let classic = nats(4096, TransactionMode::Independent, false);
         let mode = |replicas, version, allowed| {
-            PublishMode::for_stream(
-                replicas,
-                version,
-                allowed,
-                4096,
-                TransactionMode::Independent,
-            )
+            PublishMode::for_stream(facts(replicas, version, allowed), &classic)
         };
         assert_eq!(mode(1, "2.15.1", true).ok(), Some(PublishMode::Chained));
         assert_eq!(mode(3, "2.9.10", false).ok(), Some(PublishMode::Chained));
@@ -1010,7 +1247,11 @@ mod tests {
             })
         );
         assert_eq!(
-            PublishMode::for_stream(3, "2.15.1", true, 64, TransactionMode::Independent).ok(),
+            PublishMode::for_stream(
+                facts(3, "2.15.1", true),
+                &nats(64, TransactionMode::Independent, false)
+            )
+            .ok(),
             Some(PublishMode::AtomicBatches {
                 max: 64,
                 whole_transactions: false
@@ -1023,12 +1264,80 @@ mod tests {
     }
 
     #[test]
-    fn atomic_transactions_take_atomic_batches_on_any_stream_of_a_server_that_has_them() {
-        let atomic = |replicas, version| {
-            PublishMode::for_stream(replicas, version, true, 4096, TransactionMode::Atomic)
+    fn servers_with_fast_ingest_take_it_unless_told_not_to() {
+        let fast = nats(1024, TransactionMode::Independent, true);
+        let mode = |replicas, version, allowed| {
+            PublishMode::for_stream(facts(replicas, version, allowed), &fast)
         };
         assert_eq!(
+            mode(1, "2.14.0", true).ok(),
+            Some(PublishMode::FastIngest { replicated: false })
+        );
+        assert_eq!(
+            mode(3, "2.15.1", true).ok(),
+            Some(PublishMode::FastIngest { replicated: true })
+        );
+        // Older servers keep their modes.
+        assert_eq!(mode(1, "2.12.8", true).ok(), Some(PublishMode::Chained));
+        assert!(matches!(
+            mode(3, "2.12.8", true),
+            Ok(PublishMode::AtomicBatches { .. })
+        ));
+        let refused = mode(1, "2.15.1", false).unwrap_err().to_string();
+        assert!(refused.contains("allow_batched"), "{refused}");
+        // What the stream must allow: fast ingest, and atomic batches only where they serve.
+        let needs = |replicas, version, config: &NatsConfig| {
+            PublishMode::stream_needs(replicas, version, config)
+        };
+        assert_eq!(
+            needs(3, "2.15.1", &fast),
+            BatchSettings {
+                atomic: false,
+                batched: true
+            }
+        );
+        assert_eq!(
+            needs(
+                3,
+                "2.15.1",
+                &nats(1024, TransactionMode::Independent, false)
+            ),
+            BatchSettings {
+                atomic: true,
+                batched: false
+            }
+        );
+        assert_eq!(
+            needs(1, "2.11.11", &fast),
+            BatchSettings {
+                atomic: false,
+                batched: false
+            }
+        );
+        // Atomic transactions need atomic batches, fast ingest or not.
+        assert_eq!(
+            needs(1, "2.15.1", &nats(1024, TransactionMode::Atomic, true)),
+            BatchSettings {
+                atomic: true,
+                batched: false
+            }
+        );
+    }
+
+    #[test]
+    fn atomic_transactions_take_atomic_batches_on_any_stream_of_a_server_that_has_them() {
+        let config = nats(4096, TransactionMode::Atomic, true);
+        let atomic =
+            |replicas, version| PublishMode::for_stream(facts(replicas, version, true), &config);
+        assert_eq!(
             atomic(1, "2.12.8").ok(),
+            Some(PublishMode::AtomicBatches {
+                max: SERVER_BATCH_LIMIT,
+                whole_transactions: true
+            })
+        );
+        assert_eq!(
+            atomic(1, "2.15.1").ok(),
             Some(PublishMode::AtomicBatches {
                 max: SERVER_BATCH_LIMIT,
                 whole_transactions: true
