@@ -9,7 +9,12 @@
 //! Run: `cargo bench --bench pipeline`. Sizes: WALSTREAM_BENCH_ROWS (1000000),
 //! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
 //! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_LIVE (100000); WALSTREAM_BENCH_BINARY runs
-//! another walstream build. Starts its own PostgreSQL and nats-server for each scenario.
+//! another walstream build; WALSTREAM_BENCH_NATS_SERVERS=path,path runs every scenario and rate
+//! on each nats-server binary in turn (2.9 and 2.15 side by side, say). Starts its own
+//! PostgreSQL and nats-server for each scenario. Ceilings beside each drain: pgwire-replication
+//! reading a slot, `pg_recvlogical` reading another (PostgreSQL's own client), async-nats
+//! publishing with the same window and, on 2.14+, Synadia's fast publisher (jetstream-extra) in
+//! one fast-ingest batch; on 2.14+ the drain runs again with `nats.fast_ingest = false`.
 
 #[path = "common/cpu.rs"]
 mod cpu;
@@ -23,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use walstream::local::{free_port, LocalNats, LocalPostgres};
 use walstream::lsn::Lsn;
@@ -56,13 +61,22 @@ struct Scenario {
     walstream_per_sec: f64,
     walstream_peak_rss_mb: f64,
     raw_slot_read_per_sec: f64,
+    /// PostgreSQL's own client reading a third slot to the same end, writing nothing.
+    pg_recvlogical_per_sec: Option<f64>,
+    /// The raw slot read of another slot that wakes for every message: how fast PostgreSQL
+    /// sends to a reader with nothing else to do.
+    raw_slot_read_waking_per_sec: f64,
     raw_publish_per_sec: f64,
+    /// Synadia's fast publisher (jetstream-extra) storing as many messages in one fast-ingest
+    /// batch (nats-server 2.14+).
+    raw_fast_publish_per_sec: Option<f64>,
     mean_event_bytes: f64,
     /// CPU per change during walstream's drain, µs: the three processes share two cores, so
     /// their sum bounds the rate.
     cpu_us_per_change: CpuPerChange,
     /// How walstream published in the main drain (`fast ingest` on nats-server 2.14+).
     publishing: &'static str,
+    events_per_fast_batch: Option<f64>,
     /// The same drain with `nats.transactions = "atomic"` (nats-server 2.12.1+).
     atomic_per_sec: Option<f64>,
     atomic_cpu_us_per_change: Option<CpuPerChange>,
@@ -115,6 +129,8 @@ async fn prepare(servers: &Servers, backlog: &[String]) -> anyhow::Result<()> {
         "SELECT pg_create_logical_replication_slot('raw', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('atomic', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('classic', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('recvlogical', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('raw_waking', 'pgoutput')",
     ];
     for statement in setup
         .iter()
@@ -160,7 +176,7 @@ const CLASSIC: Mode = Mode {
     prefix: "classic.mutation",
 };
 
-fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
+fn config(servers: &Servers, mode: Mode, metrics_port: u16) -> anyhow::Result<std::path::PathBuf> {
     let path = servers.dir.join(format!("walstream-{}.toml", mode.slot));
     std::fs::write(
         &path,
@@ -170,7 +186,8 @@ fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
              url = \"{}\"\nstream_name = \"{stream}\"\nsubject_prefix = \"{prefix}\"\n\
              transactions = \"{transactions}\"\nfast_ingest = {fast_ingest}\n\
              max_inflight = {WINDOW}\n[nats.jetstream]\n\
-             max_bytes = -1\nmax_msgs = -1\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n",
+             max_bytes = -1\nmax_msgs = -1\n[http]\nlisten = \"127.0.0.1:{metrics}\"\n[log]\n\
+             level = \"warn\"\n",
             servers.postgres.url(DATABASE),
             servers
                 .dir
@@ -182,6 +199,7 @@ fn config(servers: &Servers, mode: Mode) -> anyhow::Result<std::path::PathBuf> {
             prefix = mode.prefix,
             transactions = mode.transactions,
             fast_ingest = mode.fast_ingest,
+            metrics = metrics_port,
         ),
     )?;
     Ok(path)
@@ -203,8 +221,8 @@ fn peak_rss_mb(child: &Child) -> f64 {
 /// `walstream stream` with the bench's config, its log in the servers' directory. The
 /// binary is this build's, or `WALSTREAM_BENCH_BINARY` to compare another build on the same
 /// run's servers and ceilings.
-fn spawn_walstream(servers: &Servers, mode: Mode) -> anyhow::Result<Child> {
-    let config = config(servers, mode)?;
+fn spawn_walstream(servers: &Servers, mode: Mode, metrics_port: u16) -> anyhow::Result<Child> {
+    let config = config(servers, mode, metrics_port)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -230,6 +248,22 @@ struct Drain {
     peak_rss_mb: f64,
     mean_bytes: f64,
     cpu: CpuPerChange,
+    /// Events per fast-ingest batch (`walstream_fast_batches_total`), when it published so.
+    per_fast_batch: Option<f64>,
+}
+
+/// A counter's value from walstream's `/metrics` on `port`.
+fn metric(port: u16, name: &str) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let mut connection = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    connection.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    connection.read_to_string(&mut text)?;
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+        .ok_or_else(|| anyhow::anyhow!("walstream's /metrics has no {name}"))
 }
 
 /// CPU seconds so far of nats-server and of PostgreSQL (postmaster and backends).
@@ -249,7 +283,8 @@ fn server_cpu(servers: &Servers) -> anyhow::Result<(f64, f64)> {
 async fn run_walstream(servers: &Servers, changes: u64, mode: Mode) -> anyhow::Result<Drain> {
     let (nats_before, postgres_before) = server_cpu(servers)?;
     let started = Instant::now();
-    let mut child = spawn_walstream(servers, mode)?;
+    let metrics_port = free_port()?;
+    let mut child = spawn_walstream(servers, mode, metrics_port)?;
     let js = jetstream::new(async_nats::connect(servers.nats.url()).await?);
     let (elapsed, bytes) = loop {
         if let Ok(mut stream) = js.get_stream(mode.stream).await {
@@ -275,18 +310,33 @@ async fn run_walstream(servers: &Servers, changes: u64, mode: Mode) -> anyhow::R
         postgres: per_change(postgres_after - postgres_before),
     };
     let peak_rss_mb = peak_rss_mb(&child);
+    let per_fast_batch = match metric(metrics_port, "walstream_fast_batches_total") {
+        Ok(batches) if batches > 0.0 => Some(changes as f64 / batches),
+        _ => None,
+    };
     stop(&mut child);
     Ok(Drain {
         per_sec: changes as f64 / elapsed.as_secs_f64(),
         peak_rss_mb,
         mean_bytes: bytes as f64 / changes as f64,
         cpu,
+        per_fast_batch,
     })
 }
 
-/// pgwire-replication alone: read the second slot until `changes` row messages, no decoding.
-async fn raw_slot_read(servers: &Servers, changes: u64) -> anyhow::Result<f64> {
-    let config = ReplicationConfig::new("127.0.0.1", "postgres", "", DATABASE, "raw", "walstream")
+/// pgwire-replication alone: read `slot` until `changes` row messages, no decoding. With
+/// `coalesce`, the thread rests 200 µs whenever nothing is ready, so PostgreSQL's messages
+/// pile up in the socket and one read takes many; without, the reader wakes for every message
+/// PostgreSQL sends, and the walsender pays a wake-up for each: with single-row transactions
+/// that reader measured below walstream (and so does `pg_recvlogical`, which reads the same
+/// way), 2–3 times slower than the coalescing one.
+async fn raw_slot_read(
+    servers: &Servers,
+    slot: &str,
+    changes: u64,
+    coalesce: bool,
+) -> anyhow::Result<f64> {
+    let config = ReplicationConfig::new("127.0.0.1", "postgres", "", DATABASE, slot, "walstream")
         .with_port(servers.postgres.port)
         .with_tls(pgwire_replication::TlsConfig::disabled())
         .with_status_interval(Duration::from_secs(1));
@@ -295,7 +345,15 @@ async fn raw_slot_read(servers: &Servers, changes: u64) -> anyhow::Result<f64> {
     let mut rows = 0;
     let mut last_ack = Instant::now();
     while rows < changes {
-        match client.recv().await? {
+        let next = match client.recv().now_or_never() {
+            Some(next) => next,
+            None if coalesce => {
+                std::thread::sleep(Duration::from_micros(200));
+                client.recv().await
+            }
+            None => client.recv().await,
+        };
+        match next? {
             Some(ReplicationEvent::XLogData { data, .. }) if data.first() == Some(&b'I') => {
                 rows += 1
             }
@@ -314,6 +372,90 @@ async fn raw_slot_read(servers: &Servers, changes: u64) -> anyhow::Result<f64> {
     client.update_applied_lsn(Lsn(u64::MAX >> 1));
     let _ = client.shutdown().await;
     Ok(changes as f64 / elapsed.as_secs_f64())
+}
+
+/// The WAL's current insert position, as PostgreSQL writes an LSN.
+async fn wal_end(servers: &Servers) -> anyhow::Result<String> {
+    let (client, connection) =
+        tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?;
+    drop(client);
+    let _ = task.await;
+    Ok(row.get(0))
+}
+
+/// `pg_recvlogical` reading the `recvlogical` slot to the WAL's current end, its output
+/// thrown away; `None` when the machine has no pg_recvlogical.
+fn pg_recvlogical_read(servers: &Servers, end: &str) -> anyhow::Result<Option<f64>> {
+    let in_bin = std::env::var_os("WALSTREAM_PG_BIN")
+        .map(|dir| Path::new(&dir).join("pg_recvlogical"))
+        .filter(|path| path.exists());
+    let Some(binary) = in_bin.or_else(|| {
+        ["/usr/bin/pg_recvlogical"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|path| path.exists())
+    }) else {
+        eprintln!("no pg_recvlogical on this machine (apt install postgresql-client): skipped");
+        return Ok(None);
+    };
+    let started = Instant::now();
+    let status = Command::new(binary)
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", DATABASE])
+        .args(["-p", &servers.postgres.port.to_string()])
+        .args([
+            "--slot",
+            "recvlogical",
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args(["-o", "proto_version=1", "-o", "publication_names=walstream"])
+        .arg(format!("--endpos={end}"))
+        .status()?;
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    Ok(Some(started.elapsed().as_secs_f64()))
+}
+
+/// jetstream-extra's `FastPublisher`: `changes` messages of `size` bytes, each with an id, in
+/// one fast-ingest batch.
+async fn raw_fast_publish(servers: &Servers, changes: u64, size: usize) -> anyhow::Result<f64> {
+    use async_nats_for_jetstream_extra as nats;
+    use jetstream_extra::batch_publish_fast::FastPublishExt;
+    let js = nats::jetstream::new(nats::connect(servers.nats.url()).await?);
+    js.create_stream(nats::jetstream::stream::Config {
+        name: "raw_fast".into(),
+        subjects: vec!["raw_fast.>".into()],
+        max_bytes: -1,
+        allow_batch_publish: true,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let mut batch = js.fast_publish().flow(u16::MAX).build()?;
+    for n in 0..changes {
+        let mut headers = nats::HeaderMap::new();
+        headers.insert(nats::header::NATS_MESSAGE_ID, format!("raw:{n}").as_str());
+        batch
+            .add_message(nats::jetstream::message::OutboundMessage {
+                subject: "raw_fast.bench".into(),
+                payload: payload.clone(),
+                headers: Some(headers),
+            })
+            .await?;
+    }
+    let ack = batch.close().await?;
+    anyhow::ensure!(
+        ack.sequence == changes,
+        "fast batch ended at {}",
+        ack.sequence
+    );
+    Ok(changes as f64 / started.elapsed().as_secs_f64())
 }
 
 /// A stream `name` for subjects `name.>`, without limits.
@@ -362,7 +504,12 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
     prepare(&servers, &backlog).await?;
     // The raw read goes first, so that walstream, not the ceiling, meets the colder WAL.
     eprintln!("{name}: raw slot read…");
-    let raw_slot_read_per_sec = raw_slot_read(&servers, changes).await?;
+    let raw_slot_read_per_sec = raw_slot_read(&servers, "raw", changes, true).await?;
+    let raw_slot_read_waking_per_sec =
+        raw_slot_read(&servers, "raw_waking", changes, false).await?;
+    let end = wal_end(&servers).await?;
+    let pg_recvlogical_per_sec =
+        pg_recvlogical_read(&servers, &end)?.map(|seconds| changes as f64 / seconds);
     eprintln!("{name}: walstream draining…");
     let drain = run_walstream(&servers, changes, INDEPENDENT).await?;
     let version = async_nats::connect(servers.nats.url())
@@ -384,12 +531,19 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
     };
     eprintln!("{name}: raw JetStream publish…");
     let raw_publish_per_sec = raw_publish(&servers, changes, drain.mean_bytes as usize).await?;
+    let raw_fast_publish_per_sec = if walstream::nats::fast_ingest_batches(&version) {
+        eprintln!("{name}: raw fast-ingest publish…");
+        Some(raw_fast_publish(&servers, changes, drain.mean_bytes as usize).await?)
+    } else {
+        None
+    };
     Ok(Scenario {
         publishing: if walstream::nats::fast_ingest_batches(&version) {
             "fast ingest"
         } else {
             "chained"
         },
+        events_per_fast_batch: drain.per_fast_batch,
         classic_per_sec: classic.as_ref().map(|c| c.per_sec),
         classic_cpu_us_per_change: classic.map(|c| c.cpu),
         nats_server: version,
@@ -400,7 +554,10 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
         walstream_per_sec: drain.per_sec,
         walstream_peak_rss_mb: drain.peak_rss_mb,
         raw_slot_read_per_sec,
+        pg_recvlogical_per_sec,
+        raw_slot_read_waking_per_sec,
         raw_publish_per_sec,
+        raw_fast_publish_per_sec,
         mean_event_bytes: drain.mean_bytes,
         cpu_us_per_change: drain.cpu,
     })
@@ -414,28 +571,36 @@ struct Results {
 }
 
 fn report(results: &Results) -> anyhow::Result<()> {
-    println!("\n| scenario | changes | walstream changes/s | peak RSS | raw slot read/s | raw publish/s | walstream / lower ceiling |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("\n| scenario | nats-server | changes | walstream changes/s ({{publishing}}) | peak RSS | raw slot read/s | waking per message/s | pg_recvlogical/s | raw publish/s | raw fast-ingest publish/s | walstream / lower ceiling in its mode |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rate = |r: Option<f64>| r.map_or_else(|| "–".to_owned(), |r| format!("{r:.0}"));
     for r in &results.backlog {
-        let ceiling = r.raw_slot_read_per_sec.min(r.raw_publish_per_sec);
+        let publish = r.raw_fast_publish_per_sec.unwrap_or(r.raw_publish_per_sec);
+        let ceiling = r.raw_slot_read_per_sec.min(publish);
         println!(
-            "| {} | {} | {:.0} | {:.0} MB | {:.0} | {:.0} | {:.0}% |",
+            "| {} | {} | {} | {:.0} ({}) | {:.0} MB | {:.0} | {:.0} | {} | {:.0} | {} | {:.0}% |",
             r.name,
+            r.nats_server,
             r.changes,
             r.walstream_per_sec,
+            r.publishing,
             r.walstream_peak_rss_mb,
             r.raw_slot_read_per_sec,
+            r.raw_slot_read_waking_per_sec,
+            rate(r.pg_recvlogical_per_sec),
             r.raw_publish_per_sec,
+            rate(r.raw_fast_publish_per_sec),
             100.0 * r.walstream_per_sec / ceiling
         );
     }
-    println!("\n| scenario | CPU per change during the drain: walstream | nats-server | PostgreSQL | sum |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("\n| scenario | nats-server | CPU per change during the drain: walstream | nats-server | PostgreSQL | sum |");
+    println!("|---|---|---:|---:|---:|---:|");
     for r in &results.backlog {
         let c = &r.cpu_us_per_change;
         println!(
-            "| {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            "| {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
             r.name,
+            r.nats_server,
             c.walstream,
             c.nats_server,
             c.postgres,
@@ -461,15 +626,16 @@ fn report(results: &Results) -> anyhow::Result<()> {
             ),
         }
     }
-    println!("\n| scenario | nats-server | publishing | changes/s | every message acknowledged: changes/s | ratio | nats-server CPU per change | every message acknowledged | walstream CPU per change | every message acknowledged |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| scenario | nats-server | publishing | events per batch | changes/s | every message acknowledged: changes/s | ratio | nats-server CPU per change | every message acknowledged | walstream CPU per change | every message acknowledged |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &results.backlog {
         match (r.classic_per_sec, &r.classic_cpu_us_per_change) {
             (Some(rate), Some(c)) => println!(
-                "| {} | {} | {} | {:.0} | {rate:.0} | {:.0}% | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+                "| {} | {} | {} | {} | {:.0} | {rate:.0} | {:.0}% | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
                 r.name,
                 r.nats_server,
                 r.publishing,
+                r.events_per_fast_batch.map_or_else(|| "–".into(), |n| format!("{n:.1}")),
                 r.walstream_per_sec,
                 100.0 * r.walstream_per_sec / rate,
                 r.cpu_us_per_change.nats_server,
@@ -478,17 +644,18 @@ fn report(results: &Results) -> anyhow::Result<()> {
                 c.walstream,
             ),
             _ => println!(
-                "| {} | {} | {} | {:.0} | (no fast ingest before 2.14) | | | | | |",
+                "| {} | {} | {} | – | {:.0} | (no fast ingest before 2.14) | | | | | |",
                 r.name, r.nats_server, r.publishing, r.walstream_per_sec
             ),
         }
     }
-    println!("\n| reader | writer rate | achieved | changes | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| reader | nats-server | writer rate | achieved | changes | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &results.steady {
         println!(
-            "| {} | {}/s | {:.0}/s | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB |",
+            "| {} | {} | {}/s | {:.0}/s | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB |",
             s.reader,
+            s.nats_server,
             s.target_per_sec,
             s.achieved_per_sec,
             s.changes,
@@ -536,8 +703,43 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Several servers in one run: WALSTREAM_BENCH_NATS_SERVERS=path,path (each scenario and
+    // rate on each), else the one the harness finds.
+    let nats_servers: Vec<String> = std::env::var("WALSTREAM_BENCH_NATS_SERVERS")
+        .map(|list| list.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     runtime.block_on(async {
         let mut backlog = Vec::new();
+        let mut steady = Vec::new();
+        for nats_server in nats_servers.iter().map(Some).chain(
+            // The harness's own choice when no list is given.
+            nats_servers.is_empty().then_some(None),
+        ) {
+            if let Some(path) = nats_server {
+                // Read by LocalNats when each scenario starts its servers; nothing else runs
+                // on another thread that reads the environment.
+                std::env::set_var("WALSTREAM_NATS_SERVER", path);
+            }
+            run_on_one_server(rows, txs, &mut backlog, &mut steady).await?;
+        }
+        let against_notify =
+            live::against_notify(env_count("WALSTREAM_BENCH_LIVE", 100_000), 1000).await?;
+        report(&Results {
+            backlog,
+            steady,
+            against_notify,
+        })
+    })
+}
+
+/// Both backlog scenarios and every steady rate against the nats-server the harness finds.
+async fn run_on_one_server(
+    rows: u64,
+    txs: u64,
+    backlog: &mut Vec<Scenario>,
+    steady: &mut Vec<live::Steady>,
+) -> anyhow::Result<()> {
+    {
         backlog.push(
             scenario(
                 "one transaction",
@@ -566,19 +768,21 @@ fn main() -> anyhow::Result<()> {
         let seconds = env_count("WALSTREAM_BENCH_STEADY_SECS", 10);
         let rates =
             std::env::var("WALSTREAM_BENCH_RATES").unwrap_or_else(|_| "1000,5000,20000".into());
-        let mut steady = Vec::new();
+        let version = backlog
+            .last()
+            .map(|b| b.nats_server.clone())
+            .unwrap_or_default();
         for rate in rates.split(',').filter_map(|r| r.trim().parse().ok()) {
-            steady.push(live::steady_raw(rate, seconds).await?);
-            steady.push(live::steady_publish(rate, seconds, 500).await?);
-            steady.push(live::steady_relay(rate, seconds, 500).await?);
-            steady.push(live::steady(rate, seconds).await?);
+            for mut measured in [
+                live::steady_raw(rate, seconds).await?,
+                live::steady_publish(rate, seconds, 500).await?,
+                live::steady_relay(rate, seconds, 500).await?,
+                live::steady(rate, seconds).await?,
+            ] {
+                measured.nats_server = version.clone();
+                steady.push(measured);
+            }
         }
-        let against_notify =
-            live::against_notify(env_count("WALSTREAM_BENCH_LIVE", 100_000), 1000).await?;
-        report(&Results {
-            backlog,
-            steady,
-            against_notify,
-        })
-    })
+    }
+    Ok(())
 }

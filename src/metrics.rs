@@ -19,6 +19,9 @@ pub struct Metrics {
     pub publish_retries: IntCounter,
     /// Transactions stored in more than one atomic batch (`nats.transactions = "atomic"`).
     pub split_transactions: IntCounter,
+    /// Fast-ingest batches opened (nats-server 2.14+): events published over this is the mean
+    /// batch size.
+    pub fast_batches: IntCounter,
     /// Messages in the stream that another client published, as walstream came across them.
     pub other_publishers_messages: IntCounter,
     /// walstream's events in the stream that a promoted standby does not have (a failover).
@@ -74,6 +77,11 @@ impl Metrics {
             "walstream_split_transactions_total",
             "Transactions larger than an atomic batch, stored in several (nats.transactions = \
              \"atomic\"); their events carry Walstream-Tx-Split",
+        ));
+        let fast_batches = defined(IntCounter::new(
+            "walstream_fast_batches_total",
+            "Fast-ingest batches published in (nats-server 2.14+); events published over this \
+             is the mean batch size",
         ));
         let other_publishers_messages = defined(IntCounter::new(
             "walstream_other_publishers_messages_total",
@@ -134,8 +142,9 @@ impl Metrics {
             "walstream_standby",
             "1 while this instance stands by for another that holds the slot's lease, else 0",
         ));
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(split_transactions.clone()),
+            Box::new(fast_batches.clone()),
             Box::new(other_publishers_messages.clone()),
             Box::new(phantom_events.clone()),
             Box::new(postgres_timeline.clone()),
@@ -163,6 +172,7 @@ impl Metrics {
             publish_errors,
             publish_retries,
             split_transactions,
+            fast_batches,
             other_publishers_messages,
             phantom_events,
             postgres_timeline,

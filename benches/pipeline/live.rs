@@ -28,6 +28,8 @@ pub struct Steady {
     /// `walstream`, or `raw slot read` for the floor: pgwire-replication alone reading the
     /// slot, latency taken when the commit arrives.
     pub reader: &'static str,
+    /// The nats-server version, filled in by the caller.
+    pub nats_server: String,
     pub target_per_sec: u64,
     pub achieved_per_sec: f64,
     pub changes: u64,
@@ -111,7 +113,7 @@ async fn streaming() -> anyhow::Result<(Servers, jetstream::Context, Child)> {
 
 /// Starts walstream and waits until it has created its stream, i.e. it is streaming.
 async fn walstream_streaming(servers: &Servers, js: &jetstream::Context) -> anyhow::Result<Child> {
-    let child = spawn_walstream(servers, INDEPENDENT)?;
+    let child = spawn_walstream(servers, INDEPENDENT, walstream::local::free_port()?)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while js.get_stream(STREAM).await.is_err() {
         anyhow::ensure!(
@@ -222,6 +224,7 @@ fn summarize(
     };
     Steady {
         reader,
+        nats_server: String::new(),
         target_per_sec: rate,
         achieved_per_sec: achieved,
         changes: latencies.len() as u64,

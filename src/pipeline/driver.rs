@@ -622,6 +622,8 @@ impl Pipeline {
     async fn stream(&mut self, client: &mut ReplicationClient) -> anyhow::Result<SessionEnd> {
         let mut last_received = Instant::now();
         let mut tick = tokio::time::interval(PERSIST_INTERVAL);
+        // PostgreSQL had nothing ready at the last look.
+        let mut quiet = false;
         loop {
             let watchdog = tokio::time::sleep_until((last_received + self.receive_timeout).into());
             tokio::select! {
@@ -637,6 +639,7 @@ impl Pipeline {
                     }
                 }
                 received = client.recv() => {
+                    quiet = false;
                     match received {
                         Ok(Some(event)) => {
                             if let Some(end) = self.handle(event).await? {
@@ -661,9 +664,15 @@ impl Pipeline {
                 }
                 _ = tick.tick() => {}
                 // Last: only when PostgreSQL has nothing ready, so a fast-ingest batch ends
-                // with the burst that filled it, not before.
+                // with the burst that filled it, not before. Nothing ready may only mean the
+                // replication client's task has not read the socket yet: it gets one turn
+                // first.
                 () = std::future::ready(()), if self.outlet.sink.burst_open() => {
-                    self.outlet.sink.end_burst().await?;
+                    if std::mem::replace(&mut quiet, true) {
+                        self.outlet.sink.end_burst().await?;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
             self.persist_progress(client)?;

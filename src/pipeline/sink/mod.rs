@@ -595,6 +595,10 @@ impl Sink {
                 }
             };
             self.sent += 1;
+            let opens = step == FastStep::Single || !self.fast_batches().has_open();
+            if opens {
+                self.metrics.fast_batches.inc();
+            }
             let fast = self.fast_batches();
             match step {
                 FastStep::Single => fast.single(subject, headers, payload).await?,
