@@ -516,3 +516,69 @@ async fn stored_generated_columns_arrive_when_the_publication_publishes_them() -
     assert_eq!(totals, [&json!("10.00"), &json!("12.50")]);
     Ok(())
 }
+
+/// The publish mode follows the server and `nats.fast_ingest`: fast-ingest batches on
+/// nats-server 2.14+ (walstream turning on the stream's `allow_batched`), every message
+/// acknowledged on its own when told so or on older servers; the same events either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn fast_ingest_where_the_server_has_it_unless_turned_off() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(ORDERS).await?;
+    let js = cluster.jetstream().await?;
+    let version = js.client().server_info().version;
+    let fast = walstream::nats::fast_ingest_batches(&version);
+    let config = cluster.config(&["public.tb_order"], "")?;
+    setup(&config)?;
+    let text = std::fs::read_to_string(&config)?;
+    let mut stored: u64 = 0;
+    for (fast_ingest, mode) in [
+        (true, if fast { "fast ingest" } else { "chained" }),
+        (false, "chained"),
+    ] {
+        std::fs::write(
+            &config,
+            text.replace(
+                "ack_timeout_secs = 2\n",
+                &format!("ack_timeout_secs = 2\nfast_ingest = {fast_ingest}\n"),
+            ),
+        )?;
+        let check = walstream(&["check"], &config)?;
+        let said = String::from_utf8_lossy(&check.stdout).to_string()
+            + &String::from_utf8_lossy(&check.stderr);
+        assert!(said.contains(&format!("publishing: {mode} (")), "{said}");
+        let log = cluster
+            .log_path()
+            .with_extension(format!("{fast_ingest}.log"));
+        let mut walstream = Walstream::start(&config, &log)?;
+        // A burst (one 40-row transaction) and lone single-row transactions.
+        cluster
+            .sql("INSERT INTO tb_order (identifier, total) SELECT 'b-' || g, g FROM generate_series(1, 40) g")
+            .await?;
+        for n in 0..5 {
+            cluster
+                .sql(&format!(
+                    "INSERT INTO tb_order (identifier, total) VALUES ('s-{fast_ingest}-{n}', 1)"
+                ))
+                .await?;
+        }
+        stored += 45;
+        wait_for_messages(&js, stored, Duration::from_secs(30))
+            .await
+            .inspect_err(|_| dump_log(&log))?;
+        walstream.terminate(Duration::from_secs(30))?;
+        let said = std::fs::read_to_string(&log)?;
+        assert!(said.contains(&format!("publishing=\"{mode}\"")), "{said}");
+    }
+    let messages = read_stream(&js).await?;
+    assert_eq!(messages.len() as u64, stored);
+    assert_exactly_once_in_order(&messages);
+    let allowed = js
+        .get_stream("fraiseql_events")
+        .await?
+        .info()
+        .await?
+        .config
+        .allow_batch_publish;
+    assert_eq!(allowed, fast, "allow_batched on nats-server {version}");
+    Ok(())
+}

@@ -201,7 +201,9 @@ impl FastBatches {
         self.send(subject, headers, payload, operation).await
     }
 
-    /// Sends one message as a batch of its own, ended by it.
+    /// Sends one message as a plain publish, answered in turn with the batches: a batch of
+    /// one costs the server more than a plain publish, and made a steady trickle of changes
+    /// wait tens of milliseconds at the 99th percentile on nats-server 2.15.1 (the bench).
     pub async fn single(
         &mut self,
         subject: Subject,
@@ -209,9 +211,22 @@ impl FastBatches {
         payload: Bytes,
     ) -> Result<(), PublishFailure> {
         self.open(subject.clone());
-        self.send(subject, headers, payload, 2).await?;
-        self.open_batch().closed = true;
-        Ok(())
+        let timeout = self.timeout;
+        let batch = self.open_batch();
+        batch.sent = 1;
+        batch.closed = true;
+        batch.deadline = Instant::now() + timeout;
+        let id = batch.id;
+        let reply = Subject::from(format!("{}.{id}", self.inbox));
+        let sent = self
+            .client
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .await
+            .map_err(acks::publish_failure);
+        if sent.is_err() {
+            self.open_batch().failed = true;
+        }
+        sent
     }
 
     /// Ends the open batch with a marker stored nowhere; its answer tells how it ended.

@@ -551,7 +551,7 @@ impl Sink {
 
     /// The next thing to do with the events not sent yet in fast-ingest mode: append them to
     /// the open batch while it has room; open a batch for two or more (a lone event waits for
-    /// company or for the end of the burst, then goes as a batch of one); end the open batch
+    /// company or for the end of the burst, then goes as a plain publish); end the open batch
     /// when the burst ends. On a replicated stream a batch opens only once the previous one
     /// ended: a message lost in a leader election is caught by the batch's own sequence, not
     /// across batches.
@@ -595,7 +595,7 @@ impl Sink {
                 }
             };
             self.sent += 1;
-            let opens = step == FastStep::Single || !self.fast_batches().has_open();
+            let opens = step == FastStep::Append && !self.fast_batches().has_open();
             if opens {
                 self.metrics.fast_batches.inc();
             }
