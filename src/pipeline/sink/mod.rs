@@ -502,7 +502,7 @@ impl Sink {
                     let sequence = self.unacked.front().map_or(self.end, |u| u.sequence);
                     self.acknowledge_front(sequence);
                 }
-                self.sent -= count as usize;
+                self.sent = self.sent.saturating_sub(count as usize);
                 self.fast_acknowledged += count;
             }
             Progress::Ended {
@@ -527,7 +527,7 @@ impl Sink {
                     let sequence = self.unacked.front().map_or(self.end, |u| u.sequence);
                     self.acknowledge_front(sequence);
                 }
-                self.sent -= rest;
+                self.sent = self.sent.saturating_sub(rest);
             }
             Progress::Failed(failure) => return self.recover(failure).await,
         }
