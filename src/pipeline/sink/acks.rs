@@ -369,20 +369,26 @@ pub fn answer(message: &Message) -> AckResult {
     }
 }
 
+/// A message as JetStream answers on `subject`, for tests.
+#[cfg(test)]
+pub fn answer_on(subject: &str, payload: &str) -> Message {
+    Message {
+        subject: Subject::from(subject.to_owned()),
+        reply: None,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        headers: None,
+        status: None,
+        description: None,
+        length: payload.len(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn reply(payload: &str) -> Message {
-        Message {
-            subject: Subject::from("_INBOX.x.1"),
-            reply: None,
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
-            headers: None,
-            status: None,
-            description: None,
-            length: payload.len(),
-        }
+        answer_on("_INBOX.x.1", payload)
     }
 
     #[test]

@@ -211,21 +211,10 @@ impl FastBatches {
         payload: Bytes,
     ) -> Result<(), PublishFailure> {
         self.open(subject.clone());
-        let timeout = self.timeout;
-        let batch = self.open_batch();
-        batch.sent = 1;
-        batch.closed = true;
-        batch.deadline = Instant::now() + timeout;
-        let id = batch.id;
-        let reply = Subject::from(format!("{}.{id}", self.inbox));
-        let sent = self
-            .client
-            .publish_with_reply_and_headers(subject, reply, headers, payload)
-            .await
-            .map_err(acks::publish_failure);
-        if sent.is_err() {
-            self.open_batch().failed = true;
-        }
+        let id = self.open_batch().id;
+        let reply = format!("{}.{id}", self.inbox);
+        let sent = self.publish(subject, reply, headers, payload).await;
+        self.open_batch().closed = true;
         sent
     }
 
@@ -272,24 +261,37 @@ impl FastBatches {
         payload: Bytes,
         operation: u8,
     ) -> Result<(), PublishFailure> {
-        let (inbox, flow, timeout) = (&self.inbox, self.flow, self.timeout);
-        let batch = self
-            .batches
-            .back_mut()
-            .unwrap_or_else(|| unreachable!("a batch was opened before"));
+        let (id, sequence) = {
+            let batch = self.open_batch();
+            (batch.id, batch.sent + 1)
+        };
+        let reply = format!(
+            "{}.{id}.{}.fail.{sequence}.{operation}.$FI",
+            self.inbox, self.flow
+        );
+        self.publish(subject, reply, headers, payload).await
+    }
+
+    /// Publishes one message of the open batch, answered on `reply`.
+    async fn publish(
+        &mut self,
+        subject: Subject,
+        reply: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), PublishFailure> {
+        let timeout = self.timeout;
+        let batch = self.open_batch();
         batch.sent += 1;
         batch.deadline = Instant::now() + timeout;
-        let reply = Subject::from(format!(
-            "{inbox}.{}.{flow}.fail.{}.{operation}.$FI",
-            batch.id, batch.sent
-        ));
         let sent = self
             .client
-            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .publish_with_reply_and_headers(subject, Subject::from(reply), headers, payload)
             .await
             .map_err(acks::publish_failure);
         if sent.is_err() {
             // Never sent, so never answered: the batch ends here for walstream.
+            let batch = self.open_batch();
             batch.closed = true;
             batch.failed = true;
         }
@@ -458,15 +460,7 @@ mod tests {
     use super::*;
 
     fn message(payload: &str) -> Message {
-        Message {
-            subject: Subject::from("_INBOX.x.3.256.fail.12.1.$FI"),
-            reply: None,
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
-            headers: None,
-            status: None,
-            description: None,
-            length: payload.len(),
-        }
+        acks::answer_on("_INBOX.x.3.256.fail.12.1.$FI", payload)
     }
 
     /// The answers nats-server 2.15.1 sent to batches of ours (recorded by hand).
