@@ -1,14 +1,16 @@
 //! End-to-end benchmark: backlog drain of walstream against the two ceilings measured in the
 //! same run on the same data: the raw slot read (pgwire-replication alone, no decoding) and the
 //! raw JetStream publish of as many same-size messages with the same in-flight window; then
-//! commit → ack latency at fixed write rates, and the seeds' LISTEN/NOTIFY bridge on the same
-//! live workload. On nats-server 2.12.1+ the drain runs a second time with
+//! commit → ack latency at fixed write rates; then the peers (walstream, Debezium's connector
+//! publishing to JetStream, the seeds' LISTEN/NOTIFY bridge) on one workload, each SIGKILLed
+//! mid-run (pipeline/peers.rs). On nats-server 2.12.1+ the drain runs a second time with
 //! `nats.transactions = "atomic"` (each transaction one atomic batch), from its own slot into its
 //! own stream, after the first: its ratio to the first is quoted, the WAL warm for both.
 //!
 //! Run: `cargo bench --bench pipeline`. Sizes: WALSTREAM_BENCH_ROWS (1000000),
 //! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
-//! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_LIVE (100000); WALSTREAM_BENCH_BINARY runs
+//! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_PEER_TXS (100000), WALSTREAM_BENCH_PEERS
+//! (walstream,debezium,bridge; `none` skips them); WALSTREAM_BENCH_BINARY runs
 //! another walstream build; WALSTREAM_BENCH_NATS_SERVERS=path,path runs every scenario and rate
 //! on each nats-server binary in turn (2.9 and 2.15 side by side, say). Starts its own
 //! PostgreSQL and nats-server for each scenario. Ceilings beside each drain: pgwire-replication
@@ -20,6 +22,8 @@
 mod cpu;
 #[path = "pipeline/live.rs"]
 mod live;
+#[path = "pipeline/peers.rs"]
+mod peers;
 
 use std::future::IntoFuture;
 use std::path::Path;
@@ -567,7 +571,7 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
 struct Results {
     backlog: Vec<Scenario>,
     steady: Vec<live::Steady>,
-    against_notify: live::AgainstNotify,
+    peers: Vec<peers::PeerRun>,
 }
 
 fn report(results: &Results) -> anyhow::Result<()> {
@@ -666,30 +670,58 @@ fn report(results: &Results) -> anyhow::Result<()> {
             s.walstream_peak_rss_mb
         );
     }
-    let n = &results.against_notify;
-    println!(
-        "\n| live workload ({} single-row transactions) | walstream | LISTEN/NOTIFY bridge |",
-        n.changes
-    );
-    println!("|---|---|---|");
-    println!(
-        "| changes/s, writer start → last stored | {:.0} | {:.0} |",
-        n.walstream_per_sec, n.bridge_per_sec
-    );
-    println!(
-        "| lost of {} committed while down | {} | {} |",
-        n.committed_while_down, n.walstream_lost_while_down, n.bridge_lost_while_down
-    );
-    println!(
-        "| a 10,000-byte row | {} | {} |",
-        n.big_row_walstream, n.big_row_bridge
-    );
+    report_peers(&results.peers);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("pipeline-latest.json");
     std::fs::write(&file, serde_json::to_string_pretty(results)?)?;
     println!("\nwritten to {}", file.display());
     Ok(())
+}
+
+fn report_peers(runs: &[peers::PeerRun]) {
+    let Some(first) = runs.first() else { return };
+    println!(
+        "\n| peer ({} single-row transactions, then {} more with a SIGKILL) | workload | changes/s | CPU per change: the peer | nats-server | PostgreSQL | peak RSS | lost | stored twice | a 10,000-byte row |",
+        first.changes, first.committed_around_kill
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in runs {
+        let c = &r.cpu_us_per_change;
+        println!(
+            "| {} | {} | {:.0} | {:.1} µs | {:.1} µs | {:.1} µs | {} | {} | {} | {} |",
+            r.peer,
+            r.workload,
+            r.per_sec,
+            c.peer,
+            c.nats_server,
+            c.postgres,
+            r.peak_rss_mb
+                .map_or_else(|| "–".to_owned(), |mb| format!("{mb:.0} MB")),
+            r.lost,
+            r.stored_twice,
+            r.big_row
+        );
+    }
+}
+
+/// `WALSTREAM_BENCH_PEERS=walstream,debezium,bridge` (the default: all three); `none` skips them.
+fn chosen_peers() -> anyhow::Result<Vec<peers::Peer>> {
+    let Ok(list) = std::env::var("WALSTREAM_BENCH_PEERS") else {
+        return Ok(peers::ALL.to_vec());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && *name != "none")
+        .map(|name| match name {
+            "walstream" => Ok(peers::Peer::Walstream),
+            "debezium" => Ok(peers::Peer::Debezium),
+            "bridge" => Ok(peers::Peer::NotifyBridge),
+            other => anyhow::bail!(
+                "WALSTREAM_BENCH_PEERS: unknown peer {other:?}; the peers are walstream, debezium and bridge"
+            ),
+        })
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -722,12 +754,14 @@ fn main() -> anyhow::Result<()> {
             }
             run_on_one_server(rows, txs, &mut backlog, &mut steady).await?;
         }
-        let against_notify =
-            live::against_notify(env_count("WALSTREAM_BENCH_LIVE", 100_000), 1000).await?;
+        let mut peers = Vec::new();
+        for peer in chosen_peers()? {
+            peers.push(peers::run(peer, env_count("WALSTREAM_BENCH_PEER_TXS", 100_000)).await?);
+        }
         report(&Results {
             backlog,
             steady,
-            against_notify,
+            peers,
         })
     })
 }

@@ -1,5 +1,6 @@
-//! Live workloads: commit → JetStream latency with a writer at fixed rates, and the seeds'
-//! approach (a `pg_notify` trigger and a LISTEN → JetStream bridge) on the same workload.
+//! Live workloads: commit → JetStream latency with a writer at fixed rates, beside the raw
+//! floors (slot read, publish, relay); and the helpers the peers share (servers streaming,
+//! the fill procedure, counting what a stream holds).
 
 use std::future::IntoFuture;
 use std::process::Child;
@@ -18,10 +19,8 @@ use super::{
 
 /// Writer connections; each commits single-row transactions one after another.
 const WRITERS: u64 = 4;
-const STREAM: &str = "fraiseql_events";
+pub const STREAM: &str = "fraiseql_events";
 const INSERT: &str = "INSERT INTO t_bench SELECT {ROW} FROM (SELECT $1::bigint AS g) s";
-/// A value past `pg_notify`'s 8,000-byte payload limit.
-const BIG_TEXT_BYTES: usize = 10_000;
 
 #[derive(Debug, serde::Serialize)]
 pub struct Steady {
@@ -40,19 +39,7 @@ pub struct Steady {
     pub walstream_peak_rss_mb: f64,
 }
 
-#[derive(Debug, serde::Serialize)]
-pub struct AgainstNotify {
-    pub changes: u64,
-    pub walstream_per_sec: f64,
-    pub bridge_per_sec: f64,
-    pub committed_while_down: u64,
-    pub walstream_lost_while_down: u64,
-    pub bridge_lost_while_down: u64,
-    pub big_row_walstream: String,
-    pub big_row_bridge: String,
-}
-
-async fn setup_streaming(servers: &Servers) -> anyhow::Result<()> {
+pub async fn setup_streaming(servers: &Servers) -> anyhow::Result<()> {
     for statement in [
         TABLE,
         "CREATE PUBLICATION walstream FOR TABLE t_bench",
@@ -77,13 +64,13 @@ async fn new_messages(
         .await?)
 }
 
-async fn jetstream_context(servers: &Servers) -> anyhow::Result<jetstream::Context> {
+pub async fn jetstream_context(servers: &Servers) -> anyhow::Result<jetstream::Context> {
     Ok(jetstream::new(
         async_nats::connect(servers.nats.url()).await?,
     ))
 }
 
-async fn stored(js: &jetstream::Context, stream: &str) -> u64 {
+pub async fn stored(js: &jetstream::Context, stream: &str) -> u64 {
     match js.get_stream(stream).await {
         Ok(mut stream) => stream.info().await.map_or(0, |info| info.state.messages),
         Err(_) => 0,
@@ -91,7 +78,12 @@ async fn stored(js: &jetstream::Context, stream: &str) -> u64 {
 }
 
 /// Waits until `stream` holds `count` messages; false after `timeout`.
-async fn wait_stored(js: &jetstream::Context, stream: &str, count: u64, timeout: Duration) -> bool {
+pub async fn wait_stored(
+    js: &jetstream::Context,
+    stream: &str,
+    count: u64,
+    timeout: Duration,
+) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if stored(js, stream).await >= count {
@@ -112,7 +104,10 @@ async fn streaming() -> anyhow::Result<(Servers, jetstream::Context, Child)> {
 }
 
 /// Starts walstream and waits until it has created its stream, i.e. it is streaming.
-async fn walstream_streaming(servers: &Servers, js: &jetstream::Context) -> anyhow::Result<Child> {
+pub async fn walstream_streaming(
+    servers: &Servers,
+    js: &jetstream::Context,
+) -> anyhow::Result<Child> {
     let child = spawn_walstream(servers, INDEPENDENT, walstream::local::free_port()?)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while js.get_stream(STREAM).await.is_err() {
@@ -427,156 +422,10 @@ pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Res
 const PG_EPOCH_MICROS: i128 = 946_684_800_000_000;
 
 /// The procedure both sides are measured with: `count` single-row transactions from `first`.
-fn fill(first: u64, count: u64) -> String {
+pub fn fill(first: u64, count: u64) -> String {
     format!(
         "DO $$ BEGIN FOR g IN {first}..{last} LOOP INSERT INTO t_bench SELECT {ROW}; COMMIT; \
          END LOOP; END $$",
         last = first + count - 1
     )
-}
-
-fn big_row(id: u64) -> String {
-    format!("INSERT INTO t_bench (id, name) VALUES ({id}, repeat('x', {BIG_TEXT_BYTES}))")
-}
-
-/// The seeds' trigger, carrying the row as walstream's event does (the seeds' own sends only
-/// the id, which would leave consumers to query the row back).
-const NOTIFY_TRIGGER: &str = "
-CREATE FUNCTION notify_bench() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('fraiseql_events', json_build_object(
-        'entity_type', 'Bench', 'operation', TG_OP, 'entity_id', NEW.id::text,
-        'data', row_to_json(NEW), 'timestamp', now())::text);
-    RETURN NEW;
-END $$;
-CREATE TRIGGER tr_bench AFTER INSERT ON t_bench FOR EACH ROW EXECUTE FUNCTION notify_bench();";
-
-/// The seeds' observer, written fairly: LISTEN, and publish each notification to JetStream
-/// with up to `WINDOW` acks in flight.
-async fn bridge(
-    servers: &Servers,
-    js: jetstream::Context,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (client, mut connection) =
-        tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let notifications = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                if tx.send(n.payload().to_owned()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    client.batch_execute("LISTEN fraiseql_events").await?;
-    Ok(tokio::spawn(async move {
-        let _client = client;
-        let mut acks = FuturesOrdered::new();
-        loop {
-            tokio::select! {
-                payload = rx.recv() => {
-                    let Some(payload) = payload else { break };
-                    if acks.len() >= WINDOW {
-                        let _ = acks.next().await;
-                    }
-                    match js.publish("bridge.bench", payload.into()).await {
-                        Ok(ack) => acks.push_back(ack.into_future()),
-                        Err(_) => break,
-                    }
-                }
-                Some(_) = acks.next(), if !acks.is_empty() => {}
-            }
-        }
-        notifications.abort();
-    }))
-}
-
-/// Commits `changes` single-row transactions and measures, from the first, until `stream`
-/// holds them all.
-async fn live_rate(
-    servers: &Servers,
-    js: &jetstream::Context,
-    stream: &str,
-    changes: u64,
-) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    servers
-        .postgres
-        .execute(DATABASE, &fill(1, changes))
-        .await?;
-    anyhow::ensure!(
-        wait_stored(js, stream, changes, Duration::from_secs(120)).await,
-        "{stream} did not receive all {changes} changes"
-    );
-    Ok(changes as f64 / started.elapsed().as_secs_f64())
-}
-
-/// The same live workload through walstream and through the bridge: the rate, what each loses
-/// while it is down, and a row past `pg_notify`'s payload limit.
-pub async fn against_notify(changes: u64, while_down: u64) -> anyhow::Result<AgainstNotify> {
-    eprintln!("live workload through walstream: {changes} single-row transactions…");
-    let (servers, js, mut walstream) = streaming().await?;
-    let walstream_per_sec = live_rate(&servers, &js, STREAM, changes).await?;
-    stop(&mut walstream);
-    servers
-        .postgres
-        .execute(DATABASE, &fill(changes + 1, while_down))
-        .await?;
-    let mut walstream = walstream_streaming(&servers, &js).await?;
-    wait_stored(&js, STREAM, changes + while_down, Duration::from_secs(30)).await;
-    let walstream_lost = (changes + while_down).saturating_sub(stored(&js, STREAM).await);
-    let before = stored(&js, STREAM).await;
-    let big_row_walstream = match servers
-        .postgres
-        .execute(DATABASE, &big_row(u64::MAX >> 2))
-        .await
-    {
-        Ok(()) if wait_stored(&js, STREAM, before + 1, Duration::from_secs(10)).await => {
-            "committed and delivered".to_owned()
-        }
-        Ok(()) => "committed, not delivered".to_owned(),
-        Err(e) => format!("INSERT failed: {e}"),
-    };
-    stop(&mut walstream);
-    drop(servers);
-
-    eprintln!("live workload through the LISTEN/NOTIFY bridge…");
-    let servers = start_servers().await?;
-    servers.postgres.execute(DATABASE, TABLE).await?;
-    servers.postgres.execute(DATABASE, NOTIFY_TRIGGER).await?;
-    let js = jetstream_context(&servers).await?;
-    create_stream(&js, "bridge").await?;
-    let running = bridge(&servers, js.clone()).await?;
-    let bridge_per_sec = live_rate(&servers, &js, "bridge", changes).await?;
-    running.abort();
-    let _ = running.await;
-    servers
-        .postgres
-        .execute(DATABASE, &fill(changes + 1, while_down))
-        .await?;
-    let running = bridge(&servers, js.clone()).await?;
-    // Whatever the bridge would still deliver arrives well within this.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let bridge_lost = (changes + while_down).saturating_sub(stored(&js, "bridge").await);
-    let big_row_bridge = match servers
-        .postgres
-        .execute(DATABASE, &big_row(u64::MAX >> 2))
-        .await
-    {
-        Ok(()) => "committed".to_owned(),
-        Err(e) => format!("the writer's INSERT failed: {e}"),
-    };
-    running.abort();
-    Ok(AgainstNotify {
-        changes,
-        walstream_per_sec,
-        bridge_per_sec,
-        committed_while_down: while_down,
-        walstream_lost_while_down: walstream_lost,
-        bridge_lost_while_down: bridge_lost,
-        big_row_walstream,
-        big_row_bridge,
-    })
 }
