@@ -4,6 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// FraiseQL's `event_type` for an event that is not a row's insert, update or delete.
+pub const CUSTOM_EVENT_TYPE: &str = "CUSTOM";
+
 /// The row operation an event reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
@@ -31,6 +34,16 @@ impl Op {
             Op::Delete => "DELETE",
             Op::Truncate => "TRUNCATE",
             Op::Backfill => "BACKFILL",
+        }
+    }
+
+    /// The operation as FraiseQL's observers name it (`event_type`): a row's insert, update
+    /// or delete, and `CUSTOM` for what is no single row's change (a truncate, a backfilled
+    /// row, which must not fire an observer on inserts).
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Op::Insert | Op::Update | Op::Delete => self.as_str(),
+            Op::Truncate | Op::Backfill => CUSTOM_EVENT_TYPE,
         }
     }
 

@@ -336,8 +336,16 @@ async fn check_table(client: &Client, table: &str, report: &mut Report) -> anyho
             "SELECT c.relreplident::text,
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
                     has_table_privilege(c.oid, 'SELECT'),
-                    pg_has_role(c.relowner, 'USAGE')
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    pg_has_role(c.relowner, 'USAGE'),
+                    a.attnum IS NOT NULL,
+                    c.relreplident = 'f' OR EXISTS (
+                        SELECT 1 FROM pg_index i
+                        WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])
+                          AND ((c.relreplident = 'd' AND i.indisprimary)
+                               OR (c.relreplident = 'i' AND i.indisreplident)))
+             FROM pg_class c
+             LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'id'
+                  AND a.atttypid = 'uuid'::regtype AND NOT a.attisdropped JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name],
         )
@@ -348,6 +356,7 @@ async fn check_table(client: &Client, table: &str, report: &mut Report) -> anyho
         return Ok(());
     };
     let (identity, has_pk, can_select): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let (has_uuid_id, uuid_id_in_identity): (bool, bool) = (row.get(4), row.get(5));
     let quoted = postgres::quote_table(table);
     match (identity.as_str(), has_pk) {
         ("n", _) => report.fail(format!(
@@ -359,6 +368,14 @@ async fn check_table(client: &Client, table: &str, report: &mut Report) -> anyho
              fail once published. Add a primary key, or ALTER TABLE {quoted} REPLICA IDENTITY FULL"
         )),
         _ => report.pass(format!("{table} has a usable replica identity")),
+    }
+    if has_uuid_id && !uuid_id_in_identity {
+        report.warn(format!(
+            "{table}'s DELETE events carry an entity_id derived from its key, not its uuid \
+             column id, which its replica identity leaves out: for consumers keyed on \
+             entity_id (FraiseQL's observers), ALTER TABLE {quoted} REPLICA IDENTITY USING \
+             INDEX <a unique index on id>, or FULL"
+        ));
     }
     report.check(
         can_select,

@@ -8,11 +8,12 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
 use super::failover::FailoverMarker;
+use super::identity::{self, write_entity_id, write_uuid};
 use super::replay::{Replay, ReplayHeaders};
 use super::value::{write_binary, write_string, write_value};
 use super::{message_id_from_prefix, Naming, Position, RelationInfo};
 use crate::lsn::Lsn;
-use crate::op::Op;
+use crate::op::{Op, CUSTOM_EVENT_TYPE};
 use crate::pipeline::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
 
 pub const HEADER_XID: &str = "Walstream-Xid";
@@ -47,6 +48,8 @@ pub struct Transaction {
     pub commit_time_micros: Option<i64>,
     /// The server's timeline it was read on.
     pub timeline: u32,
+    /// The commit time as RFC 3339; for a standalone message, which has none, the time it was
+    /// read, so every event has a `timestamp`.
     timestamp: String,
     lsn_text: String,
     next_seq: u64,
@@ -74,7 +77,7 @@ impl Transaction {
             commit_lsn,
             commit_time_micros,
             timeline,
-            timestamp: commit_time_micros.map_or_else(String::new, format_pg_timestamp),
+            timestamp: commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp),
             lsn_text: commit_lsn.to_string(),
             next_seq: 0,
             replay: None,
@@ -89,7 +92,7 @@ impl Transaction {
         let mut headers = HeaderMap::new();
         headers.insert(XID, self.xid.to_string().as_str());
         headers.insert(LSN, self.lsn_text.as_str());
-        if !self.timestamp.is_empty() {
+        if self.commit_time_micros.is_some() {
             headers.insert(COMMIT_TIME, self.timestamp.as_str());
         }
         headers.insert(TIMELINE, self.timeline.to_string().as_str());
@@ -143,6 +146,13 @@ pub fn format_pg_timestamp(micros: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| format!("invalid timestamp ({micros} µs since 2000-01-01)"))
+}
+
+/// The current time as RFC 3339 UTC.
+fn now_timestamp() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// One event ready to publish.
@@ -240,12 +250,13 @@ impl Encoder {
         row: &TupleData<'_>,
     ) -> Result<EncodedEvent, ColumnCountMismatch> {
         check_columns(relation, row)?;
-        let (mut out, position) = self.start(relation, op, tx);
+        let (mut out, started) = self.start(relation, op, tx);
         let mut unchanged = Vec::new();
         write_row(&mut out, relation, row, RowPart::All, None, &mut unchanged);
+        write_entity_field(&mut out, relation, row);
         out.extend_from_slice(b",\"old\":null");
         write_unchanged(&mut out, relation, &unchanged);
-        Ok(self.finish(out, relation.subject(op), tx, position))
+        Ok(self.finish(out, relation.subject(op), tx, started))
     }
 
     pub fn update(
@@ -267,7 +278,7 @@ impl Encoder {
             }
             _ => None,
         };
-        let (mut out, position) = self.start(relation, Op::Update, tx);
+        let (mut out, started) = self.start(relation, Op::Update, tx);
         let mut unchanged = Vec::new();
         write_row(
             &mut out,
@@ -277,6 +288,7 @@ impl Encoder {
             full_old.as_deref(),
             &mut unchanged,
         );
+        write_entity_field(&mut out, relation, new);
         out.extend_from_slice(b",\"old\":");
         match old {
             Some((kind, old)) => {
@@ -293,7 +305,7 @@ impl Encoder {
             None => out.extend_from_slice(b"null"),
         }
         write_unchanged(&mut out, relation, &unchanged);
-        Ok(self.finish(out, relation.subject(Op::Update), tx, position))
+        Ok(self.finish(out, relation.subject(Op::Update), tx, started))
     }
 
     pub fn delete(
@@ -304,7 +316,7 @@ impl Encoder {
         old: &TupleData<'_>,
     ) -> Result<EncodedEvent, ColumnCountMismatch> {
         check_columns(relation, old)?;
-        let (mut out, position) = self.start(relation, Op::Delete, tx);
+        let (mut out, started) = self.start(relation, Op::Delete, tx);
         let mut unchanged = Vec::new();
         write_row(
             &mut out,
@@ -314,9 +326,10 @@ impl Encoder {
             None,
             &mut unchanged,
         );
+        write_entity_field(&mut out, relation, old);
         out.extend_from_slice(b",\"old\":null");
         write_unchanged(&mut out, relation, &unchanged);
-        Ok(self.finish(out, relation.subject(Op::Delete), tx, position))
+        Ok(self.finish(out, relation.subject(Op::Delete), tx, started))
     }
 
     pub fn truncate(
@@ -326,13 +339,15 @@ impl Encoder {
         cascade: bool,
         restart_identity: bool,
     ) -> EncodedEvent {
-        let (mut out, position) = self.start(relation, Op::Truncate, tx);
-        out.extend_from_slice(b",\"data\":null,\"old\":null,\"unchanged_toast\":[]");
+        let (mut out, started) = self.start(relation, Op::Truncate, tx);
+        out.extend_from_slice(b",\"data\":null,\"entity_id\":");
+        write_uuid(&mut out, uuid::Uuid::nil());
+        out.extend_from_slice(b",\"old\":null,\"unchanged_toast\":[]");
         let _ = write!(
             out,
             ",\"truncate\":{{\"cascade\":{cascade},\"restart_identity\":{restart_identity}}}"
         );
-        self.finish(out, relation.subject(Op::Truncate), tx, position)
+        self.finish(out, relation.subject(Op::Truncate), tx, started)
     }
 
     /// A `pg_logical_emit_message` message: inside its transaction when transactional, else in
@@ -348,7 +363,13 @@ impl Encoder {
             b"{\"event\":\"MESSAGE\",\"entity\":null,\"table\":null,\"subject\":",
         );
         write_string(&mut out, subject.as_bytes());
-        let position = self.write_tx_fields(&mut out, tx);
+        out.extend_from_slice(b",\"event_type\":");
+        write_string(&mut out, CUSTOM_EVENT_TYPE.as_bytes());
+        out.extend_from_slice(b",\"entity_type\":");
+        write_string(&mut out, MESSAGE_ENTITY_TYPE.as_bytes());
+        let started = self.write_tx_fields(&mut out, tx);
+        out.extend_from_slice(b",\"entity_id\":");
+        write_uuid(&mut out, uuid::Uuid::nil());
         out.extend_from_slice(b",\"prefix\":");
         write_string(&mut out, message.prefix.as_bytes());
         let _ = write!(out, ",\"transactional\":{}", message.transactional);
@@ -369,35 +390,38 @@ impl Encoder {
             }
         }
         out.push(b'}');
-        self.event(out, Subject::from(subject), tx, position)
+        self.event(out, Subject::from(subject), tx, started)
     }
 
     /// Starts the envelope: the relation's head, then the transaction fields, taking the
     /// transaction's next position.
-    fn start(&self, relation: &RelationInfo, op: Op, tx: &mut Transaction) -> (Vec<u8>, Position) {
+    fn start(&self, relation: &RelationInfo, op: Op, tx: &mut Transaction) -> (Vec<u8>, Started) {
         let mut out = Vec::with_capacity(self.size_hint);
         out.extend_from_slice(relation.head(op));
-        let position = self.write_tx_fields(&mut out, tx);
-        (out, position)
+        let started = self.write_tx_fields(&mut out, tx);
+        (out, started)
     }
 
-    /// Writes `,"timestamp":…,"lsn":…,"xid":…,"seq":…` and consumes the transaction's next
-    /// position.
-    fn write_tx_fields(&self, out: &mut Vec<u8>, tx: &mut Transaction) -> Position {
+    /// Writes `,"timestamp":…,"lsn":…,"xid":…,"seq":…,"id":…`, consuming the transaction's
+    /// next position and naming the event's message.
+    fn write_tx_fields(&self, out: &mut Vec<u8>, tx: &mut Transaction) -> Started {
         let position = tx.take_position();
         out.extend_from_slice(b",\"timestamp\":");
-        if tx.timestamp.is_empty() {
-            out.extend_from_slice(b"null");
-        } else {
-            write_string(out, tx.timestamp.as_bytes());
-        }
+        write_string(out, tx.timestamp.as_bytes());
         out.extend_from_slice(b",\"lsn\":\"");
         out.extend_from_slice(tx.lsn_text.as_bytes());
         let _ = write!(out, "\",\"xid\":{},\"seq\":{}", tx.xid, position.seq);
         if tx.replay.is_some() {
             out.extend_from_slice(b",\"replay\":true");
         }
-        position
+        let replay_id = tx.replay.map(|replay| replay.id);
+        let message_id = self.message_id(tx, position.seq, replay_id);
+        out.extend_from_slice(b",\"id\":");
+        write_uuid(out, identity::event_id(&message_id));
+        Started {
+            position,
+            message_id,
+        }
     }
 
     fn finish(
@@ -405,10 +429,10 @@ impl Encoder {
         mut out: Vec<u8>,
         subject: &Subject,
         tx: &mut Transaction,
-        position: Position,
+        started: Started,
     ) -> EncodedEvent {
         out.push(b'}');
-        self.event(out, subject.clone(), tx, position)
+        self.event(out, subject.clone(), tx, started)
     }
 
     fn event(
@@ -416,18 +440,20 @@ impl Encoder {
         payload: Vec<u8>,
         subject: Subject,
         tx: &mut Transaction,
-        position: Position,
+        Started {
+            position,
+            message_id,
+        }: Started,
     ) -> EncodedEvent {
         self.size_hint = self
             .size_hint
             .max(payload.len().next_power_of_two().min(1 << 20));
-        let replay_id = tx.replay.map(|replay| replay.id);
         EncodedEvent {
             subject,
             payload: Bytes::from(payload),
             position,
-            replay: replay_id.is_some(),
-            message_id: self.message_id(tx, position.seq, replay_id),
+            replay: tx.replay.is_some(),
+            message_id,
             commit_time_micros: tx.commit_time_micros,
             tx_headers: tx.headers.clone(),
             in_transaction: true,
@@ -441,17 +467,16 @@ impl Encoder {
         let mut headers = HeaderMap::new();
         headers.insert(TIMELINE, marker.timeline.to_string().as_str());
         marker.write(&mut headers);
-        let payload = serde_json::to_vec(&marker.body()).unwrap_or_default();
+        let message_id =
+            FailoverMarker::message_id(self.naming.slot(), marker.timeline, marker.switch);
+        let payload =
+            serde_json::to_vec(&marker.body(&message_id, &now_timestamp())).unwrap_or_default();
         EncodedEvent {
             subject: Subject::from(self.naming.failover_subject()),
             payload: Bytes::from(payload),
             position: FailoverMarker::position(marker.switch),
             replay: false,
-            message_id: FailoverMarker::message_id(
-                self.naming.slot(),
-                marker.timeline,
-                marker.switch,
-            ),
+            message_id,
             commit_time_micros: None,
             tx_headers: Arc::new(headers),
             in_transaction: false,
@@ -467,6 +492,15 @@ impl Encoder {
             .get_or_insert_with(|| self.naming.message_id_prefix(xid, lsn));
         message_id_from_prefix(prefix, seq, replay_id)
     }
+}
+
+/// `entity_type` of a `pg_logical_emit_message` message, which no table is behind.
+const MESSAGE_ENTITY_TYPE: &str = "_message";
+
+/// An event's place, taken when its envelope is started.
+struct Started {
+    position: Position,
+    message_id: String,
 }
 
 /// Which columns of a tuple an event reports.
@@ -552,6 +586,12 @@ fn write_object(
         }
     }
     out.push(b'}');
+}
+
+/// Writes `,"entity_id":"…"`.
+fn write_entity_field(out: &mut Vec<u8>, relation: &RelationInfo, tuple: &TupleData<'_>) {
+    out.extend_from_slice(b",\"entity_id\":");
+    write_entity_id(out, relation, tuple);
 }
 
 /// Writes `,"unchanged_toast":[names]`.
@@ -691,14 +731,26 @@ mod tests {
             &serde_json::json!({
                 "event": "INSERT", "entity": "TCap", "table": "public.t_cap",
                 "subject": "fraiseql.mutation.TCap.INSERT",
+                "event_type": "INSERT", "entity_type": "TCap",
                 "timestamp": insert["timestamp"], "lsn": insert["lsn"], "xid": insert["xid"],
-                "seq": 0,
+                "seq": 0, "id": insert["id"],
                 "data": {"id": 1, "name": "one", "amount": "1.50", "nums": [1, null],
                          "doc": serde_json::from_str::<serde_json::Value>("{\"k\": 2.50}").expect("json"), "m": "happy", "big": big},
+                "entity_id": insert["entity_id"],
                 "old": null, "unchanged_toast": []
             })
         );
         assert!(insert["timestamp"].as_str().unwrap().starts_with("20"));
+        let message_id = format!(
+            "walstream:{}:{}:0",
+            insert["xid"],
+            insert["lsn"].as_str().unwrap()
+        );
+        assert_eq!(
+            insert["id"],
+            identity::event_id(&message_id).to_string(),
+            "the event's id is uuid5 of its Nats-Msg-Id"
+        );
     }
 
     #[test]
@@ -763,6 +815,11 @@ mod tests {
         let key_change = &events[2];
         assert_eq!(key_change["old"], serde_json::json!({"id": 1}));
         assert_eq!(key_change["data"]["id"], 2);
+        // t_cap's `id` is an integer key: the entity id is derived from it, the same for each
+        // change of row 1, another once its key became 2, and that one again for the delete.
+        assert_eq!(toast_update["entity_id"], events[0]["entity_id"]);
+        assert_ne!(key_change["entity_id"], events[0]["entity_id"]);
+        assert_eq!(events[4]["entity_id"], key_change["entity_id"]);
 
         let full_update = &events[3];
         assert_eq!(full_update["old"]["v"], "old");
@@ -781,14 +838,20 @@ mod tests {
         assert_eq!(in_tx["seq"], 1);
         assert_eq!(in_tx["content"], "inside");
         assert_eq!(in_tx["subject"], "fraiseql.mutation._message.audit");
+        assert_eq!(in_tx["event_type"], "CUSTOM");
+        assert_eq!(in_tx["entity_id"], uuid::Uuid::nil().to_string());
         let outside = &events[8];
         assert_eq!(outside["transactional"], false);
-        assert_eq!(outside["timestamp"], serde_json::Value::Null);
+        assert!(
+            outside["timestamp"].as_str().is_some(),
+            "a standalone message is stamped with the time it was read"
+        );
 
         let truncates: Vec<&serde_json::Value> =
             events.iter().filter(|e| e["event"] == "TRUNCATE").collect();
         assert_eq!(truncates.len(), 2);
         assert_eq!(truncates[1]["seq"], 1);
+        assert_eq!(truncates[1]["event_type"], "CUSTOM");
         assert_eq!(
             truncates[0]["truncate"],
             serde_json::json!({"cascade": true, "restart_identity": true})

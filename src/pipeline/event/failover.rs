@@ -8,9 +8,11 @@
 
 use async_nats::HeaderMap;
 
+use super::identity;
 use super::replay::PositionText;
 use super::Position;
 use crate::lsn::{parse_lsn, Lsn};
+use crate::op::CUSTOM_EVENT_TYPE;
 
 /// On the marker: `<old timeline>:<switch LSN>`, the history the void events belong to and
 /// where the new one parts from it.
@@ -66,11 +68,11 @@ impl FailoverMarker {
         Some((timeline.parse().ok()?, parse_lsn(switch).ok()?))
     }
 
-    /// The marker's JSON body: what a consumer needs to undo or flag the void events.
-    pub fn body(&self) -> serde_json::Value {
+    /// The marker's JSON body: what a consumer needs to undo or flag the void events, with the
+    /// fields FraiseQL's observers require of every message (a `CUSTOM` event of no entity).
+    pub fn body(&self, message_id: &str, timestamp: &str) -> serde_json::Value {
         let p = &self.phantoms;
-        serde_json::json!({
-            "event": "FAILOVER",
+        let data = serde_json::json!({
             "from_timeline": self.from_timeline,
             "timeline": self.timeline,
             "switch_lsn": self.switch.to_string(),
@@ -81,9 +83,25 @@ impl FailoverMarker {
                 "first": PositionText(p.first).to_string(),
                 "last": PositionText(p.last).to_string(),
             },
-        })
+        });
+        let mut body = serde_json::json!({
+            "event": "FAILOVER",
+            "event_type": CUSTOM_EVENT_TYPE,
+            "entity_type": FAILOVER_ENTITY_TYPE,
+            "id": identity::event_id(message_id).to_string(),
+            "entity_id": uuid::Uuid::nil().to_string(),
+            "timestamp": timestamp,
+        });
+        if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), &data) {
+            body.extend(fields.clone());
+            body.insert("data".to_owned(), data.clone());
+        }
+        body
     }
 }
+
+/// `entity_type` of the failover marker, which no table is behind.
+const FAILOVER_ENTITY_TYPE: &str = "_failover";
 
 #[cfg(test)]
 mod tests {
@@ -110,6 +128,7 @@ mod tests {
         let position = FailoverMarker::position(marker.switch);
         assert!(position < Position::at(Lsn(0x3000158), 0));
         assert!(position > Position::at(Lsn(0x3000157), 1_000_000));
-        assert_eq!(marker.body()["void"]["events"], 5);
+        assert_eq!(marker.body("m", "t")["void"]["events"], 5);
+        assert_eq!(marker.body("m", "t")["data"]["void"]["events"], 5);
     }
 }

@@ -6,6 +6,7 @@
 
 mod encode;
 pub mod failover;
+pub mod identity;
 pub mod replay;
 pub mod value;
 
@@ -200,7 +201,10 @@ pub struct RelationInfo {
     pub replica_identity: ReplicaIdentity,
     pub watched: bool,
     pub columns: Vec<ColumnInfo>,
-    /// Per op: `{"event":"…","entity":"…","table":"…","subject":"…"`.
+    /// The `uuid` column named `id`, whose value is the events' `entity_id`.
+    pub entity_id_column: Option<usize>,
+    /// Per op: `{"event":"…","entity":"…","table":"…","subject":"…","event_type":"…",
+    /// "entity_type":"…"`.
     heads: [Vec<u8>; 5],
     subjects: [Subject; 5],
 }
@@ -242,6 +246,10 @@ impl RelationInfo {
                 }
             })
             .collect();
+        let entity_id_column = relation
+            .columns
+            .iter()
+            .position(|c| c.name == "id" && c.type_oid == identity::UUID_TYPE_OID);
         let subject_for = |op| naming.subject(&qualified, &entity, op);
         let head_for = |op: Op| {
             let mut head = Vec::new();
@@ -253,6 +261,10 @@ impl RelationInfo {
             value::write_string(&mut head, qualified.as_bytes());
             head.extend_from_slice(b",\"subject\":");
             value::write_string(&mut head, subject_for(op).as_bytes());
+            head.extend_from_slice(b",\"event_type\":");
+            value::write_string(&mut head, op.event_type().as_bytes());
+            head.extend_from_slice(b",\"entity_type\":");
+            value::write_string(&mut head, entity.as_bytes());
             head
         };
         Self {
@@ -266,6 +278,7 @@ impl RelationInfo {
             entity,
             replica_identity: relation.replica_identity,
             columns,
+            entity_id_column,
         }
     }
 

@@ -1,0 +1,178 @@
+//! The UUIDs an event carries for consumers that key on them (FraiseQL's observers): the
+//! event's own, derived from its `Nats-Msg-Id`, and its entity's, read from or derived from the row.
+//!
+//! Both are name-based (RFC 9562 version 5) under one fixed namespace, so anyone can recompute
+//! them: `uuid5(NAMESPACE, Nats-Msg-Id)` for `id`, and so a re-delivery of the same change
+//! carries the same `id` (a receiver's dedup key) while a replay, which has its own message id,
+//! carries a new one.
+
+use sha1::{Digest, Sha1};
+use uuid::Uuid;
+
+use super::value::write_string;
+use super::RelationInfo;
+use crate::pipeline::pgoutput::{ColumnValue, TupleData};
+
+/// walstream's namespace for name-based UUIDs.
+pub const NAMESPACE: Uuid = Uuid::from_u128(0xee73_90b2_c50d_42dd_9034_48cd_b751_e1ec);
+
+/// PostgreSQL's `uuid` type.
+pub const UUID_TYPE_OID: u32 = 2950;
+
+/// Separates the parts of a derived entity name; cannot occur in PostgreSQL text output.
+const SEPARATOR: u8 = 0;
+
+/// `uuid5(NAMESPACE, name)`.
+pub fn name_based(name: &[u8]) -> Uuid {
+    let mut hasher = Sha1::new();
+    hasher.update(NAMESPACE.as_bytes());
+    hasher.update(name);
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+}
+
+/// The event's `id`: `uuid5(NAMESPACE, its Nats-Msg-Id)`.
+pub fn event_id(message_id: &str) -> Uuid {
+    name_based(message_id.as_bytes())
+}
+
+/// Writes a UUID as a JSON string.
+pub fn write_uuid(out: &mut Vec<u8>, uuid: Uuid) {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.push(b'"');
+    out.extend_from_slice(uuid.hyphenated().encode_lower(&mut text).as_bytes());
+    out.push(b'"');
+}
+
+/// Writes the entity's UUID: the row's `uuid` column named `id` when the tuple has its value;
+/// otherwise one derived from the table and the replica identity key's values, which is the same
+/// for every change of the row as long as its key stays; the nil UUID for a row with neither.
+pub fn write_entity_id(out: &mut Vec<u8>, relation: &RelationInfo, tuple: &TupleData<'_>) {
+    if let Some(index) = relation.entity_id_column {
+        if let Some(ColumnValue::Text(text)) = tuple.get(index) {
+            if Uuid::try_parse_ascii(text).is_ok() {
+                write_string(out, text);
+                return;
+            }
+        }
+    }
+    write_uuid(
+        out,
+        derived_entity_id(relation, tuple).unwrap_or(Uuid::nil()),
+    );
+}
+
+/// `uuid5(NAMESPACE, table ␀ key value ␀ …)` over the replica identity's key columns, or none
+/// when the relation has no key (REPLICA IDENTITY NOTHING).
+fn derived_entity_id(relation: &RelationInfo, tuple: &TupleData<'_>) -> Option<Uuid> {
+    let mut name = Vec::with_capacity(relation.qualified.len() + 32);
+    name.extend_from_slice(relation.qualified.as_bytes());
+    let mut any_key = false;
+    for (column, value) in relation.columns.iter().zip(tuple.iter()) {
+        if !column.is_key {
+            continue;
+        }
+        any_key = true;
+        name.push(SEPARATOR);
+        match value {
+            ColumnValue::Text(text) | ColumnValue::Binary(text) => name.extend_from_slice(text),
+            ColumnValue::Null | ColumnValue::UnchangedToast => {}
+        }
+    }
+    any_key.then(|| name_based(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::pipeline::event::Naming;
+    use crate::pipeline::pgoutput::{encode_tuple, Relation, RelationColumn, ReplicaIdentity};
+
+    /// `tb_order (pk_order bigint key, id uuid, total numeric)`, as pgoutput describes it.
+    fn order_relation(id_type: u32) -> RelationInfo {
+        let config = Config::parse(
+            "[database]\nurl='postgres://localhost/db'\n[replication]\ntables=['public.tb_order']\n",
+            Path::new("test"),
+            &|_| None,
+        )
+        .expect("config");
+        let column = |name: &str, type_oid, is_key| RelationColumn {
+            is_key,
+            name: name.to_owned(),
+            type_oid,
+            type_modifier: -1,
+        };
+        let relation = Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "tb_order".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                column("pk_order", 20, true),
+                column("id", id_type, false),
+                column("total", 1700, false),
+            ],
+        };
+        RelationInfo::new(&relation, &Naming::from_config(&config), &HashMap::new())
+    }
+
+    fn entity_id(relation: &RelationInfo, values: &[Option<&str>]) -> String {
+        let mut bytes = Vec::new();
+        encode_tuple(&mut bytes, values.iter().map(|v| v.map(str::as_bytes))).expect("tuple");
+        let tuple = TupleData::decode_many(&bytes, 1).expect("decodes")[0];
+        let mut out = Vec::new();
+        write_entity_id(&mut out, relation, &tuple);
+        serde_json::from_slice(&out).expect("a JSON string")
+    }
+
+    const ORDER_ID: &str = "6f1c2f7e-1b7a-4a51-9b8e-2d0c1e9f3a10";
+
+    #[test]
+    fn the_uuid_id_column_is_the_entity_id() {
+        let orders = order_relation(UUID_TYPE_OID);
+        assert_eq!(
+            entity_id(&orders, &[Some("7"), Some(ORDER_ID), Some("9.50")]),
+            ORDER_ID
+        );
+    }
+
+    #[test]
+    fn without_the_uuid_the_key_names_the_entity_the_same_way_every_time() {
+        let orders = order_relation(UUID_TYPE_OID);
+        // A DELETE under REPLICA IDENTITY DEFAULT: only the key was sent.
+        let deleted = entity_id(&orders, &[Some("7"), None, None]);
+        assert_ne!(deleted, ORDER_ID);
+        assert_eq!(deleted, entity_id(&orders, &[Some("7"), None, None]));
+        assert_ne!(deleted, entity_id(&orders, &[Some("8"), None, None]));
+        // An `id` that is not a uuid column is the table's business, not an entity id: every
+        // change of row 7 gets the key's id.
+        let text_ids = order_relation(25);
+        let inserted = entity_id(&text_ids, &[Some("7"), Some(ORDER_ID), Some("9.50")]);
+        assert_eq!(inserted, entity_id(&text_ids, &[Some("7"), None, None]));
+        assert_eq!(
+            inserted,
+            name_based(b"public.tb_order\x007").to_string(),
+            "uuid5(namespace, table NUL key values)"
+        );
+    }
+
+    #[test]
+    fn event_ids_are_rfc_9562_version_5_under_the_namespace() {
+        // Python's `uuid.uuid5(uuid.UUID("ee7390b2-c50d-42dd-9034-48cdb751e1ec"),
+        // "walstream:42:0/300:0")` gives the same value.
+        let id = event_id("walstream:42:0/300:0");
+        assert_eq!(id.get_version_num(), 5);
+        assert_eq!(id.to_string(), "4f1b62c9-0b06-5dc5-bac9-2292a40caf42");
+        assert_eq!(id, event_id("walstream:42:0/300:0"));
+        assert_ne!(id, event_id("walstream:42:0/300:0:r1"));
+        let mut out = Vec::new();
+        write_uuid(&mut out, id);
+        assert_eq!(out, format!("\"{id}\"").into_bytes());
+    }
+}
