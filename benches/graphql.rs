@@ -6,7 +6,9 @@
 //! runtime as `walstream serve`. What is between walstream and pgbench that any Rust HTTP
 //! front end on this machine pays shows there.
 //!
-//! Run: `cargo bench --bench graphql` (WALSTREAM_BENCH_CLIENTS=8, WALSTREAM_BENCH_SECONDS=10).
+//! Run: `cargo bench --bench graphql` (WALSTREAM_BENCH_CLIENTS=8, WALSTREAM_BENCH_SECONDS=10;
+//! WALSTREAM_BENCH_COMMAND=run measures the sidecar, streaming in the same process, instead
+//! of `serve`; WALSTREAM_PG_BIN picks the PostgreSQL).
 //! Starts its own PostgreSQL, nats-server and `walstream serve`; writes
 //! `benches/results/graphql-latest.json`.
 
@@ -32,6 +34,15 @@ const EXAMPLE_SQL: &str = include_str!("../sql/example/schema.sql");
 /// The UUID of pre-made order `k`, computable on both sides.
 fn order_uuid(k: u64) -> String {
     format!("00000000-0000-0000-0000-{k:012}")
+}
+
+/// `serve` (GraphQL alone) or `run` (GraphQL and the pipeline in one process).
+fn walstream_command() -> anyhow::Result<String> {
+    let command = std::env::var("WALSTREAM_BENCH_COMMAND").unwrap_or_else(|_| "serve".into());
+    match command.as_str() {
+        "serve" | "run" => Ok(command),
+        other => anyhow::bail!("WALSTREAM_BENCH_COMMAND={other}: expected serve or run"),
+    }
 }
 
 fn env_count(name: &str, default: u64) -> u64 {
@@ -134,7 +145,7 @@ async fn run() -> anyhow::Result<()> {
     )?;
     let mut server = ServerProcess(
         Command::new(env!("CARGO_BIN_EXE_walstream"))
-            .args(["serve", "--config"])
+            .args([walstream_command()?.as_str(), "--config"])
             .arg(&config)
             .spawn()?,
     );
@@ -146,7 +157,10 @@ async fn run() -> anyhow::Result<()> {
         &serde_json::json!({"sub": "bench", "user_pk": 1, "exp": jsonwebtoken::get_current_timestamp() + 3600}),
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )?;
-    let pgbench = LocalPostgres::find_binaries()?.join("pgbench");
+    // The npm builds of PostgreSQL ship no pgbench: any pgbench drives any server.
+    let pgbench = Some(LocalPostgres::find_binaries()?.join("pgbench"))
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| "pgbench".into());
     let pg_port = postgres
         .url(DATABASE)
         .rsplit(':')

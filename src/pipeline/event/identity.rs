@@ -22,15 +22,22 @@ pub const UUID_TYPE_OID: u32 = 2950;
 /// Separates the parts of a derived entity name; cannot occur in PostgreSQL text output.
 const SEPARATOR: u8 = 0;
 
-/// `uuid5(NAMESPACE, name)`.
-pub fn name_based(name: &[u8]) -> Uuid {
+/// `uuid5(NAMESPACE, name)`, the name given in parts.
+fn name_based_from<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Uuid {
     let mut hasher = Sha1::new();
     hasher.update(NAMESPACE.as_bytes());
-    hasher.update(name);
+    for part in parts {
+        hasher.update(part);
+    }
     let digest = hasher.finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+}
+
+/// `uuid5(NAMESPACE, name)`.
+pub fn name_based(name: &[u8]) -> Uuid {
+    name_based_from([name])
 }
 
 /// The event's `id`: `uuid5(NAMESPACE, its Nats-Msg-Id)`.
@@ -67,21 +74,24 @@ pub fn write_entity_id(out: &mut Vec<u8>, relation: &RelationInfo, tuple: &Tuple
 /// `uuid5(NAMESPACE, table ␀ key value ␀ …)` over the replica identity's key columns, or none
 /// when the relation has no key (REPLICA IDENTITY NOTHING).
 fn derived_entity_id(relation: &RelationInfo, tuple: &TupleData<'_>) -> Option<Uuid> {
-    let mut name = Vec::with_capacity(relation.qualified.len() + 32);
-    name.extend_from_slice(relation.qualified.as_bytes());
-    let mut any_key = false;
-    for (column, value) in relation.columns.iter().zip(tuple.iter()) {
-        if !column.is_key {
-            continue;
-        }
-        any_key = true;
-        name.push(SEPARATOR);
-        match value {
-            ColumnValue::Text(text) | ColumnValue::Binary(text) => name.extend_from_slice(text),
-            ColumnValue::Null | ColumnValue::UnchangedToast => {}
-        }
+    if !relation.columns.iter().any(|column| column.is_key) {
+        return None;
     }
-    any_key.then(|| name_based(&name))
+    let keys = relation
+        .columns
+        .iter()
+        .zip(tuple.iter())
+        .filter(|(column, _)| column.is_key)
+        .flat_map(|(_, value)| {
+            let text: &[u8] = match value {
+                ColumnValue::Text(text) | ColumnValue::Binary(text) => text,
+                ColumnValue::Null | ColumnValue::UnchangedToast => &[],
+            };
+            [&[SEPARATOR][..], text]
+        });
+    Some(name_based_from(
+        std::iter::once(relation.qualified.as_bytes()).chain(keys),
+    ))
 }
 
 #[cfg(test)]
