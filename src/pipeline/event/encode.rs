@@ -801,6 +801,82 @@ mod tests {
         );
     }
 
+    /// The fields FraiseQL's observer runtime requires of a message (its `EntityEvent`,
+    /// fraiseql-observers 2.19), as strictly as it reads them: a message missing one, or with
+    /// one it cannot parse, is dropped by FraiseQL as undecodable.
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)] // read by Deserialize: the test is that they parse
+    struct FraiseqlEntityEvent {
+        id: String,
+        event_type: FraiseqlEventKind,
+        entity_type: String,
+        entity_id: String,
+        data: serde_json::Value,
+        timestamp: String,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    enum FraiseqlEventKind {
+        #[serde(rename = "INSERT")]
+        Created,
+        #[serde(rename = "UPDATE")]
+        Updated,
+        #[serde(rename = "DELETE")]
+        Deleted,
+        #[serde(rename = "CUSTOM")]
+        Custom,
+    }
+
+    fn assert_fraiseql_reads(payload: &[u8]) {
+        let event: FraiseqlEntityEvent = serde_json::from_slice(payload).unwrap_or_else(|e| {
+            panic!(
+                "FraiseQL cannot decode {}: {e}",
+                String::from_utf8_lossy(payload)
+            )
+        });
+        for uuid in [&event.id, &event.entity_id] {
+            assert!(uuid::Uuid::parse_str(uuid).is_ok(), "not a UUID: {uuid}");
+        }
+        assert!(
+            time::OffsetDateTime::parse(
+                &event.timestamp,
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok(),
+            "not RFC 3339: {}",
+            event.timestamp
+        );
+    }
+
+    #[test]
+    fn fraiseqls_observers_can_decode_every_kind_of_event() {
+        let events = encoded_scenario();
+        for event in &events {
+            assert_fraiseql_reads(&serde_json::to_vec(event).expect("json"));
+        }
+        let kinds: std::collections::BTreeSet<String> = events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            ["DELETE", "INSERT", "MESSAGE", "TRUNCATE", "UPDATE"]
+        );
+        let marker = FailoverMarker {
+            from_timeline: 1,
+            timeline: 2,
+            switch: Lsn(0x300),
+            phantoms: super::super::failover::Phantoms {
+                first_sequence: 1,
+                last_sequence: 2,
+                count: 2,
+                first: Position::at(Lsn(0x300), 0),
+                last: Position::at(Lsn(0x300), 1),
+            },
+        };
+        assert_fraiseql_reads(&Encoder::new(naming()).failover_marker(&marker).payload);
+    }
+
     #[test]
     fn captured_updates_deletes_and_messages() {
         let events = encoded_scenario();
