@@ -341,7 +341,7 @@ impl Encoder {
     ) -> EncodedEvent {
         let (mut out, started) = self.start(relation, Op::Truncate, tx);
         out.extend_from_slice(b",\"data\":null,\"entity_id\":");
-        write_uuid(&mut out, uuid::Uuid::nil());
+        write_uuid(&mut out, identity::NO_ENTITY);
         out.extend_from_slice(b",\"old\":null,\"unchanged_toast\":[]");
         let _ = write!(
             out,
@@ -369,7 +369,7 @@ impl Encoder {
         write_string(&mut out, MESSAGE_ENTITY_TYPE.as_bytes());
         let started = self.write_tx_fields(&mut out, tx);
         out.extend_from_slice(b",\"entity_id\":");
-        write_uuid(&mut out, uuid::Uuid::nil());
+        write_uuid(&mut out, identity::NO_ENTITY);
         out.extend_from_slice(b",\"prefix\":");
         write_string(&mut out, message.prefix.as_bytes());
         let _ = write!(out, ",\"transactional\":{}", message.transactional);
@@ -915,7 +915,7 @@ mod tests {
         assert_eq!(in_tx["content"], "inside");
         assert_eq!(in_tx["subject"], "fraiseql.mutation._message.audit");
         assert_eq!(in_tx["event_type"], "CUSTOM");
-        assert_eq!(in_tx["entity_id"], uuid::Uuid::nil().to_string());
+        assert_eq!(in_tx["entity_id"], identity::NO_ENTITY.to_string());
         let outside = &events[8];
         assert_eq!(outside["transactional"], false);
         assert!(

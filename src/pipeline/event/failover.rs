@@ -89,7 +89,7 @@ impl FailoverMarker {
             "event_type": CUSTOM_EVENT_TYPE,
             "entity_type": FAILOVER_ENTITY_TYPE,
             "id": identity::event_id(message_id).to_string(),
-            "entity_id": uuid::Uuid::nil().to_string(),
+            "entity_id": identity::NO_ENTITY.to_string(),
             "timestamp": timestamp,
         });
         if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), &data) {

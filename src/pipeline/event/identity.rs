@@ -16,6 +16,10 @@ use crate::pipeline::pgoutput::{ColumnValue, TupleData};
 /// walstream's namespace for name-based UUIDs.
 pub const NAMESPACE: Uuid = Uuid::from_u128(0xee73_90b2_c50d_42dd_9034_48cd_b751_e1ec);
 
+/// The `entity_id` of an event no single row is behind (TRUNCATE, MESSAGE, FAILOVER), and of a
+/// row with neither a uuid `id` nor a key.
+pub const NO_ENTITY: Uuid = Uuid::nil();
+
 /// PostgreSQL's `uuid` type.
 pub const UUID_TYPE_OID: u32 = 2950;
 
@@ -65,10 +69,7 @@ pub fn write_entity_id(out: &mut Vec<u8>, relation: &RelationInfo, tuple: &Tuple
             }
         }
     }
-    write_uuid(
-        out,
-        derived_entity_id(relation, tuple).unwrap_or(Uuid::nil()),
-    );
+    write_uuid(out, derived_entity_id(relation, tuple).unwrap_or(NO_ENTITY));
 }
 
 /// `uuid5(NAMESPACE, table ␀ key value ␀ …)` over the replica identity's key columns, or none
