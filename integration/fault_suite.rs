@@ -585,7 +585,10 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
     let writer = tokio::spawn(workload::write(cluster.db_url(), seed, stop.clone()));
     let other = tokio::spawn(other_publisher::publish(nats.url(), seed, stop.clone()));
 
-    walstream.supervise_for(Duration::from_secs(5)).await?;
+    walstream
+        .supervise_for(Duration::from_secs(5))
+        .await
+        .context("streaming before the faults")?;
     let leader = nats
         .leader(&js, STREAM)
         .await
@@ -595,21 +598,33 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
         nats.names[leader]
     );
     nats.nodes[leader].kill();
-    walstream.supervise_for(Duration::from_secs(8)).await?;
+    walstream
+        .supervise_for(Duration::from_secs(8))
+        .await
+        .context("streaming without the leader")?;
     let second = (leader + 1) % 3;
     eprintln!(
         "fault suite: killing a second node {}: no quorum",
         nats.names[second]
     );
     nats.nodes[second].kill();
-    walstream.supervise_for(Duration::from_secs(8)).await?;
+    walstream
+        .supervise_for(Duration::from_secs(8))
+        .await
+        .context("streaming without a quorum")?;
     eprintln!("fault suite: restarting both");
-    nats.nodes[leader].start()?;
-    nats.nodes[second].start()?;
-    walstream.supervise_for(Duration::from_secs(8)).await?;
+    for node in [leader, second] {
+        nats.nodes[node]
+            .start()
+            .with_context(|| format!("restarting node {}", nats.names[node]))?;
+    }
+    walstream
+        .supervise_for(Duration::from_secs(8))
+        .await
+        .context("streaming after the restarts")?;
     stop.store(true, Ordering::SeqCst);
-    let written = writer.await?;
-    let others = other.await?;
+    let written = writer.await.context("the workload's writer")?;
+    let others = other.await.context("the other publisher")?;
 
     let (verdict, status) = verify(&cluster, &js, &mut walstream, &written, &others)
         .await

@@ -13,11 +13,25 @@ use anyhow::{bail, Context as _};
 /// A port nothing listens on right now, and never handed out before by this process: tests run
 /// side by side, and the kernel may give a port back that another test was given and has not
 /// bound yet (a nats-server then failed to start while a walstream's HTTP port answered its
-/// clients).
+/// clients). Picked below the kernel's ephemeral range: the servers here are killed and
+/// restarted on their ports, and in between an outgoing connection may take a port from that
+/// range as its own end, and keep it.
 pub fn free_port() -> anyhow::Result<u16> {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let lowest = 10_000;
+    let ephemeral = ephemeral_range_start().unwrap_or(32_768);
+    let mut attempts = 0;
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        attempts += 1;
+        let port = if ephemeral > lowest + 1_000 && attempts <= 1_000 {
+            let port = fastrand::u16(lowest..ephemeral);
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            port
+        } else {
+            TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        };
         let mut handed_out = HANDED_OUT
             .lock()
             .map_err(|_| anyhow::anyhow!("the port registry is poisoned"))?;
@@ -25,6 +39,16 @@ pub fn free_port() -> anyhow::Result<u16> {
             return Ok(port);
         }
     }
+}
+
+/// The first port of the range the kernel picks local ports of outgoing connections from.
+fn ephemeral_range_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The processes whose parent is `parent`, from `/proc`: the servers a test started, or

@@ -305,8 +305,7 @@ impl Stored {
 /// Reads every message of the stream in order. A consumer that goes quiet before the end (a
 /// JetStream cluster moving its leader) is recreated from the next sequence, a few times.
 pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>> {
-    let mut stream = js.get_stream(STREAM).await?;
-    let last = stream.info().await?.state.last_sequence;
+    let (stream, last) = open_stream(js).await?;
     let mut out = Vec::new();
     let mut next = 1;
     let mut attempts = 0;
@@ -322,6 +321,28 @@ pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>>
         }
     }
     Ok(out)
+}
+
+/// The stream and its last sequence, retried for a while: a JetStream cluster whose nodes just
+/// came back answers stream requests only once its groups have elected leaders again.
+async fn open_stream(js: &jetstream::Context) -> anyhow::Result<(jetstream::stream::Stream, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let opened = async {
+            let mut stream = js.get_stream(STREAM).await?;
+            let last = stream.info().await?.state.last_sequence;
+            anyhow::Ok((stream, last))
+        }
+        .await;
+        match opened {
+            Ok(opened) => return Ok(opened),
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("opening the stream again: {error:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.context(format!("opening stream {STREAM} for 30 s"))),
+        }
+    }
 }
 
 /// Appends the stream's messages from `first` through `last` to `out`.
