@@ -24,6 +24,8 @@ mod cpu;
 mod live;
 #[path = "pipeline/peers.rs"]
 mod peers;
+#[path = "common/stats.rs"]
+mod stats;
 
 use std::future::IntoFuture;
 use std::path::Path;
@@ -34,6 +36,7 @@ use async_nats::jetstream;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt as _, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use stats::env_count;
 use walstream::local::{free_port, LocalNats, LocalPostgres};
 use walstream::lsn::Lsn;
 
@@ -95,13 +98,6 @@ struct CpuPerChange {
     walstream: f64,
     nats_server: f64,
     postgres: f64,
-}
-
-fn env_count(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 async fn start_servers() -> anyhow::Result<Servers> {

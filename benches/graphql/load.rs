@@ -68,8 +68,7 @@ fn wrk_corrected(sorted: &[Duration], interval: Duration) -> Vec<Duration> {
 
 /// The `p` quantile of sorted samples, in milliseconds.
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
-    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    crate::stats::quantile(sorted, p).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 /// Makes request `i` of client `client`: the JSON body of a GraphQL request.

@@ -21,12 +21,15 @@ mod cpu;
 mod floor;
 mod load;
 mod peers;
+#[path = "../common/stats.rs"]
+mod stats;
 
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use stats::env_count;
 use walstream::local::{free_port, wait_for_port, LocalNats, LocalPostgres};
 
 const DATABASE: &str = "bench";
@@ -229,13 +232,6 @@ struct Reference {
     round: u64,
     #[serde(flatten)]
     load: load::Load,
-}
-
-fn env_count(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// `serve` (GraphQL alone) or `run` (GraphQL and the pipeline in one process).

@@ -211,12 +211,7 @@ fn summarize(
     rss: f64,
 ) -> Steady {
     latencies.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let percentile = |p: f64| crate::stats::quantile(&latencies, p).unwrap_or(0.0);
     Steady {
         reader,
         nats_server: String::new(),
