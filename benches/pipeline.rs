@@ -565,12 +565,16 @@ async fn scenario(name: &str, changes: u64, backlog: Vec<String>) -> anyhow::Res
 
 #[derive(serde::Serialize)]
 struct Results {
+    /// `kernel.sched_autogroup_enabled`, which decides the latency tails
+    /// (`cpu::describe_scheduling`).
+    sched_autogroup: Option<bool>,
     backlog: Vec<Scenario>,
     steady: Vec<live::Steady>,
     peers: Vec<peers::PeerRun>,
 }
 
 fn report(results: &Results) -> anyhow::Result<()> {
+    println!("\n{}", cpu::describe_scheduling());
     println!("\n| scenario | nats-server | changes | walstream changes/s ({{publishing}}) | peak RSS | raw slot read/s | waking per message/s | pg_recvlogical/s | raw publish/s | raw fast-ingest publish/s | walstream / lower ceiling in its mode |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let rate = |r: Option<f64>| r.map_or_else(|| "–".to_owned(), |r| format!("{r:.0}"));
@@ -755,6 +759,7 @@ fn main() -> anyhow::Result<()> {
             peers.push(peers::run(peer, env_count("WALSTREAM_BENCH_PEER_TXS", 100_000)).await?);
         }
         report(&Results {
+            sched_autogroup: cpu::autogroup_scheduling(),
             backlog,
             steady,
             peers,

@@ -36,3 +36,29 @@ fn seconds(pid: u32, fields: &[usize]) -> anyhow::Result<f64> {
     }
     Ok(ticks / 100.0)
 }
+
+/// The kernel's autogroup scheduling (`kernel.sched_autogroup_enabled`), on by default in
+/// Debian's kernels: CPU time is shared between sessions, and every PostgreSQL backend calls
+/// setsid(), so each backend is a session of its own. With the cores saturated, a woken
+/// backend then waits up to hundreds of milliseconds for a core while holding or awaiting a
+/// lock the others need (BENCHMARKS.md, "The createOrder tail"). None where the kernel has no
+/// such setting.
+pub fn autogroup_scheduling() -> Option<bool> {
+    let setting = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled").ok()?;
+    Some(setting.trim() != "0")
+}
+
+/// A line saying how the kernel shares the cores, for the start of a report.
+pub fn describe_scheduling() -> String {
+    match autogroup_scheduling() {
+        Some(true) => "kernel.sched_autogroup_enabled = 1: every PostgreSQL backend is a \
+                       scheduling group of its own; with the cores saturated, expect stalls of \
+                       100+ ms in every server's tail (with `sysctl kernel.sched_autogroup_enabled=0` \
+                       they were gone from this bench's runs; BENCHMARKS.md)"
+            .to_owned(),
+        Some(false) => "kernel.sched_autogroup_enabled = 0: the cores are shared by thread, \
+                        not by session"
+            .to_owned(),
+        None => "this kernel has no autogroup scheduling".to_owned(),
+    }
+}

@@ -220,6 +220,8 @@ struct Results {
     clients: u64,
     seconds: u64,
     postgres: String,
+    /// `kernel.sched_autogroup_enabled`, which decides the tails (`cpu::describe_scheduling`).
+    sched_autogroup: Option<bool>,
     skipped: Vec<String>,
     pgbench: Vec<Reference>,
     measurements: Vec<Measurement>,
@@ -268,6 +270,7 @@ async fn run() -> anyhow::Result<()> {
     let seconds = env_count("WALSTREAM_BENCH_SECONDS", 10);
     let rounds = env_count("WALSTREAM_BENCH_ROUNDS", 2).max(1);
     let peers = wanted_peers()?;
+    println!("graphql bench: {}", cpu::describe_scheduling());
     let dir = tempfile::Builder::new()
         .prefix("walstream-bench-gql-")
         .tempdir()?;
@@ -401,6 +404,7 @@ async fn run() -> anyhow::Result<()> {
         clients,
         seconds,
         postgres: version.to_string(),
+        sched_autogroup: cpu::autogroup_scheduling(),
         skipped,
         pgbench: references,
         measurements,
@@ -579,6 +583,7 @@ fn describe(load: &load::Load) -> String {
 /// Each server's range over the rounds per operation, then walstream against the targets.
 fn report(measurements: &[Measurement], references: &[Reference], rounds: u64) {
     println!("\n{rounds} round(s); ranges are min–max over the rounds; latencies in ms");
+    println!("{}", cpu::describe_scheduling());
     for operation in OPERATIONS {
         let name = operation.name();
         println!("\n{name}");
