@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream;
 use futures::FutureExt;
-use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
 
@@ -37,6 +37,9 @@ use crate::postgres::{self, HEARTBEAT_PREFIX};
 
 /// How often acknowledged progress is written to RocksDB and reported to PostgreSQL.
 const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// At most this many replication messages already waiting are handled in a row, so acks,
+/// the progress tick and a shutdown are looked at in between.
+const READY_AT_ONCE: usize = 64;
 /// How long a graceful stop waits for outstanding acks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -640,21 +643,23 @@ impl Pipeline {
                 }
                 received = client.recv() => {
                     quiet = false;
-                    match received {
-                        Ok(Some(event)) => {
-                            if let Some(end) = self.handle(event).await? {
-                                return Ok(end);
-                            }
-                            // Counted from after handling: publishing may have waited on NATS, which is
-                            // not PostgreSQL's silence.
-                            last_received = Instant::now();
+                    // The messages already waiting are handled here rather than one per turn
+                    // of the select: each turn re-arms the watchdog's timer and every branch's
+                    // future, 7% of walstream's CPU in a backlog drain's profile (2% since).
+                    let mut next = Some(received);
+                    let mut handled = 0;
+                    while let Some(received) = next.take() {
+                        if let Some(end) = self.receive(received).await? {
+                            return Ok(end);
                         }
-                        Ok(None) => return Ok(SessionEnd::Lost("the server ended the stream".into())),
-                        Err(error) if error.is_auth() => {
-                            anyhow::bail!("PostgreSQL refused the replication login: {error}")
+                        handled += 1;
+                        if handled < READY_AT_ONCE {
+                            next = client.recv().now_or_never();
                         }
-                        Err(error) => return Ok(SessionEnd::Lost(error.to_string())),
                     }
+                    // Counted from after handling: publishing may have waited on NATS, which
+                    // is not PostgreSQL's silence.
+                    last_received = Instant::now();
                 }
                 _ = watchdog => {
                     if let Some(reason) = self.dead_link().await {
@@ -676,6 +681,22 @@ impl Pipeline {
                 }
             }
             self.persist_progress(client)?;
+        }
+    }
+
+    /// Handles what the replication client received; returns an end when the session must
+    /// stop.
+    async fn receive(
+        &mut self,
+        received: Result<Option<ReplicationEvent>, PgWireError>,
+    ) -> anyhow::Result<Option<SessionEnd>> {
+        match received {
+            Ok(Some(event)) => self.handle(event).await,
+            Ok(None) => Ok(Some(SessionEnd::Lost("the server ended the stream".into()))),
+            Err(error) if error.is_auth() => {
+                anyhow::bail!("PostgreSQL refused the replication login: {error}")
+            }
+            Err(error) => Ok(Some(SessionEnd::Lost(error.to_string()))),
         }
     }
 
@@ -1000,7 +1021,7 @@ impl Pipeline {
         if self.write_landed()? {
             client.update_applied_lsn(self.confirmable());
         }
-        // Before reading the clock: this runs after every replication message.
+        // Before reading the clock: this runs after every turn of the stream's loop.
         if self.checkpoint_write.is_some() {
             return Ok(());
         }
