@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::header::{
-    NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID,
+    HeaderName, NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID,
 };
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -105,10 +105,11 @@ pub enum SinkError {
     ShuttingDown,
 }
 
-/// Headers of an atomic batch (ADR-50).
-const BATCH_ID: &str = "Nats-Batch-Id";
-const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
-const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+/// Headers of an atomic batch (ADR-50), parsed once: a name given as &str is validated and
+/// copied on every insert.
+const BATCH_ID: HeaderName = HeaderName::from_static("Nats-Batch-Id");
+const BATCH_SEQUENCE: HeaderName = HeaderName::from_static("Nats-Batch-Sequence");
+const BATCH_COMMIT: HeaderName = HeaderName::from_static("Nats-Batch-Commit");
 
 /// How many messages nats-server takes in one atomic batch unless configured otherwise
 /// (`jetstream.limits.batch.max_msgs`).
@@ -117,6 +118,7 @@ pub const SERVER_BATCH_LIMIT: usize = 1000;
 /// The header on every event of a transaction stored in more than one atomic batch
 /// (`nats.transactions = "atomic"`, a transaction larger than a batch may be).
 pub const HEADER_TX_SPLIT: &str = "Walstream-Tx-Split";
+const TX_SPLIT: HeaderName = HeaderName::from_static(HEADER_TX_SPLIT);
 
 /// How the sink keeps walstream's events in WAL order on the stream (see the module's text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -645,7 +647,7 @@ impl Sink {
             let mut headers = entry.event.headers();
             headers.insert(NATS_EXPECTED_LAST_SEQUENCE, self.end.to_string());
             if entry.split {
-                headers.insert(HEADER_TX_SPLIT, "true");
+                headers.insert(TX_SPLIT, "true");
             }
             let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
             self.acks.publish(subject, headers, payload).await?;
@@ -658,7 +660,7 @@ impl Sink {
             let entry = &self.unacked[index];
             let mut headers = batch_headers(&entry.event, &batch_id, index, count, self.end);
             if entry.split {
-                headers.insert(HEADER_TX_SPLIT, "true");
+                headers.insert(TX_SPLIT, "true");
             }
             let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
             if index + 1 < count {
@@ -1379,20 +1381,23 @@ mod tests {
         });
         let header = |headers: &HeaderMap, name: &str| headers.get(name).map(|v| v.to_string());
         let first = batch_headers(&event, "b-1", 0, 3, 41);
-        assert_eq!(header(&first, BATCH_ID).as_deref(), Some("b-1"));
-        assert_eq!(header(&first, BATCH_SEQUENCE).as_deref(), Some("1"));
+        assert_eq!(header(&first, BATCH_ID.as_ref()).as_deref(), Some("b-1"));
+        assert_eq!(
+            header(&first, BATCH_SEQUENCE.as_ref()).as_deref(),
+            Some("1")
+        );
         assert_eq!(
             header(&first, NATS_EXPECTED_LAST_SEQUENCE.as_ref()).as_deref(),
             Some("41")
         );
-        assert_eq!(header(&first, BATCH_COMMIT), None);
+        assert_eq!(header(&first, BATCH_COMMIT.as_ref()), None);
         assert_eq!(
             header(&first, NATS_MESSAGE_ID.as_ref()),
             Some(event.message_id.clone())
         );
         let last = batch_headers(&event, "b-1", 2, 3, 41);
-        assert_eq!(header(&last, BATCH_SEQUENCE).as_deref(), Some("3"));
-        assert_eq!(header(&last, BATCH_COMMIT).as_deref(), Some("1"));
+        assert_eq!(header(&last, BATCH_SEQUENCE.as_ref()).as_deref(), Some("3"));
+        assert_eq!(header(&last, BATCH_COMMIT.as_ref()).as_deref(), Some("1"));
         assert_eq!(header(&last, NATS_EXPECTED_LAST_SEQUENCE.as_ref()), None);
         // Never the id chain: a replicated stream checks it only when applying.
         assert_eq!(header(&last, NATS_EXPECTED_LAST_MESSAGE_ID.as_ref()), None);
