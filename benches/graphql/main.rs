@@ -346,6 +346,7 @@ async fn run() -> anyhow::Result<()> {
     let mut measurements = Vec::new();
     for round in 0..rounds {
         for operation in OPERATIONS {
+            reset_orders(&postgres).await?;
             let load = run_pgbench(&pgbench, &port, dir.path(), operation, clients, seconds)?;
             println!(
                 "round {round}, {}: pgbench {}",
@@ -371,6 +372,7 @@ async fn run() -> anyhow::Result<()> {
                 if server.dialect.request(operation, &tag, 0, 0).is_none() {
                     continue;
                 }
+                reset_orders(&postgres).await?;
                 let measurement = measure(
                     server,
                     postgres_pid,
@@ -424,6 +426,10 @@ async fn prepare_database(postgres: &LocalPostgres) -> anyhow::Result<()> {
         .execute("postgres", &format!("CREATE DATABASE {DATABASE}"))
         .await?;
     postgres.execute(DATABASE, EXAMPLE_SQL).await?;
+    seed_orders(postgres).await
+}
+
+async fn seed_orders(postgres: &LocalPostgres) -> anyhow::Result<()> {
     postgres
         .execute(
             DATABASE,
@@ -435,6 +441,49 @@ async fn prepare_database(postgres: &LocalPostgres) -> anyhow::Result<()> {
         )
         .await?;
     postgres.execute(DATABASE, "VACUUM ANALYZE tb_order").await
+}
+
+/// Takes `tb_order` back to the 10,000 seeded orders, so every measurement meets the same
+/// table. Without it each createOrder ran on the rows of every one before it (pgbench alone
+/// adds ~200,000 a round), and the last server of a round paid for the others: PostgreSQL's
+/// CPU per createOrder rose from 180 to 250 µs between walstream's two rounds.
+async fn reset_orders(postgres: &LocalPostgres) -> anyhow::Result<()> {
+    postgres
+        .execute(DATABASE, "TRUNCATE tb_order CASCADE")
+        .await?;
+    seed_orders(postgres).await?;
+    caught_up(postgres).await
+}
+
+/// Waits until every replication slot has confirmed the WAL written so far (the sidecar,
+/// `WALSTREAM_BENCH_COMMAND=run`, streams the reset's changes), so a measurement does not
+/// share the machine with them.
+async fn caught_up(postgres: &LocalPostgres) -> anyhow::Result<()> {
+    let (client, connection) =
+        tokio_postgres::connect(&postgres.url(DATABASE), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let target: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let behind: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots \
+                 WHERE confirmed_flush_lsn IS NULL OR confirmed_flush_lsn < $1::text::pg_lsn",
+                &[&target],
+            )
+            .await?
+            .get(0);
+        if behind == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("a replication slot has not confirmed {target} after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn server_version(postgres: &LocalPostgres) -> anyhow::Result<u32> {
