@@ -181,3 +181,98 @@ async fn a_transaction_larger_than_a_batch_is_stored_in_several_and_marked() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_publisher_never_lands_inside_a_transaction() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    cluster.sql(TABLE).await?;
+    // Batches of at most 50 events, many in flight behind one another; no transaction larger
+    // than a batch (one that is may have another message between its batches).
+    let config = atomic_config(&cluster, 50)?;
+    if atomic_server(&cluster, &config).await?.is_none() {
+        return Ok(());
+    }
+    let _walstream = Walstream::start(&config, &cluster.log_path())?;
+    wait_for_slot(&cluster).await?;
+    let js = cluster.jetstream().await?;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Another client publishing into the stream's subjects all the while, acknowledged one
+    // by one.
+    let intruder = {
+        let (js, writing) = (js.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut stored = 0u64;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                js.publish("fraiseql.mutation.Other.INSERT", r#"{"other":true}"#.into())
+                    .await?
+                    .await?;
+                stored += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            anyhow::Ok(stored)
+        })
+    };
+    let url = cluster.db_url();
+    let mut committed = write_load(url.clone(), 1, 600, 3, Duration::ZERO).await?;
+    committed.extend(write_load(url, 1_801, 40, 45, Duration::ZERO).await?);
+    let ours_expected = committed.len() as u64;
+    // Both done before the stream is read: the intruder's count is then final.
+    let stored_by_intruder = loop {
+        let mut stream = js.get_stream("fraiseql_events").await?;
+        if stream.info().await?.state.messages >= ours_expected {
+            writing.store(false, std::sync::atomic::Ordering::Relaxed);
+            break intruder.await??;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_for_messages(
+        &js,
+        ours_expected + stored_by_intruder,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let messages = read_stream(&js).await?;
+    let (ours, others): (Vec<Stored>, Vec<Stored>) = messages
+        .into_iter()
+        .partition(|m| m.message_id.starts_with("walstream:"));
+    assert_eq!(others.len() as u64, stored_by_intruder);
+    assert_exactly_once_in_order(&ours);
+    let streamed: std::collections::BTreeSet<i64> = ours
+        .iter()
+        .map(|m| m.body["data"]["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(
+        streamed,
+        table_ids(&cluster).await?,
+        "the stream and the table differ"
+    );
+    // Every transaction's events stand one after another: nothing between them.
+    let mut sequences: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    for message in &ours {
+        sequences
+            .entry(&message.xid)
+            .or_default()
+            .push(message.sequence);
+    }
+    for (xid, sequences) in &sequences {
+        let (first, last) = (sequences[0], sequences[sequences.len() - 1]);
+        assert_eq!(
+            last - first + 1,
+            sequences.len() as u64,
+            "transaction {xid} stored at {first}..={last} with another message inside"
+        );
+    }
+    assert_eq!(sequences.len(), 600 + 40);
+    // The other client's messages landed among walstream's, not all before or after.
+    let (first_ours, last_ours) = (ours[0].sequence, ours[ours.len() - 1].sequence);
+    let among = others
+        .iter()
+        .filter(|m| (first_ours..last_ours).contains(&m.sequence))
+        .count();
+    assert!(
+        among > 0,
+        "no other message landed among walstream's events"
+    );
+    assert!(metric(&cluster, "walstream_other_publishers_messages_total").await? >= 1.0);
+    Ok(())
+}
