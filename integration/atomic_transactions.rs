@@ -186,8 +186,8 @@ async fn a_transaction_larger_than_a_batch_is_stored_in_several_and_marked() -> 
 async fn another_publisher_never_lands_inside_a_transaction() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     cluster.sql(TABLE).await?;
-    // Batches of at most 50 events, many in flight behind one another; no transaction larger
-    // than a batch (one that is may have another message between its batches).
+    // Batches of at most 50 events, so many batches; no transaction larger than a batch (one
+    // that is may have another message between its batches).
     let config = atomic_config(&cluster, 50)?;
     if atomic_server(&cluster, &config).await?.is_none() {
         return Ok(());
