@@ -1,6 +1,6 @@
 //! Decoder micro-benchmark: a pgoutput Insert captured from PostgreSQL 15 (bigint, numeric,
 //! text, timestamptz, uuid, jsonb, text[]), decoded and encoded into its NATS message, on one
-//! core. Run: `cargo bench --bench decode`.
+//! core, then with the headers of its message. Run: `cargo bench --bench decode`.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -66,6 +66,28 @@ fn decode_and_encode(c: &mut Criterion) {
         b.iter(|| match decode(black_box(&insert)) {
             Ok(Message::Insert(i)) => black_box(encoder.insert(&mut tx, &relation, &i.new).is_ok()),
             _ => false,
+        })
+    });
+    // What walstream adds to each change before async-nats sends it: the envelope and the
+    // headers, alone in a transaction and among many.
+    group.bench_function("encode+headers, single-row transaction", |b| {
+        b.iter(|| match decode(black_box(&insert)) {
+            Ok(Message::Insert(i)) => {
+                let mut tx = Transaction::begin(772, Lsn(0x16B_3750), 817_027_201_123_456, 1);
+                let mut event = encoder.insert(&mut tx, &relation, &i.new).expect("encode");
+                event.last_in_transaction = true;
+                black_box(event.headers().len())
+            }
+            _ => 0,
+        })
+    });
+    group.bench_function("encode+headers, large transaction", |b| {
+        b.iter(|| match decode(black_box(&insert)) {
+            Ok(Message::Insert(i)) => {
+                let event = encoder.insert(&mut tx, &relation, &i.new).expect("encode");
+                black_box(event.headers().len())
+            }
+            _ => 0,
         })
     });
     group.finish();

@@ -1,8 +1,9 @@
 //! The NATS plumbing the sink, the commands and GraphQL share: connecting with the configured
 //! servers, credentials and TLS; what the server supports; streams and their messages;
-//! key-value buckets.
+//! key-value buckets; header values.
 
 mod connect;
+pub mod header;
 mod key_value;
 mod server;
 mod stream;

@@ -1,7 +1,7 @@
 //! Encodes one row change into its NATS message: subject, headers and JSON body.
 
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::{HeaderMap, Subject};
@@ -13,6 +13,7 @@ use super::replay::{Replay, ReplayHeaders};
 use super::value::{write_binary, write_string, write_value};
 use super::{message_id_from_prefix, Naming, Position, RelationInfo};
 use crate::lsn::Lsn;
+use crate::nats::header;
 use crate::op::{Op, CUSTOM_EVENT_TYPE};
 use crate::pipeline::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
 
@@ -48,17 +49,65 @@ pub struct Transaction {
     pub commit_time_micros: Option<i64>,
     /// The server's timeline it was read on.
     pub timeline: u32,
+    next_seq: u64,
+    /// What its events share in their headers and envelopes.
+    shared: Arc<SharedHeaders>,
+    /// `{slot}:{xid}:{commit lsn}:`, the start of each of its events' `Nats-Msg-Id`.
+    message_id_prefix: Option<String>,
+}
+
+/// The headers every event of a transaction shares. The map is built once a second event
+/// needs it; the only event of a transaction builds its own straight from the values, so a
+/// single-row transaction does not pay for a map it would clone once and drop.
+#[derive(Debug)]
+struct SharedHeaders {
+    xid: u32,
+    timeline: u32,
+    lsn_text: String,
     /// The commit time as RFC 3339; for a standalone message, which has none, the time it was
     /// read, so every event has a `timestamp`.
     timestamp: String,
-    lsn_text: String,
-    next_seq: u64,
+    /// Whether `timestamp` is a commit time (`Walstream-Commit-Time`).
+    committed: bool,
     /// Set while the transaction is delivered again by a replay.
     replay: Option<Replay>,
-    /// The headers every event of the transaction shares, built once.
-    headers: Arc<HeaderMap>,
-    /// `{slot}:{xid}:{commit lsn}:`, the start of each of its events' `Nats-Msg-Id`.
-    message_id_prefix: Option<String>,
+    template: OnceLock<HeaderMap>,
+}
+
+impl SharedHeaders {
+    /// The map an event starts from, `last` when it is its transaction's last.
+    fn map(&self, last: bool) -> HeaderMap {
+        match self.template.get() {
+            Some(template) => template.clone(),
+            None if last => self.build(),
+            None => self.template.get_or_init(|| self.build()).clone(),
+        }
+    }
+
+    fn build(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(XID, header::number(self.xid));
+        headers.insert(LSN, self.lsn_text.as_str());
+        if self.committed {
+            headers.insert(COMMIT_TIME, self.timestamp.as_str());
+        }
+        headers.insert(TIMELINE, header::number(self.timeline));
+        if let Some(replay) = self.replay {
+            ReplayHeaders { replay, from: None }.write(&mut headers);
+        }
+        headers
+    }
+
+    /// The same values, for events delivered again by `replay` (or, `None`, first deliveries).
+    fn with_replay(&self, replay: Option<Replay>) -> Self {
+        Self {
+            lsn_text: self.lsn_text.clone(),
+            timestamp: self.timestamp.clone(),
+            replay,
+            template: OnceLock::new(),
+            ..*self
+        }
+    }
 }
 
 impl Transaction {
@@ -72,47 +121,36 @@ impl Transaction {
     }
 
     fn new(xid: u32, commit_lsn: Lsn, commit_time_micros: Option<i64>, timeline: u32) -> Self {
-        let mut tx = Self {
+        let shared = SharedHeaders {
+            xid,
+            timeline,
+            lsn_text: commit_lsn.to_string(),
+            timestamp: commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp),
+            committed: commit_time_micros.is_some(),
+            replay: None,
+            template: OnceLock::new(),
+        };
+        Self {
             xid,
             commit_lsn,
             commit_time_micros,
             timeline,
-            timestamp: commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp),
-            lsn_text: commit_lsn.to_string(),
             next_seq: 0,
-            replay: None,
-            headers: Arc::default(),
+            shared: Arc::new(shared),
             message_id_prefix: None,
-        };
-        tx.build_headers();
-        tx
-    }
-
-    fn build_headers(&mut self) {
-        let mut headers = HeaderMap::new();
-        headers.insert(XID, self.xid.to_string().as_str());
-        headers.insert(LSN, self.lsn_text.as_str());
-        if self.commit_time_micros.is_some() {
-            headers.insert(COMMIT_TIME, self.timestamp.as_str());
         }
-        headers.insert(TIMELINE, self.timeline.to_string().as_str());
-        if let Some(replay) = self.replay {
-            ReplayHeaders { replay, from: None }.write(&mut headers);
-        }
-        self.headers = Arc::new(headers);
     }
 
     /// Marks the transaction's next events as delivered again by `replay`, or, with `None`,
     /// as first deliveries.
     pub fn set_replay(&mut self, replay: Option<Replay>) {
-        if self.replay != replay {
-            self.replay = replay;
-            self.build_headers();
+        if self.shared.replay != replay {
+            self.shared = Arc::new(self.shared.with_replay(replay));
         }
     }
 
     pub fn replay(&self) -> Option<Replay> {
-        self.replay
+        self.shared.replay
     }
 
     /// The position the next change of this transaction will take.
@@ -168,8 +206,8 @@ pub struct EncodedEvent {
     /// Its transaction's commit time (microseconds since 2000-01-01), for the commit → ack
     /// latency.
     pub commit_time_micros: Option<i64>,
-    /// The headers its transaction's events share.
-    tx_headers: Arc<HeaderMap>,
+    /// What its headers start from.
+    base_headers: BaseHeaders,
     /// A change has a place in its transaction (`Walstream-Seq`); a marker has none.
     in_transaction: bool,
     /// The last event of its transaction (`Walstream-Tx-Last`): known only once the next
@@ -182,16 +220,28 @@ impl EncodedEvent {
     /// Built for each publish rather than kept: async-nats takes the map by value, so a kept
     /// one would be cloned for every send all the same.
     pub fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::clone(&self.tx_headers);
+        let mut headers = match &self.base_headers {
+            BaseHeaders::Transaction(shared) => shared.map(self.last_in_transaction),
+            BaseHeaders::Own(headers) => HeaderMap::clone(headers),
+        };
         headers.insert(NATS_MESSAGE_ID, self.message_id.as_str());
         if self.in_transaction {
-            headers.insert(SEQ, self.position.seq.to_string());
+            headers.insert(SEQ, header::number(self.position.seq));
         }
         if self.last_in_transaction {
             headers.insert(TX_LAST, "true");
         }
         headers
     }
+}
+
+/// Where an event's headers start from.
+#[derive(Debug, Clone)]
+enum BaseHeaders {
+    /// Its transaction's, shared by all its events.
+    Transaction(Arc<SharedHeaders>),
+    /// Its own: an event outside any transaction (a failover marker).
+    Own(Arc<HeaderMap>),
 }
 
 /// The relation changed shape between its Relation message and a row: a protocol violation.
@@ -407,14 +457,18 @@ impl Encoder {
     fn write_tx_fields(&self, out: &mut Vec<u8>, tx: &mut Transaction) -> Started {
         let position = tx.take_position();
         out.extend_from_slice(b",\"timestamp\":");
-        write_string(out, tx.timestamp.as_bytes());
+        write_string(out, tx.shared.timestamp.as_bytes());
         out.extend_from_slice(b",\"lsn\":\"");
-        out.extend_from_slice(tx.lsn_text.as_bytes());
-        let _ = write!(out, "\",\"xid\":{},\"seq\":{}", tx.xid, position.seq);
-        if tx.replay.is_some() {
+        out.extend_from_slice(tx.shared.lsn_text.as_bytes());
+        let mut number = itoa::Buffer::new();
+        out.extend_from_slice(b"\",\"xid\":");
+        out.extend_from_slice(number.format(tx.xid).as_bytes());
+        out.extend_from_slice(b",\"seq\":");
+        out.extend_from_slice(number.format(position.seq).as_bytes());
+        if tx.replay().is_some() {
             out.extend_from_slice(b",\"replay\":true");
         }
-        let replay_id = tx.replay.map(|replay| replay.id);
+        let replay_id = tx.replay().map(|replay| replay.id);
         let message_id = self.message_id(tx, position.seq, replay_id);
         out.extend_from_slice(b",\"id\":");
         write_uuid(out, identity::event_id(&message_id));
@@ -452,10 +506,10 @@ impl Encoder {
             subject,
             payload: Bytes::from(payload),
             position,
-            replay: tx.replay.is_some(),
+            replay: tx.replay().is_some(),
             message_id,
             commit_time_micros: tx.commit_time_micros,
-            tx_headers: tx.headers.clone(),
+            base_headers: BaseHeaders::Transaction(tx.shared.clone()),
             in_transaction: true,
             last_in_transaction: false,
         }
@@ -465,7 +519,7 @@ impl Encoder {
     /// `<prefix>._failover`.
     pub fn failover_marker(&self, marker: &FailoverMarker) -> EncodedEvent {
         let mut headers = HeaderMap::new();
-        headers.insert(TIMELINE, marker.timeline.to_string().as_str());
+        headers.insert(TIMELINE, header::number(marker.timeline));
         marker.write(&mut headers);
         let message_id =
             FailoverMarker::message_id(self.naming.slot(), marker.timeline, marker.switch);
@@ -478,7 +532,7 @@ impl Encoder {
             replay: false,
             message_id,
             commit_time_micros: None,
-            tx_headers: Arc::new(headers),
+            base_headers: BaseHeaders::Own(Arc::new(headers)),
             in_transaction: false,
             last_in_transaction: true,
         }

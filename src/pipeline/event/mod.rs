@@ -142,12 +142,13 @@ pub fn message_id_prefix(slot: &str, xid: u32, commit_lsn: Lsn) -> String {
 /// [`Naming::message_id_prefix`]: the prefix, its place in the transaction, and a replay's own
 /// suffix, so JetStream's dedup window does not swallow the second delivery.
 pub fn message_id_from_prefix(prefix: &str, seq: u64, replay: Option<u64>) -> String {
-    use std::fmt::Write as _;
+    let mut number = itoa::Buffer::new();
     let mut id = String::with_capacity(prefix.len() + 24);
     id.push_str(prefix);
-    let _ = write!(id, "{seq}");
+    id.push_str(number.format(seq));
     if let Some(replay) = replay {
-        let _ = write!(id, ":r{replay}");
+        id.push_str(":r");
+        id.push_str(number.format(replay));
     }
     id
 }

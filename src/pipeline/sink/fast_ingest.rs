@@ -111,6 +111,8 @@ fn reply(message: &Message) -> Reply {
 
 struct Batch {
     id: u64,
+    /// `{inbox}.{batch}.{flow}.fail.`, the part its messages' reply subjects share.
+    reply_prefix: String,
     /// The subject of its first message: an end-of-batch marker goes there, stored nowhere.
     first_subject: Subject,
     /// Messages sent in it (an end-of-batch marker not counted).
@@ -131,6 +133,36 @@ struct Batch {
 }
 
 impl Batch {
+    fn new(inbox: &str, id: u64, flow: u64, first_subject: Subject, deadline: Instant) -> Self {
+        Self {
+            id,
+            reply_prefix: format!("{inbox}.{id}.{flow}.fail."),
+            first_subject,
+            sent: 0,
+            stored: 0,
+            reported: 0,
+            every: flow,
+            closed: false,
+            ended: None,
+            failure: None,
+            failed: false,
+            deadline,
+        }
+    }
+
+    /// The reply subject of its message `sequence`, sent as `operation`: one per message, so
+    /// written without the formatting machinery.
+    fn reply(&self, sequence: u64, operation: u8) -> String {
+        let mut reply = String::with_capacity(self.reply_prefix.len() + 26);
+        reply.push_str(&self.reply_prefix);
+        reply.push_str(itoa::Buffer::new().format(sequence));
+        reply.push('.');
+        debug_assert!(operation <= 4, "ADR-50's operations are 0 to 4");
+        reply.push(char::from(b'0' + operation));
+        reply.push_str(".$FI");
+        reply
+    }
+
     fn awaits_answer(&self) -> bool {
         self.ended.is_none() && (self.closed || self.sent > self.stored || self.failed)
     }
@@ -233,19 +265,14 @@ impl FastBatches {
 
     fn open(&mut self, first_subject: Subject) {
         self.next_id += 1;
-        self.batches.push_back(Batch {
-            id: self.next_id,
+        let batch = Batch::new(
+            &self.inbox,
+            self.next_id,
+            self.flow,
             first_subject,
-            sent: 0,
-            stored: 0,
-            reported: 0,
-            every: self.flow,
-            closed: false,
-            ended: None,
-            failure: None,
-            failed: false,
-            deadline: Instant::now() + self.timeout,
-        });
+            Instant::now() + self.timeout,
+        );
+        self.batches.push_back(batch);
     }
 
     fn open_batch(&mut self) -> &mut Batch {
@@ -261,14 +288,8 @@ impl FastBatches {
         payload: Bytes,
         operation: u8,
     ) -> Result<(), PublishFailure> {
-        let (id, sequence) = {
-            let batch = self.open_batch();
-            (batch.id, batch.sent + 1)
-        };
-        let reply = format!(
-            "{}.{id}.{}.fail.{sequence}.{operation}.$FI",
-            self.inbox, self.flow
-        );
+        let batch = self.open_batch();
+        let reply = batch.reply(batch.sent + 1, operation);
         self.publish(subject, reply, headers, payload).await
     }
 
@@ -461,6 +482,14 @@ mod tests {
 
     fn message(payload: &str) -> Message {
         acks::answer_on("_INBOX.x.3.256.fail.12.1.$FI", payload)
+    }
+
+    #[test]
+    fn reply_subjects_carry_batch_flow_gap_mode_sequence_and_operation() {
+        let batch = Batch::new("_INBOX.x", 3, 256, Subject::from("s"), Instant::now());
+        assert_eq!(batch.reply(1, 0), "_INBOX.x.3.256.fail.1.0.$FI");
+        assert_eq!(batch.reply(12_345, 1), "_INBOX.x.3.256.fail.12345.1.$FI");
+        assert_eq!(batch.reply(12_346, 3), "_INBOX.x.3.256.fail.12346.3.$FI");
     }
 
     /// The answers nats-server 2.15.1 sent to batches of ours (recorded by hand).

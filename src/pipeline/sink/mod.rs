@@ -50,8 +50,8 @@ use fast_ingest::{FastBatches, Progress};
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, TransactionMode};
 use crate::metrics::Metrics;
-use crate::nats::message_at;
 use crate::nats::BatchSettings;
+use crate::nats::{header, message_at};
 use crate::pipeline::event::{EncodedEvent, Position};
 use crate::pipeline::history::StreamTail;
 
@@ -645,7 +645,7 @@ impl Sink {
         if count == 1 {
             let entry = &self.unacked[0];
             let mut headers = entry.event.headers();
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, self.end.to_string());
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, header::number(self.end));
             if entry.split {
                 headers.insert(TX_SPLIT, "true");
             }
@@ -802,7 +802,7 @@ impl Sink {
         let mut headers = entry.event.headers();
         headers.insert(
             NATS_EXPECTED_LAST_SEQUENCE,
-            (entry.sequence - 1).to_string(),
+            header::number(entry.sequence - 1),
         );
         let predecessor = match index {
             0 => match &self.chain {
@@ -1168,9 +1168,9 @@ fn batch_headers(
 ) -> HeaderMap {
     let mut headers = event.headers();
     headers.insert(BATCH_ID, batch_id);
-    headers.insert(BATCH_SEQUENCE, (index + 1).to_string());
+    headers.insert(BATCH_SEQUENCE, header::number(index + 1));
     if index == 0 {
-        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, end.to_string());
+        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, header::number(end));
     }
     if index + 1 == count {
         headers.insert(BATCH_COMMIT, "1");
