@@ -4,11 +4,17 @@
 /// Fields of `/proc/PID/stat`, counted after the command name: utime and stime (14 and 15 in
 /// stat(5)), then cutime and cstime (16 and 17), the children the process has reaped.
 const OWN: [usize; 2] = [11, 12];
+const SYSTEM: [usize; 1] = [12];
 const OWN_AND_REAPED: [usize; 4] = [11, 12, 13, 14];
 
 /// User plus system CPU seconds a process has used so far.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     seconds(pid, &OWN)
+}
+
+/// System CPU seconds a process has used so far: the time the kernel worked for it.
+pub fn system_seconds(pid: u32) -> anyhow::Result<f64> {
+    seconds(pid, &SYSTEM)
 }
 
 /// CPU seconds of a process and its children, live and exited: PostgreSQL's postmaster and
