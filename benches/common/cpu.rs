@@ -17,6 +17,27 @@ pub fn system_seconds(pid: u32) -> anyhow::Result<f64> {
     seconds(pid, &SYSTEM)
 }
 
+/// The machine's CPU ticks so far, all cores: busy, and idle (idle and iowait in
+/// `/proc/stat`; guest time is inside user time there, so it is not added again).
+pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .next()
+        .filter(|line| line.starts_with("cpu "))
+        .ok_or_else(|| anyhow::anyhow!("/proc/stat does not start with the cpu line"))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+        anyhow::bail!("/proc/stat's cpu line has fewer than 8 fields");
+    };
+    Ok((user + nice + system + irq + softirq + steal, idle + iowait))
+}
+
 /// CPU seconds of a process and its children, live and exited: PostgreSQL's postmaster and
 /// backends.
 pub fn tree_cpu_seconds(root: u32) -> anyhow::Result<f64> {
