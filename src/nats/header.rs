@@ -1,5 +1,5 @@
-//! Numbers as NATS header values, written without the formatting machinery: every event
-//! carries several, and `to_string` cost more than the map's insert.
+//! Numbers as NATS header values, written by itoa rather than the formatting machinery:
+//! every event carries several.
 
 use async_nats::header::HeaderValue;
 

@@ -56,9 +56,10 @@ pub struct Transaction {
     message_id_prefix: Option<String>,
 }
 
-/// The headers every event of a transaction shares. The map is built once a second event
-/// needs it; the only event of a transaction builds its own straight from the values, so a
-/// single-row transaction does not pay for a map it would clone once and drop.
+/// What every event of a transaction shares: its headers' values (the LSN and timestamp also
+/// go into each envelope) and, once a second event needs it, their map. The only event of a
+/// transaction builds its own map straight from the values, so a single-row transaction does
+/// not pay for a map it would clone once and drop.
 #[derive(Debug)]
 struct SharedHeaders {
     xid: u32,

@@ -153,7 +153,8 @@ impl Batch {
     /// The reply subject of its message `sequence`, sent as `operation`: one per message, so
     /// written without the formatting machinery.
     fn reply(&self, sequence: u64, operation: u8) -> String {
-        let mut reply = String::with_capacity(self.reply_prefix.len() + 26);
+        // Up to 20 digits of sequence, then `.{operation}.$FI`.
+        let mut reply = String::with_capacity(self.reply_prefix.len() + 20 + 6);
         reply.push_str(&self.reply_prefix);
         reply.push_str(itoa::Buffer::new().format(sequence));
         reply.push('.');
