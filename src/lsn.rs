@@ -2,6 +2,30 @@
 
 pub use pgwire_replication::Lsn;
 
+/// Appends `lsn` as PostgreSQL prints it (`0/16B3748`), the same text as its `Display`, which
+/// costs ~800 instructions a call (callgrind) on the path of every transaction.
+pub fn push_lsn(out: &mut String, lsn: Lsn) {
+    push_hex(out, (lsn.0 >> 32) as u32);
+    out.push('/');
+    push_hex(out, lsn.0 as u32);
+}
+
+/// Upper-case hex without leading zeros, as `{:X}` writes it.
+fn push_hex(out: &mut String, value: u32) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let digits = (32 - value.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        out.push(char::from(DIGITS[(value >> (shift * 4)) as usize & 0xF]));
+    }
+}
+
+/// `lsn` as PostgreSQL prints it; see [`push_lsn`].
+pub fn lsn_text(lsn: Lsn) -> String {
+    let mut text = String::with_capacity(17);
+    push_lsn(&mut text, lsn);
+    text
+}
+
 /// Parses an LSN as PostgreSQL prints it (`0/16B3748`), refusing anything looser.
 pub fn parse_lsn(text: &str) -> Result<Lsn, String> {
     let invalid =
@@ -28,6 +52,30 @@ mod tests {
         let lsn = parse_lsn("0/16B3748").unwrap();
         assert_eq!(lsn.to_string(), "0/16B3748");
         assert_eq!(parse_lsn("1A/0").unwrap().0, 0x1A_0000_0000);
+    }
+
+    #[test]
+    fn text_is_display() {
+        let mut values = vec![
+            0,
+            1,
+            0xF,
+            0x10,
+            0xFFFF_FFFF,
+            0x1_0000_0000,
+            u64::MAX,
+            0x16B3748,
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        for _ in 0..10_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            values.push(state >> (state % 64));
+        }
+        for value in values {
+            assert_eq!(lsn_text(Lsn(value)), Lsn(value).to_string(), "{value:#x}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::identity::{self, write_entity_id, write_uuid};
 use super::replay::{Replay, ReplayHeaders};
 use super::value::{write_binary, write_string, write_value};
 use super::{message_id_from_prefix, Naming, Position, RelationInfo};
-use crate::lsn::Lsn;
+use crate::lsn::{lsn_text, Lsn};
 use crate::nats::header;
 use crate::op::{Op, CUSTOM_EVENT_TYPE};
 use crate::pipeline::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
@@ -125,7 +125,7 @@ impl Transaction {
         let shared = SharedHeaders {
             xid,
             timeline,
-            lsn_text: commit_lsn.to_string(),
+            lsn_text: lsn_text(commit_lsn),
             timestamp: commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp),
             committed: commit_time_micros.is_some(),
             replay: None,

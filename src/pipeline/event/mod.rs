@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use async_nats::Subject;
 
 use crate::config::Config;
-use crate::lsn::Lsn;
+use crate::lsn::{push_lsn, Lsn};
 use crate::op::Op;
 use crate::pipeline::pgoutput::{Relation, ReplicaIdentity};
 use value::ValueKind;
@@ -135,7 +135,14 @@ impl Naming {
 
 /// `{slot}:{xid}:{commit lsn}:`, the start of every `Nats-Msg-Id` of a transaction's changes.
 pub fn message_id_prefix(slot: &str, xid: u32, commit_lsn: Lsn) -> String {
-    format!("{slot}:{xid}:{commit_lsn}:")
+    let mut prefix = String::with_capacity(slot.len() + 30);
+    prefix.push_str(slot);
+    prefix.push(':');
+    prefix.push_str(itoa::Buffer::new().format(xid));
+    prefix.push(':');
+    push_lsn(&mut prefix, commit_lsn);
+    prefix.push(':');
+    prefix
 }
 
 /// A change's deterministic `Nats-Msg-Id` from its transaction's
@@ -295,6 +302,21 @@ impl RelationInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_ids_read_slot_xid_commit_lsn_and_place() {
+        let prefix = message_id_prefix("walstream", 771, Lsn(0x16B3748));
+        assert_eq!(prefix, "walstream:771:0/16B3748:");
+        assert_eq!(
+            message_id_from_prefix(&prefix, 0, None),
+            "walstream:771:0/16B3748:0"
+        );
+        let prefix = message_id_prefix("s", u32::MAX, Lsn(0x1A_0000_0000));
+        assert_eq!(
+            message_id_from_prefix(&prefix, 12, Some(3)),
+            "s:4294967295:1A/0:12:r3"
+        );
+    }
 
     #[test]
     fn entity_names_follow_the_seeds() {
