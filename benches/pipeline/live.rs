@@ -103,7 +103,10 @@ async fn streaming() -> anyhow::Result<(Servers, jetstream::Context, Child)> {
     Ok((servers, js, walstream))
 }
 
-/// Starts walstream and waits until it has created its stream, i.e. it is streaming.
+/// Starts walstream and waits until it is streaming: its stream created and its slot read by
+/// a walsender, as the raw readers and the Debezium peer are before their writer starts.
+/// Waiting for the stream alone let the writer start while walstream was still opening its
+/// replication session.
 pub async fn walstream_streaming(
     servers: &Servers,
     js: &jetstream::Context,
@@ -117,7 +120,27 @@ pub async fn walstream_streaming(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(child)
+    let (client, connection) =
+        tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    loop {
+        let active: bool = client
+            .query_one(
+                "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&INDEPENDENT.slot],
+            )
+            .await?
+            .get(0);
+        if active {
+            return Ok(child);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "walstream did not start reading its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// `WRITERS` connections committing single-row inserts at `rate` in total for `duration`;
