@@ -10,7 +10,8 @@
 //! Run: `cargo bench --bench pipeline`. Sizes: WALSTREAM_BENCH_ROWS (1000000),
 //! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
 //! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_PEER_TXS (100000), WALSTREAM_BENCH_PEERS
-//! (walstream,debezium,bridge; `none` skips them); WALSTREAM_BENCH_BINARY runs
+//! (walstream,debezium,bridge; `none` skips them); WALSTREAM_BENCH_LATENCIES=path appends each
+//! live event's commit and stored times (Unix ns) there; WALSTREAM_BENCH_BINARY runs
 //! another walstream build; WALSTREAM_BENCH_RESULTS writes the JSON elsewhere than
 //! benches/results/pipeline-latest.json; WALSTREAM_BENCH_NATS_SERVERS=path,path runs every scenario and rate
 //! on each nats-server binary in turn (2.9 and 2.15 side by side, say). Starts its own

@@ -3,6 +3,7 @@
 //! the fill procedure, counting what a stream holds).
 
 use std::future::IntoFuture;
+use std::io::Write as _;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -213,6 +214,16 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     let written = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1).await?;
     let achieved = written as f64 / started.elapsed().as_secs_f64();
     let mut latencies = Vec::with_capacity(written as usize);
+    // Each event's commit and stored times (Unix ns), to line late events up with a trace.
+    let mut times = match std::env::var_os("WALSTREAM_BENCH_LATENCIES") {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        )),
+        None => None,
+    };
     while (latencies.len() as u64) < written {
         let (message, stored) = next_stored(&mut messages, Duration::from_secs(30))
             .await
@@ -220,6 +231,13 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
         let committed =
             commit_time(&message).ok_or_else(|| anyhow::anyhow!("an event without commit time"))?;
         latencies.push((stored - committed).as_seconds_f64() * 1000.0);
+        if let Some(times) = times.as_mut() {
+            let (committed, stored) = (
+                committed.unix_timestamp_nanos(),
+                stored.unix_timestamp_nanos(),
+            );
+            writeln!(times, "{committed} {stored}")?;
+        }
     }
     let rss = peak_rss_mb(&walstream);
     stop(&mut walstream);
