@@ -121,25 +121,45 @@ pub async fn walstream_streaming(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    wait_for_slot_reader(servers, child, INDEPENDENT.slot, "walstream", deadline).await
+}
+
+/// Waits until a walsender reads `slot` for `child` (`name` in errors); stops the child and
+/// fails if it exits first or `deadline` passes. Its log is `{name}.log` in the servers'
+/// directory.
+pub async fn wait_for_slot_reader(
+    servers: &Servers,
+    mut child: Child,
+    slot: &str,
+    name: &str,
+    deadline: Instant,
+) -> anyhow::Result<Child> {
     let (client, connection) =
         tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
+    let log = servers.dir.join(format!("{name}.log"));
     loop {
         let active: bool = client
             .query_one(
                 "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots \
                  WHERE slot_name = $1",
-                &[&INDEPENDENT.slot],
+                &[&slot],
             )
             .await?
             .get(0);
         if active {
             return Ok(child);
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "walstream did not start reading its slot"
-        );
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{name} exited ({status}); see {}", log.display());
+        }
+        if Instant::now() > deadline {
+            stop(&mut child);
+            anyhow::bail!(
+                "{name} did not read its slot in time; see {}",
+                log.display()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

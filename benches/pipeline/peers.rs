@@ -14,7 +14,8 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 
 use super::live::{
-    fill, jetstream_context, setup_streaming, stored, wait_stored, walstream_streaming, STREAM,
+    fill, jetstream_context, setup_streaming, stored, wait_for_slot_reader, wait_stored,
+    walstream_streaming, STREAM,
 };
 use super::{cpu, create_stream, peak_rss_mb, server_cpu, start_servers, stop, Servers};
 use super::{DATABASE, TABLE, WINDOW};
@@ -161,7 +162,7 @@ async fn debezium_streaming(servers: &Servers) -> anyhow::Result<Child> {
         .create(true)
         .append(true)
         .open(servers.dir.join("debezium.log"))?;
-    let mut child = Command::new(python)
+    let child = Command::new(python)
         .arg(root.join("benches/peers/debezium_jetstream.py"))
         .args(["--pg-port", &servers.postgres.port.to_string()])
         .args(["--database", DATABASE, "--slot", "debezium"])
@@ -174,36 +175,8 @@ async fn debezium_streaming(servers: &Servers) -> anyhow::Result<Child> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    let (client, connection) =
-        tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let active: bool = client
-            .query_one(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = 'debezium'",
-                &[],
-            )
-            .await?
-            .get(0);
-        if active {
-            return Ok(child);
-        }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "Debezium's peer exited ({status}); see {}/debezium.log",
-                servers.dir.display()
-            );
-        }
-        if Instant::now() > deadline {
-            stop(&mut child);
-            anyhow::bail!(
-                "Debezium did not take its slot within 120 s; see {}/debezium.log",
-                servers.dir.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_slot_reader(servers, child, "debezium", "debezium", deadline).await
 }
 
 /// The seeds' trigger, carrying the row as walstream's event does (the seeds' own sends only
