@@ -11,7 +11,7 @@
 //! WALSTREAM_BENCH_TXS (200000), WALSTREAM_BENCH_RATES (1000,5000,20000),
 //! WALSTREAM_BENCH_STEADY_SECS (10), WALSTREAM_BENCH_PEER_TXS (100000), WALSTREAM_BENCH_PEERS
 //! (walstream,debezium,bridge; `none` skips them); WALSTREAM_BENCH_LATENCIES=path appends each
-//! live event's commit and stored times (Unix ns) there; WALSTREAM_BENCH_BINARY runs
+//! live event's reader, commit and stored (or arrival) times (Unix ns) there; WALSTREAM_BENCH_BINARY runs
 //! another walstream build; WALSTREAM_BENCH_RESULTS writes the JSON elsewhere than
 //! benches/results/pipeline-latest.json; WALSTREAM_BENCH_NATS_SERVERS=path,path runs every scenario and rate
 //! on each nats-server binary in turn (2.9 and 2.15 side by side, say). Starts its own
@@ -674,16 +674,17 @@ fn report(results: &Results) -> anyhow::Result<()> {
             ),
         }
     }
-    println!("\n| reader | nats-server | writer rate | achieved | changes | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| reader | nats-server | writer rate | achieved | changes | bytes a message | commit → JetStream (raw: → read) p50 | p99 | p99.9 | max | peak RSS |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &results.steady {
         println!(
-            "| {} | {} | {}/s | {:.0}/s | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB |",
+            "| {} | {} | {}/s | {:.0}/s | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB |",
             s.reader,
             s.nats_server,
             s.target_per_sec,
             s.achieved_per_sec,
             s.changes,
+            s.bytes_per_message,
             s.p50_ms,
             s.p99_ms,
             s.p999_ms,
@@ -834,11 +835,13 @@ async fn run_on_one_server(
             .map(|b| b.nats_server.clone())
             .unwrap_or_default();
         for rate in rates.split(',').filter_map(|r| r.trim().parse().ok()) {
+            // walstream first: the floors after it publish its events' shape.
+            let (walstream, shape) = live::steady(rate, seconds).await?;
             for mut measured in [
                 live::steady_raw(rate, seconds).await?,
-                live::steady_publish(rate, seconds, 500).await?,
-                live::steady_relay(rate, seconds, 500).await?,
-                live::steady(rate, seconds).await?,
+                live::steady_publish(rate, seconds, &shape).await?,
+                live::steady_relay(rate, seconds, &shape).await?,
+                walstream,
             ] {
                 measured.nats_server = version.clone();
                 steady.push(measured);

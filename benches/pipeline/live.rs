@@ -2,7 +2,7 @@
 //! floors (slot read, publish, relay); and the helpers the peers share (servers streaming,
 //! the fill procedure, counting what a stream holds).
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::io::Write as _;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tokio::sync::oneshot;
 
 use super::{
     create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE,
@@ -38,6 +39,8 @@ pub struct Steady {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub walstream_peak_rss_mb: f64,
+    /// Payload and header bytes per stored message (0 for the raw slot read).
+    pub bytes_per_message: usize,
 }
 
 pub async fn setup_streaming(servers: &Servers) -> anyhow::Result<()> {
@@ -93,6 +96,57 @@ pub async fn wait_stored(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// A stored walstream event of the live workload, less the headers JetStream acts on
+/// (`Nats-*`): what the raw publisher and relay send in its place, so that the floors store
+/// the same payload and header block per change as walstream and differ from it only by
+/// walstream's own work. nats-server's cost per message, its stalls included, grows with the
+/// bytes it stores.
+#[derive(Clone)]
+pub struct EventShape {
+    payload: bytes::Bytes,
+    headers: async_nats::HeaderMap,
+}
+
+impl EventShape {
+    fn of(message: &jetstream::Message) -> Self {
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
+            if AsRef::<str>::as_ref(name).starts_with("Nats-") {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        Self {
+            payload: message.payload.clone(),
+            headers,
+        }
+    }
+
+    /// The event's headers with `committed` as its commit time.
+    fn headers_committed_at(&self, committed: &str) -> async_nats::HeaderMap {
+        let mut headers = self.headers.clone();
+        headers.insert("Walstream-Commit-Time", committed);
+        headers
+    }
+
+    /// Payload and header bytes (names, values, separators) of one message.
+    pub fn bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, values)| {
+                values
+                    .iter()
+                    .map(|value| AsRef::<[u8]>::as_ref(name).len() + value.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum();
+        self.payload.len() + headers
+    }
 }
 
 /// Fresh servers with the bench table published, and walstream streaming it.
@@ -226,7 +280,7 @@ async fn next_stored(
 /// Commit → stored-in-JetStream latency at a fixed write rate. The stored time is the one
 /// JetStream records when it persists the message (and acks the publish), read back from
 /// each message; the commit time is PostgreSQL's, carried in the event.
-pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
+pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<(Steady, EventShape)> {
     eprintln!("steady state at {rate} changes/s for {seconds} s…");
     let (servers, js, mut walstream) = streaming().await?;
     let mut messages = new_messages(&js.get_stream(STREAM).await?).await?;
@@ -234,16 +288,8 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     let written = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1).await?;
     let achieved = written as f64 / started.elapsed().as_secs_f64();
     let mut latencies = Vec::with_capacity(written as usize);
-    // Each event's commit and stored times (Unix ns), to line late events up with a trace.
-    let mut times = match std::env::var_os("WALSTREAM_BENCH_LATENCIES") {
-        Some(path) => Some(std::io::BufWriter::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?,
-        )),
-        None => None,
-    };
+    let mut log = LatencyLog::open("walstream")?;
+    let mut shape = None;
     while (latencies.len() as u64) < written {
         let (message, stored) = next_stored(&mut messages, Duration::from_secs(30))
             .await
@@ -251,17 +297,48 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
         let committed =
             commit_time(&message).ok_or_else(|| anyhow::anyhow!("an event without commit time"))?;
         latencies.push((stored - committed).as_seconds_f64() * 1000.0);
-        if let Some(times) = times.as_mut() {
+        log.record(committed, stored)?;
+        shape.get_or_insert_with(|| EventShape::of(&message));
+    }
+    let rss = peak_rss_mb(&walstream);
+    stop(&mut walstream);
+    let shape = shape.ok_or_else(|| anyhow::anyhow!("the writer committed nothing"))?;
+    let mut measured = summarize("walstream", rate, achieved, latencies, rss);
+    measured.bytes_per_message = shape.bytes();
+    Ok((measured, shape))
+}
+
+/// Where `WALSTREAM_BENCH_LATENCIES` names a file, each event's reader, commit and stored
+/// times (Unix ns) are appended to it, to line late events up with a scheduler trace.
+struct LatencyLog {
+    reader: &'static str,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl LatencyLog {
+    fn open(reader: &'static str) -> anyhow::Result<Self> {
+        let file = match std::env::var_os("WALSTREAM_BENCH_LATENCIES") {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )),
+            None => None,
+        };
+        Ok(Self { reader, file })
+    }
+
+    fn record(&mut self, committed: OffsetDateTime, stored: OffsetDateTime) -> anyhow::Result<()> {
+        if let Some(file) = self.file.as_mut() {
             let (committed, stored) = (
                 committed.unix_timestamp_nanos(),
                 stored.unix_timestamp_nanos(),
             );
-            writeln!(times, "{committed} {stored}")?;
+            writeln!(file, "{}\t{committed}\t{stored}", self.reader)?;
         }
+        Ok(())
     }
-    let rss = peak_rss_mb(&walstream);
-    stop(&mut walstream);
-    Ok(summarize("walstream", rate, achieved, latencies, rss))
 }
 
 fn summarize(
@@ -284,6 +361,86 @@ fn summarize(
         p999_ms: percentile(0.999),
         max_ms: latencies.last().copied().unwrap_or(0.0),
         walstream_peak_rss_mb: rss,
+        bytes_per_message: 0,
+    }
+}
+
+/// Runs a raw reader on a thread and runtime of its own, as walstream runs in a process of its
+/// own. On the bench's one thread it competed with the writers, which then fell behind their
+/// rate (12–14k of 20k changes/s beside the raw relay). `reader` gets a sender to call once it
+/// reads the slot; the returned pair resolves when it has, and with the reader's result.
+fn on_own_thread<T, F, Fut>(
+    reader: F,
+) -> (
+    oneshot::Receiver<()>,
+    impl Future<Output = anyhow::Result<T>>,
+)
+where
+    T: Send + 'static,
+    F: FnOnce(oneshot::Sender<()>) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let (reading, connected) = oneshot::channel();
+    let (done, result) = oneshot::channel();
+    std::thread::spawn(move || {
+        let outcome = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(reader(reading)));
+        let _ = done.send(outcome);
+    });
+    let result = async move {
+        result
+            .await
+            .map_err(|_| anyhow::anyhow!("a raw reader's thread panicked"))?
+    };
+    (connected, result)
+}
+
+/// The writer at `rate` for `seconds` once the reader reads the slot; or the reader's error if
+/// it ended before that.
+async fn write_when_reading<T>(
+    servers: &Servers,
+    rate: u64,
+    seconds: u64,
+    connected: oneshot::Receiver<()>,
+    reader: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(u64, T)> {
+    if connected.await.is_err() {
+        reader.await?;
+        anyhow::bail!("the raw reader stopped before it read the slot");
+    }
+    let written = write_at_rate(servers, rate, Duration::from_secs(seconds), 1).await?;
+    Ok((written, reader.await?))
+}
+
+/// The next commit of the raw slot read, with its commit time; `None` once the slot has been
+/// quiet for two seconds after the writer's `seconds` since `started`, or the stream ended.
+async fn next_commit(
+    client: &mut pgwire_replication::ReplicationClient,
+    started: Instant,
+    seconds: u64,
+) -> anyhow::Result<Option<OffsetDateTime>> {
+    use pgwire_replication::ReplicationEvent;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), client.recv()).await {
+            Ok(Ok(Some(ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            }))) => {
+                client.update_applied_lsn(end_lsn);
+                let micros = PG_EPOCH_MICROS + i128::from(commit_time_micros);
+                return Ok(Some(OffsetDateTime::from_unix_timestamp_nanos(
+                    micros * 1000,
+                )?));
+            }
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
+            Err(_) if started.elapsed() > Duration::from_secs(seconds) => return Ok(None),
+            Err(_) => {}
+        }
     }
 }
 
@@ -291,66 +448,56 @@ fn summarize(
 /// pgwire-replication alone; a transaction's latency is its commit's arrival minus its commit
 /// time.
 pub async fn steady_raw(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
-    use pgwire_replication::{ReplicationClient, ReplicationEvent};
     eprintln!("raw slot read at {rate} changes/s for {seconds} s…");
     let servers = start_servers().await?;
     setup_streaming(&servers).await?;
-    let mut client = ReplicationClient::connect(raw_replication_config(&servers)).await?;
-    let started = Instant::now();
-    let writer = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1);
-    let reader = async {
+    let config = raw_replication_config(&servers);
+    let (connected, reader) = on_own_thread(move |reading| async move {
+        let mut client = pgwire_replication::ReplicationClient::connect(config).await?;
+        let _ = reading.send(());
+        let started = Instant::now();
         let mut latencies = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(seconds + 30);
-        while Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_secs(2), client.recv()).await {
-                Ok(Ok(Some(ReplicationEvent::Commit {
-                    end_lsn,
-                    commit_time_micros,
-                    ..
-                }))) => {
-                    let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
-                    let micros = now - PG_EPOCH_MICROS - i128::from(commit_time_micros);
-                    latencies.push(micros as f64 / 1000.0);
-                    client.update_applied_lsn(end_lsn);
-                }
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) | Ok(Err(_)) => break,
-                // Quiet for two seconds after the writer's time: it is done.
-                Err(_) if started.elapsed() > Duration::from_secs(seconds) => break,
-                Err(_) => {}
-            }
+        let mut log = LatencyLog::open("raw slot read")?;
+        while let Some(committed) = next_commit(&mut client, started, seconds).await? {
+            let arrived = OffsetDateTime::now_utc();
+            latencies.push((arrived - committed).as_seconds_f64() * 1000.0);
+            log.record(committed, arrived)?;
         }
-        latencies
-    };
-    let (written, latencies) = futures::join!(writer, reader);
-    let written = written?;
+        let _ = client.shutdown().await;
+        anyhow::Ok(latencies)
+    });
+    let (written, latencies) =
+        write_when_reading(&servers, rate, seconds, connected, reader).await?;
     anyhow::ensure!(
         latencies.len() as u64 >= written,
         "the raw reader saw {} of {written} commits",
         latencies.len()
     );
     let achieved = written as f64 / seconds as f64;
-    let _ = client.shutdown().await;
     Ok(summarize("raw slot read", rate, achieved, latencies, 0.0))
 }
 
 /// The floor under the combined load: the same writer, the slot read by pgwire-replication and
-/// each commit relayed to JetStream as one message of `size` bytes with the same in-flight
-/// window — walstream without decoding, encoding or checkpoint. Latency is measured as
-/// walstream's is: the time JetStream stored the message minus the commit time.
-pub async fn steady_relay(rate: u64, seconds: u64, size: usize) -> anyhow::Result<Steady> {
-    use pgwire_replication::{ReplicationClient, ReplicationEvent};
+/// each commit relayed to JetStream as one message of walstream's event shape with the same
+/// in-flight window — walstream without decoding, encoding or checkpoint. Latency is measured
+/// as walstream's is: the time JetStream stored the message minus the commit time.
+pub async fn steady_relay(rate: u64, seconds: u64, shape: &EventShape) -> anyhow::Result<Steady> {
     eprintln!("raw relay (slot → JetStream) at {rate} changes/s for {seconds} s…");
     let servers = start_servers().await?;
     setup_streaming(&servers).await?;
     let js = jetstream_context(&servers).await?;
     let stream = create_stream(&js, "relay").await?;
     let mut messages = new_messages(&stream).await?;
-    let mut client = ReplicationClient::connect(raw_replication_config(&servers)).await?;
-    let payload = bytes::Bytes::from(vec![b'x'; size]);
-    let started = Instant::now();
-    let writer = write_at_rate(&servers, rate, Duration::from_secs(seconds), 1);
-    let relay = async {
+    let (config, url, relayed_shape) = (
+        raw_replication_config(&servers),
+        servers.nats.url(),
+        shape.clone(),
+    );
+    let (connected, relay) = on_own_thread(move |reading| async move {
+        let js = jetstream::new(async_nats::connect(url).await?);
+        let mut client = pgwire_replication::ReplicationClient::connect(config).await?;
+        let _ = reading.send(());
+        let started = Instant::now();
         let mut acks = FuturesOrdered::new();
         let mut relayed = 0u64;
         loop {
@@ -359,54 +506,46 @@ pub async fn steady_relay(rate: u64, seconds: u64, size: usize) -> anyhow::Resul
                     let ack: Result<_, async_nats::jetstream::context::PublishError> = ack;
                     ack?;
                 }
-                event = tokio::time::timeout(Duration::from_secs(2), client.recv()) => match event {
-                    Ok(Ok(Some(ReplicationEvent::Commit { end_lsn, commit_time_micros, .. }))) => {
-                        if acks.len() >= WINDOW {
-                            if let Some(ack) = acks.next().await {
-                                ack?;
-                            }
+                commit = next_commit(&mut client, started, seconds) => {
+                    let Some(committed) = commit? else { break };
+                    if acks.len() >= WINDOW {
+                        if let Some(ack) = acks.next().await {
+                            ack?;
                         }
-                        let micros = PG_EPOCH_MICROS + i128::from(commit_time_micros);
-                        let committed = OffsetDateTime::from_unix_timestamp_nanos(micros * 1000)?
-                            .format(&Rfc3339)?;
-                        let mut headers = async_nats::HeaderMap::new();
-                        headers.insert("Walstream-Commit-Time", committed.as_str());
-                        let publish = jetstream::message::PublishMessage::build()
-                            .payload(payload.clone())
-                            .headers(headers)
-                            .message_id(format!("relay:{relayed}"));
-                        acks.push_back(js.send_publish("relay.bench", publish).await?.into_future());
-                        relayed += 1;
-                        client.update_applied_lsn(end_lsn);
                     }
-                    Ok(Ok(Some(_))) => {}
-                    Ok(Ok(None)) | Ok(Err(_)) => break,
-                    Err(_) if started.elapsed() > Duration::from_secs(seconds) => break,
-                    Err(_) => {}
-                },
+                    let publish = jetstream::message::PublishMessage::build()
+                        .payload(relayed_shape.payload.clone())
+                        .headers(relayed_shape.headers_committed_at(&committed.format(&Rfc3339)?))
+                        .message_id(format!("relay:{relayed}"));
+                    acks.push_back(js.send_publish("relay.bench", publish).await?.into_future());
+                    relayed += 1;
+                }
             }
         }
         while let Some(ack) = acks.next().await {
             ack?;
         }
+        let _ = client.shutdown().await;
         anyhow::Ok(relayed)
-    };
-    let (written, relayed) = futures::join!(writer, relay);
-    let (written, relayed) = (written?, relayed?);
+    });
+    let (written, relayed) = write_when_reading(&servers, rate, seconds, connected, relay).await?;
     anyhow::ensure!(
         relayed >= written,
         "the relay saw {relayed} of {written} commits"
     );
     let mut latencies = Vec::with_capacity(relayed as usize);
+    let mut log = LatencyLog::open("raw relay")?;
     for _ in 0..relayed {
         let (message, stored) = next_stored(&mut messages, Duration::from_secs(10)).await?;
         let committed = commit_time(&message)
             .ok_or_else(|| anyhow::anyhow!("a message without commit time"))?;
         latencies.push((stored - committed).as_seconds_f64() * 1000.0);
+        log.record(committed, stored)?;
     }
-    let _ = client.shutdown().await;
     let achieved = written as f64 / seconds as f64;
-    Ok(summarize("raw relay", rate, achieved, latencies, 0.0))
+    let mut measured = summarize("raw relay", rate, achieved, latencies, 0.0);
+    measured.bytes_per_message = shape.bytes();
+    Ok(measured)
 }
 
 fn raw_replication_config(servers: &Servers) -> pgwire_replication::ReplicationConfig {
@@ -423,15 +562,15 @@ fn raw_replication_config(servers: &Servers) -> pgwire_replication::ReplicationC
     .with_status_interval(Duration::from_secs(1))
 }
 
-/// The other floor: JetStream alone, a publisher at `rate` messages/s of `size` bytes with
-/// message ids, latency from the publish call to the time JetStream stored the message.
-pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Result<Steady> {
+/// The other floor: JetStream alone, a publisher at `rate` messages/s of walstream's event
+/// shape with message ids, latency from the publish call to the time JetStream stored the
+/// message.
+pub async fn steady_publish(rate: u64, seconds: u64, shape: &EventShape) -> anyhow::Result<Steady> {
     eprintln!("raw JetStream publish at {rate} messages/s for {seconds} s…");
     let servers = start_servers().await?;
     let js = jetstream_context(&servers).await?;
     let stream = create_stream(&js, "raw").await?;
     let mut messages = new_messages(&stream).await?;
-    let payload = bytes::Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     let duration = Duration::from_secs(seconds);
     let mut sent = 0u64;
@@ -443,9 +582,11 @@ pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Res
             if acks.len() >= WINDOW {
                 acks.next().await.transpose()?;
             }
-            sent_at.push(OffsetDateTime::now_utc());
+            let published = OffsetDateTime::now_utc();
+            sent_at.push(published);
             let publish = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
+                .payload(shape.payload.clone())
+                .headers(shape.headers_committed_at(&published.format(&Rfc3339)?))
                 .message_id(format!("raw:{sent}"));
             acks.push_back(js.send_publish("raw.bench", publish).await?.into_future());
             sent += 1;
@@ -465,13 +606,9 @@ pub async fn steady_publish(rate: u64, seconds: u64, size: usize) -> anyhow::Res
         latencies.push((stored - *published).as_seconds_f64() * 1000.0);
     }
     let achieved = sent as f64 / seconds as f64;
-    Ok(summarize(
-        "raw JetStream publish",
-        rate,
-        achieved,
-        latencies,
-        0.0,
-    ))
+    let mut measured = summarize("raw JetStream publish", rate, achieved, latencies, 0.0);
+    measured.bytes_per_message = shape.bytes();
+    Ok(measured)
 }
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
