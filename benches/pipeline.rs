@@ -834,17 +834,23 @@ async fn run_on_one_server(
             .last()
             .map(|b| b.nats_server.clone())
             .unwrap_or_default();
-        for rate in rates.split(',').filter_map(|r| r.trim().parse().ok()) {
-            // walstream first: the floors after it publish its events' shape.
-            let (walstream, shape) = live::steady(rate, seconds).await?;
-            for mut measured in [
-                live::steady_raw(rate, seconds).await?,
-                live::steady_publish(rate, seconds, &shape).await?,
-                live::steady_relay(rate, seconds, &shape).await?,
-                walstream,
-            ] {
-                measured.nats_server = version.clone();
-                steady.push(measured);
+        let rates: Vec<u64> = rates
+            .split(',')
+            .filter_map(|r| r.trim().parse().ok())
+            .collect();
+        if !rates.is_empty() {
+            // The floors publish walstream's own event.
+            let shape = live::event_shape().await?;
+            for rate in rates {
+                for mut measured in [
+                    live::steady_raw(rate, seconds).await?,
+                    live::steady_publish(rate, seconds, &shape).await?,
+                    live::steady_relay(rate, seconds, &shape).await?,
+                    live::steady(rate, seconds).await?,
+                ] {
+                    measured.nats_server = version.clone();
+                    steady.push(measured);
+                }
             }
         }
     }

@@ -3,7 +3,8 @@
 use clap::{Parser, Subcommand};
 
 // Every event allocates a few small buffers; mimalloc handles that churn with far less
-// overhead than glibc's allocator (measured: benches/pipeline.rs).
+// overhead than glibc's allocator (measured: benches/pipeline.rs). Built without its
+// transparent huge pages: see Cargo.toml.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;

@@ -277,10 +277,26 @@ async fn next_stored(
     Ok((message, stored))
 }
 
+/// One event of the live workload as walstream stores it: walstream streaming on fresh
+/// servers, one row committed, its event read back.
+pub async fn event_shape() -> anyhow::Result<EventShape> {
+    let (servers, js, mut walstream) = streaming().await?;
+    let mut messages = new_messages(&js.get_stream(STREAM).await?).await?;
+    let (client, connection) =
+        tokio_postgres::connect(&servers.postgres.url(DATABASE), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .execute(&INSERT.replace("{ROW}", ROW), &[&1i64])
+        .await?;
+    let read = next_stored(&mut messages, Duration::from_secs(30)).await;
+    stop(&mut walstream);
+    Ok(EventShape::of(&read?.0))
+}
+
 /// Commit → stored-in-JetStream latency at a fixed write rate. The stored time is the one
 /// JetStream records when it persists the message (and acks the publish), read back from
 /// each message; the commit time is PostgreSQL's, carried in the event.
-pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<(Steady, EventShape)> {
+pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     eprintln!("steady state at {rate} changes/s for {seconds} s…");
     let (servers, js, mut walstream) = streaming().await?;
     let mut messages = new_messages(&js.get_stream(STREAM).await?).await?;
@@ -289,7 +305,7 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<(Steady, EventSha
     let achieved = written as f64 / started.elapsed().as_secs_f64();
     let mut latencies = Vec::with_capacity(written as usize);
     let mut log = LatencyLog::open("walstream")?;
-    let mut shape = None;
+    let mut bytes_per_message = 0;
     while (latencies.len() as u64) < written {
         let (message, stored) = next_stored(&mut messages, Duration::from_secs(30))
             .await
@@ -298,14 +314,13 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<(Steady, EventSha
             commit_time(&message).ok_or_else(|| anyhow::anyhow!("an event without commit time"))?;
         latencies.push((stored - committed).as_seconds_f64() * 1000.0);
         log.record(committed, stored)?;
-        shape.get_or_insert_with(|| EventShape::of(&message));
+        bytes_per_message = EventShape::of(&message).bytes();
     }
     let rss = peak_rss_mb(&walstream);
     stop(&mut walstream);
-    let shape = shape.ok_or_else(|| anyhow::anyhow!("the writer committed nothing"))?;
     let mut measured = summarize("walstream", rate, achieved, latencies, rss);
-    measured.bytes_per_message = shape.bytes();
-    Ok((measured, shape))
+    measured.bytes_per_message = bytes_per_message;
+    Ok(measured)
 }
 
 /// Where `WALSTREAM_BENCH_LATENCIES` names a file, each event's reader, commit and stored
