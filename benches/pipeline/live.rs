@@ -126,11 +126,21 @@ impl EventShape {
         }
     }
 
-    /// The event's headers with `committed` as its commit time.
-    fn headers_committed_at(&self, committed: &str) -> async_nats::HeaderMap {
+    /// The event to publish with `committed` as its commit time and `id` as its message id.
+    fn publish(
+        &self,
+        committed: OffsetDateTime,
+        id: String,
+    ) -> anyhow::Result<jetstream::message::PublishMessage> {
         let mut headers = self.headers.clone();
-        headers.insert("Walstream-Commit-Time", committed);
-        headers
+        headers.insert(
+            "Walstream-Commit-Time",
+            committed.format(&Rfc3339)?.as_str(),
+        );
+        Ok(jetstream::message::PublishMessage::build()
+            .payload(self.payload.clone())
+            .headers(headers)
+            .message_id(id))
     }
 
     /// Payload and header bytes (names, values, separators) of one message.
@@ -528,10 +538,7 @@ pub async fn steady_relay(rate: u64, seconds: u64, shape: &EventShape) -> anyhow
                             ack?;
                         }
                     }
-                    let publish = jetstream::message::PublishMessage::build()
-                        .payload(relayed_shape.payload.clone())
-                        .headers(relayed_shape.headers_committed_at(&committed.format(&Rfc3339)?))
-                        .message_id(format!("relay:{relayed}"));
+                    let publish = relayed_shape.publish(committed, format!("relay:{relayed}"))?;
                     acks.push_back(js.send_publish("relay.bench", publish).await?.into_future());
                     relayed += 1;
                 }
@@ -599,10 +606,7 @@ pub async fn steady_publish(rate: u64, seconds: u64, shape: &EventShape) -> anyh
             }
             let published = OffsetDateTime::now_utc();
             sent_at.push(published);
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(shape.payload.clone())
-                .headers(shape.headers_committed_at(&published.format(&Rfc3339)?))
-                .message_id(format!("raw:{sent}"));
+            let publish = shape.publish(published, format!("raw:{sent}"))?;
             acks.push_back(js.send_publish("raw.bench", publish).await?.into_future());
             sent += 1;
         } else {
