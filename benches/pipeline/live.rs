@@ -13,6 +13,7 @@ use futures::{FutureExt, StreamExt};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
+use walstream::pipeline::event::HEADER_COMMIT_TIME;
 
 use super::{
     create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE,
@@ -39,7 +40,8 @@ pub struct Steady {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub walstream_peak_rss_mb: f64,
-    /// Payload and header bytes per stored message (0 for the raw slot read).
+    /// Payload and header bytes per stored message, less the `Nats-*` headers (0 for the raw
+    /// slot read).
     pub bytes_per_message: usize,
 }
 
@@ -133,10 +135,7 @@ impl EventShape {
         id: String,
     ) -> anyhow::Result<jetstream::message::PublishMessage> {
         let mut headers = self.headers.clone();
-        headers.insert(
-            "Walstream-Commit-Time",
-            committed.format(&Rfc3339)?.as_str(),
-        );
+        headers.insert(HEADER_COMMIT_TIME, committed.format(&Rfc3339)?.as_str());
         Ok(jetstream::message::PublishMessage::build()
             .payload(self.payload.clone())
             .headers(headers)
@@ -267,7 +266,7 @@ async fn write_at_rate(
 }
 
 fn commit_time(message: &jetstream::Message) -> Option<OffsetDateTime> {
-    let value = message.headers.as_ref()?.get("Walstream-Commit-Time")?;
+    let value = message.headers.as_ref()?.get(HEADER_COMMIT_TIME)?;
     OffsetDateTime::parse(value.as_str(), &Rfc3339).ok()
 }
 
@@ -315,7 +314,7 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     let achieved = written as f64 / started.elapsed().as_secs_f64();
     let mut latencies = Vec::with_capacity(written as usize);
     let mut log = LatencyLog::open("walstream")?;
-    let mut bytes_per_message = 0;
+    let mut last = None;
     while (latencies.len() as u64) < written {
         let (message, stored) = next_stored(&mut messages, Duration::from_secs(30))
             .await
@@ -324,12 +323,12 @@ pub async fn steady(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
             commit_time(&message).ok_or_else(|| anyhow::anyhow!("an event without commit time"))?;
         latencies.push((stored - committed).as_seconds_f64() * 1000.0);
         log.record(committed, stored)?;
-        bytes_per_message = EventShape::of(&message).bytes();
+        last = Some(message);
     }
     let rss = peak_rss_mb(&walstream);
     stop(&mut walstream);
     let mut measured = summarize("walstream", rate, achieved, latencies, rss);
-    measured.bytes_per_message = bytes_per_message;
+    measured.bytes_per_message = last.map_or(0, |message| EventShape::of(&message).bytes());
     Ok(measured)
 }
 
