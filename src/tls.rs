@@ -1,5 +1,6 @@
-//! TLS to PostgreSQL: the URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, turned into
-//! the same verification for the normal connections and the replication connection.
+//! TLS of the connections walstream opens itself: to PostgreSQL (the URL's `sslmode`,
+//! `sslrootcert`, `sslcert` and `sslkey`, the same verification for the normal connections and
+//! the replication connection), and its NATS publisher's (the `[nats]` TLS settings).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -216,6 +217,46 @@ impl PostgresTls {
         }
         Ok(roots)
     }
+}
+
+/// The NATS publisher's TLS: the server's certificate verified against `ca_file`, or else
+/// the system's roots (as async-nats does for walstream's other NATS connection), and a client
+/// certificate when one is configured.
+pub fn nats_client(
+    ca_file: Option<&Path>,
+    client_cert: Option<&Path>,
+    client_key: Option<&Path>,
+) -> anyhow::Result<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in read_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| anyhow::anyhow!("nats.tls_ca_file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            anyhow::ensure!(
+                !native.certs.is_empty(),
+                "no system root certificates to verify the NATS server with ({:?}); set \
+                 nats.tls_ca_file",
+                native.errors
+            );
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match (client_cert, client_key) {
+        (Some(cert), Some(key)) => {
+            builder.with_client_auth_cert(read_certs(cert)?, read_key(key)?)?
+        }
+        _ => builder.with_no_client_auth(),
+    })
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -56,7 +56,7 @@ pub async fn connect(
     }
 }
 
-fn parse_servers(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
+pub(super) fn parse_servers(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
     urls.split(',')
         .map(str::trim)
         .filter(|url| !url.is_empty())

@@ -209,6 +209,7 @@ pub async fn run(
     let checkpoint_timeline = checkpoint.timeline()?;
     let sink = Sink::new(
         js.clone(),
+        crate::nats::Publisher::connect(&config.nats).await?,
         stream_name.clone(),
         config.nats.max_inflight,
         mode,

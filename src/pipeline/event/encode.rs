@@ -1,10 +1,9 @@
 //! Encodes one row change into its NATS message: subject, headers and JSON body.
 
 use std::io::Write as _;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
-use async_nats::{HeaderMap, Subject};
+use async_nats::Subject;
 use bytes::Bytes;
 
 use super::failover::FailoverMarker;
@@ -13,10 +12,12 @@ use super::replay::{Replay, ReplayHeaders};
 use super::value::{write_binary, write_string, write_value};
 use super::{message_id_from_prefix, Naming, Position, RelationInfo};
 use crate::lsn::{lsn_text, Lsn};
-use crate::nats::header;
+use crate::nats::wire::{HeaderBlock, HeaderLines, WriteHeaders};
 use crate::op::{Op, CUSTOM_EVENT_TYPE};
 use crate::pipeline::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
 
+/// JetStream's duplicate detection id.
+pub const HEADER_MESSAGE_ID: &str = "Nats-Msg-Id";
 pub const HEADER_XID: &str = "Walstream-Xid";
 pub const HEADER_LSN: &str = "Walstream-Lsn";
 pub const HEADER_SEQ: &str = "Walstream-Seq";
@@ -28,14 +29,6 @@ pub const HEADER_TIMELINE: &str = "Walstream-Timeline";
 /// own: a non-transactional message, a failover marker): what lets a consumer group changes by
 /// transaction without counting them.
 pub const HEADER_TX_LAST: &str = "Walstream-Tx-Last";
-
-// Parsed once: header names given as &str are validated on every insert.
-const XID: HeaderName = HeaderName::from_static(HEADER_XID);
-const LSN: HeaderName = HeaderName::from_static(HEADER_LSN);
-const SEQ: HeaderName = HeaderName::from_static(HEADER_SEQ);
-const COMMIT_TIME: HeaderName = HeaderName::from_static(HEADER_COMMIT_TIME);
-const TIMELINE: HeaderName = HeaderName::from_static(HEADER_TIMELINE);
-const TX_LAST: HeaderName = HeaderName::from_static(HEADER_TX_LAST);
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i128 = 946_684_800_000_000;
@@ -57,9 +50,7 @@ pub struct Transaction {
 }
 
 /// What every event of a transaction shares: its headers' values (the LSN and timestamp also
-/// go into each envelope) and, once a second event needs it, their map. The only event of a
-/// transaction builds its own map straight from the values, so a single-row transaction does
-/// not pay for a map it would clone once and drop.
+/// go into each envelope), and those headers rendered once as lines every event's block copies.
 #[derive(Debug)]
 struct SharedHeaders {
     xid: u32,
@@ -72,31 +63,24 @@ struct SharedHeaders {
     committed: bool,
     /// Set while the transaction is delivered again by a replay.
     replay: Option<Replay>,
-    template: OnceLock<HeaderMap>,
+    lines: HeaderLines,
 }
 
 impl SharedHeaders {
-    /// The map an event starts from, `last` when it is its transaction's last.
-    fn map(&self, last: bool) -> HeaderMap {
-        match self.template.get() {
-            Some(template) => template.clone(),
-            None if last => self.build(),
-            None => self.template.get_or_init(|| self.build()).clone(),
-        }
-    }
-
-    fn build(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(XID, header::number(self.xid));
-        headers.insert(LSN, self.lsn_text.as_str());
+    /// Renders the header lines from the values.
+    fn rendered(mut self) -> Self {
+        let mut lines = HeaderLines::default();
+        lines.put_number(HEADER_XID, self.xid);
+        lines.put(HEADER_LSN, &self.lsn_text);
         if self.committed {
-            headers.insert(COMMIT_TIME, self.timestamp.as_str());
+            lines.put(HEADER_COMMIT_TIME, &self.timestamp);
         }
-        headers.insert(TIMELINE, header::number(self.timeline));
+        lines.put_number(HEADER_TIMELINE, self.timeline);
         if let Some(replay) = self.replay {
-            ReplayHeaders { replay, from: None }.write(&mut headers);
+            ReplayHeaders { replay, from: None }.write(&mut lines);
         }
-        headers
+        self.lines = lines;
+        self
     }
 
     /// The same values, for events delivered again by `replay` (or, `None`, first deliveries).
@@ -105,9 +89,10 @@ impl SharedHeaders {
             lsn_text: self.lsn_text.clone(),
             timestamp: self.timestamp.clone(),
             replay,
-            template: OnceLock::new(),
+            lines: HeaderLines::default(),
             ..*self
         }
+        .rendered()
     }
 }
 
@@ -129,8 +114,9 @@ impl Transaction {
             timestamp: commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp),
             committed: commit_time_micros.is_some(),
             replay: None,
-            template: OnceLock::new(),
-        };
+            lines: HeaderLines::default(),
+        }
+        .rendered();
         Self {
             xid,
             commit_lsn,
@@ -217,22 +203,27 @@ pub struct EncodedEvent {
 }
 
 impl EncodedEvent {
-    /// The message's headers: its transaction's, its id and its place in the transaction.
-    /// Built for each publish rather than kept: async-nats takes the map by value, so a kept
-    /// one would be cloned for every send all the same.
-    pub fn headers(&self) -> HeaderMap {
-        let mut headers = match &self.base_headers {
-            BaseHeaders::Transaction(shared) => shared.map(self.last_in_transaction),
-            BaseHeaders::Own(headers) => HeaderMap::clone(headers),
-        };
-        headers.insert(NATS_MESSAGE_ID, self.message_id.as_str());
+    /// Writes the message's headers into `block`: its transaction's, its id and its place in
+    /// the transaction.
+    pub fn write_headers(&self, block: &mut HeaderBlock) {
+        match &self.base_headers {
+            BaseHeaders::Transaction(shared) => block.put_lines(&shared.lines),
+            BaseHeaders::Own(lines) => block.put_lines(lines),
+        }
+        block.put(HEADER_MESSAGE_ID, &self.message_id);
         if self.in_transaction {
-            headers.insert(SEQ, header::number(self.position.seq));
+            block.put_number(HEADER_SEQ, self.position.seq);
         }
         if self.last_in_transaction {
-            headers.insert(TX_LAST, "true");
+            block.put(HEADER_TX_LAST, "true");
         }
-        headers
+    }
+
+    /// The message's headers in a block of their own.
+    pub fn headers(&self) -> HeaderBlock {
+        let mut block = HeaderBlock::new();
+        self.write_headers(&mut block);
+        block
     }
 }
 
@@ -242,7 +233,7 @@ enum BaseHeaders {
     /// Its transaction's, shared by all its events.
     Transaction(Arc<SharedHeaders>),
     /// Its own: an event outside any transaction (a failover marker).
-    Own(Arc<HeaderMap>),
+    Own(Arc<HeaderLines>),
 }
 
 /// The relation changed shape between its Relation message and a row: a protocol violation.
@@ -519,8 +510,8 @@ impl Encoder {
     /// The marker that voids the events a promoted standby does not have, on
     /// `<prefix>._failover`.
     pub fn failover_marker(&self, marker: &FailoverMarker) -> EncodedEvent {
-        let mut headers = HeaderMap::new();
-        headers.insert(TIMELINE, header::number(marker.timeline));
+        let mut headers = HeaderLines::default();
+        headers.put_number(HEADER_TIMELINE, marker.timeline);
         marker.write(&mut headers);
         let message_id =
             FailoverMarker::message_id(self.naming.slot(), marker.timeline, marker.switch);
@@ -758,14 +749,11 @@ mod tests {
             if let Some(event) = event {
                 let headers = event.headers();
                 assert_eq!(
-                    headers
-                        .get(async_nats::header::NATS_MESSAGE_ID)
-                        .unwrap()
-                        .as_str(),
+                    headers.get(HEADER_MESSAGE_ID).unwrap(),
                     format!(
                         "{}:{}:{}:{}",
                         naming.slot(),
-                        headers.get(HEADER_XID).unwrap().as_str(),
+                        headers.get(HEADER_XID).unwrap(),
                         event.position.commit_lsn,
                         event.position.seq
                     )
@@ -829,7 +817,7 @@ mod tests {
         let mut tx = Transaction::begin(42, Lsn(0x300), 0, 1);
         tx.set_replay(Some(replay));
         let again = encoder.logical_message(&mut tx, &message);
-        let id = |event: &EncodedEvent| event.headers().get(NATS_MESSAGE_ID).unwrap().to_string();
+        let id = |event: &EncodedEvent| event.headers().get(HEADER_MESSAGE_ID).unwrap().to_string();
         assert_eq!(id(&again), format!("{}:r7", id(&first)));
         assert_eq!(
             again.message_id,
@@ -842,7 +830,7 @@ mod tests {
         assert_eq!(json(&again)["replay"], true);
         assert!(json(&first).get("replay").is_none());
         assert_eq!(
-            ReplayHeaders::read(&again.headers()).unwrap(),
+            ReplayHeaders::read(&again.headers().to_map()).unwrap(),
             Some(ReplayHeaders { replay, from: None })
         );
         tx.set_replay(None);

@@ -8,6 +8,8 @@
 
 use async_nats::HeaderMap;
 
+use crate::nats::wire::WriteHeaders;
+
 use super::identity;
 use super::replay::PositionText;
 use super::Position;
@@ -54,10 +56,10 @@ impl FailoverMarker {
         format!("{slot}:failover:{timeline}:{switch}")
     }
 
-    pub fn write(&self, headers: &mut HeaderMap) {
-        headers.insert(
+    pub fn write(&self, headers: &mut impl WriteHeaders) {
+        headers.put(
             HEADER_FAILOVER,
-            format!("{}:{}", self.from_timeline, self.switch),
+            &format!("{}:{}", self.from_timeline, self.switch),
         );
     }
 

@@ -8,6 +8,8 @@ use std::fmt;
 
 use async_nats::HeaderMap;
 
+use crate::nats::wire::WriteHeaders;
+
 use super::Position;
 use crate::lsn::{parse_lsn, Lsn};
 
@@ -62,14 +64,14 @@ impl ReplayHeaders {
         }))
     }
 
-    pub fn write(&self, headers: &mut HeaderMap) {
-        headers.insert(HEADER_REPLAY, self.replay.id.to_string());
-        headers.insert(
+    pub fn write(&self, headers: &mut impl WriteHeaders) {
+        headers.put_number(HEADER_REPLAY, self.replay.id);
+        headers.put(
             HEADER_REPLAY_THROUGH,
-            PositionText(self.replay.through).to_string(),
+            &PositionText(self.replay.through).to_string(),
         );
         if let Some(from) = self.from {
-            headers.insert(HEADER_REPLAY_FROM, from.to_string());
+            headers.put(HEADER_REPLAY_FROM, &from.to_string());
         }
     }
 }

@@ -10,11 +10,11 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
 
-use async_nats::client::PublishErrorKind;
-use async_nats::{Client, HeaderMap, Message, StatusCode, Subject, Subscriber};
-use bytes::Bytes;
+use async_nats::{Client, Message, StatusCode, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use tokio::time::{Instant, Sleep};
+
+use crate::nats::{PublishError, Publisher};
 
 /// JetStream stored the message at `sequence` (`duplicate`: it already held its id); for a
 /// batch's commit, the batch's last message, the batch being `batch_count` messages.
@@ -122,10 +122,11 @@ struct Waiting {
 
 /// Publishes with a reply subject of ours and hands out the answers in publish order.
 pub struct Acks {
-    client: Client,
     subscriber: Subscriber,
     /// `{inbox}.`: a reply subject is this followed by the publish's token.
     prefix: String,
+    /// The last reply subject, its prefix kept between publishes.
+    reply: String,
     next_token: u64,
     timeout: Duration,
     /// Oldest first; tokens increase.
@@ -138,16 +139,13 @@ pub struct Acks {
 impl Acks {
     /// Subscribes to a fresh inbox; an answer not received within `timeout` of its publish
     /// counts as a failure.
-    pub async fn subscribe(client: Client, timeout: Duration) -> Result<Self, String> {
+    pub async fn subscribe(client: &Client, timeout: Duration) -> Result<Self, String> {
         let inbox = client.new_inbox();
-        let subscriber = client
-            .subscribe(format!("{inbox}.*"))
-            .await
-            .map_err(|e| format!("cannot subscribe to JetStream's acknowledgements: {e}"))?;
+        let subscriber = subscribe_before_publishing(client, format!("{inbox}.*")).await?;
         Ok(Self {
-            client,
             subscriber,
             prefix: format!("{inbox}."),
+            reply: String::new(),
             next_token: 0,
             timeout,
             waiting: VecDeque::new(),
@@ -155,18 +153,20 @@ impl Acks {
         })
     }
 
-    /// Publishes to JetStream; its answer comes from [`Acks::next`] after those of every
-    /// earlier publish.
+    /// Publishes to JetStream with the headers filled in `publisher`; its answer comes from
+    /// [`Acks::next`] after those of every earlier publish.
     pub async fn publish(
         &mut self,
-        subject: Subject,
-        headers: HeaderMap,
-        payload: Bytes,
+        publisher: &mut Publisher,
+        subject: &str,
+        payload: &[u8],
     ) -> Result<(), PublishFailure> {
         let token = self.next_token;
-        let reply = Subject::from(format!("{}{token}", self.prefix));
-        self.client
-            .publish_with_reply_and_headers(subject, reply, headers, payload)
+        self.reply.clear();
+        self.reply.push_str(&self.prefix);
+        self.reply.push_str(itoa::Buffer::new().format(token));
+        publisher
+            .publish_with_headers(subject, Some(&self.reply), payload)
             .await
             .map_err(publish_failure)?;
         self.next_token += 1;
@@ -178,16 +178,15 @@ impl Acks {
         Ok(())
     }
 
-    /// Sends a message no answer is asked for: a batch's messages before its commit, whose
-    /// fate the commit's answer tells.
+    /// Sends a message with the headers filled in `publisher` and no answer asked for: a
+    /// batch's messages before its commit, whose fate the commit's answer tells.
     pub async fn send_unanswered(
-        &mut self,
-        subject: Subject,
-        headers: HeaderMap,
-        payload: Bytes,
+        publisher: &mut Publisher,
+        subject: &str,
+        payload: &[u8],
     ) -> Result<(), PublishFailure> {
-        self.client
-            .publish_with_headers(subject, headers, payload)
+        publisher
+            .publish_with_headers(subject, None, payload)
             .await
             .map_err(publish_failure)
     }
@@ -272,12 +271,32 @@ impl Acks {
     }
 }
 
-/// Why the client could not send a message.
-pub fn publish_failure(error: async_nats::client::PublishError) -> PublishFailure {
-    match error.kind() {
-        PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
-        _ => PublishFailure::failed("broken_pipe", error.to_string()),
+/// Why the publisher could not send a message.
+pub fn publish_failure(error: PublishError) -> PublishFailure {
+    match error {
+        PublishError::TooLarge { .. } => PublishFailure::TooLarge,
+        PublishError::InvalidSubject(_) => {
+            PublishFailure::failed("invalid_subject", error.to_string())
+        }
+        PublishError::Disconnected(_) => PublishFailure::failed("broken_pipe", error.to_string()),
     }
+}
+
+/// Subscribes on `client`, and makes sure the server has the subscription before walstream's
+/// publisher, another connection, sends anything answered there.
+pub async fn subscribe_before_publishing(
+    client: &Client,
+    subject: String,
+) -> Result<Subscriber, String> {
+    let subscriber = client
+        .subscribe(subject)
+        .await
+        .map_err(|e| format!("cannot subscribe to JetStream's answers: {e}"))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| format!("cannot subscribe to JetStream's answers: {e}"))?;
+    Ok(subscriber)
 }
 
 /// A JetStream API error refusing a message, by its `err_code`.
@@ -373,9 +392,9 @@ pub fn answer(message: &Message) -> AckResult {
 #[cfg(test)]
 pub fn answer_on(subject: &str, payload: &str) -> Message {
     Message {
-        subject: Subject::from(subject.to_owned()),
+        subject: async_nats::Subject::from(subject.to_owned()),
         reply: None,
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
         headers: None,
         status: None,
         description: None,

@@ -15,12 +15,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, Message, Subject, Subscriber};
-use bytes::Bytes;
+use async_nats::{Client, Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use tokio::time::Instant;
 
 use super::acks::{self, PublishFailure};
+use crate::nats::Publisher;
 
 /// How many acknowledgement intervals may be outstanding before appending waits (ADR-50's
 /// recommendation).
@@ -171,7 +171,6 @@ impl Batch {
 
 /// The fast-ingest batches of one sink: at most one open, the older ones awaiting their end.
 pub struct FastBatches {
-    client: Client,
     subscriber: Subscriber,
     /// `_INBOX.{unique}`, under which every batch's replies arrive.
     inbox: String,
@@ -186,14 +185,10 @@ pub struct FastBatches {
 impl FastBatches {
     /// Subscribes to a fresh inbox; `flow` is the acknowledgement interval to ask for, and
     /// an answer overdue by `timeout` a failure.
-    pub async fn subscribe(client: Client, flow: u64, timeout: Duration) -> Result<Self, String> {
+    pub async fn subscribe(client: &Client, flow: u64, timeout: Duration) -> Result<Self, String> {
         let inbox = client.new_inbox();
-        let subscriber = client
-            .subscribe(format!("{inbox}.>"))
-            .await
-            .map_err(|e| format!("cannot subscribe to the fast batches' answers: {e}"))?;
+        let subscriber = acks::subscribe_before_publishing(client, format!("{inbox}.>")).await?;
         Ok(Self {
-            client,
             subscriber,
             inbox,
             flow: flow.clamp(1, u64::from(u16::MAX)),
@@ -220,44 +215,50 @@ impl FastBatches {
         self.batches.iter().filter(|b| b.awaits_answer()).count()
     }
 
-    /// Adds a message to the open batch, opening one if none is.
+    /// Adds a message, with the headers filled in `publisher`, to the open batch, opening one
+    /// if none is.
     pub async fn append(
         &mut self,
-        subject: Subject,
-        headers: HeaderMap,
-        payload: Bytes,
+        publisher: &mut Publisher,
+        subject: &Subject,
+        payload: &[u8],
     ) -> Result<(), PublishFailure> {
         if !self.has_open() {
             self.open(subject.clone());
         }
         let operation = if self.open_batch().sent == 0 { 0 } else { 1 };
-        self.send(subject, headers, payload, operation).await
+        self.send(publisher, subject, payload, operation).await
     }
 
-    /// Sends one message as a plain publish, answered in turn with the batches: a batch of
-    /// one costs the server more than a plain publish, and made a steady trickle of changes
-    /// wait tens of milliseconds at the 99th percentile on nats-server 2.15.1 (the bench).
+    /// Sends one message, with the headers filled in `publisher`, as a plain publish, answered
+    /// in turn with the batches: a batch of one costs the server more than a plain publish,
+    /// and made a steady trickle of changes wait tens of milliseconds at the 99th percentile
+    /// on nats-server 2.15.1 (the bench).
     pub async fn single(
         &mut self,
-        subject: Subject,
-        headers: HeaderMap,
-        payload: Bytes,
+        publisher: &mut Publisher,
+        subject: &Subject,
+        payload: &[u8],
     ) -> Result<(), PublishFailure> {
         self.open(subject.clone());
         let id = self.open_batch().id;
-        let reply = format!("{}.{id}", self.inbox);
-        let sent = self.publish(subject, reply, headers, payload).await;
+        let mut reply = String::with_capacity(self.inbox.len() + 21);
+        reply.push_str(&self.inbox);
+        reply.push('.');
+        reply.push_str(itoa::Buffer::new().format(id));
+        let sent = self.publish(publisher, subject, reply, payload).await;
         self.open_batch().closed = true;
         sent
     }
 
     /// Ends the open batch with a marker stored nowhere; its answer tells how it ended.
-    pub async fn close(&mut self) -> Result<(), PublishFailure> {
+    pub async fn close(&mut self, publisher: &mut Publisher) -> Result<(), PublishFailure> {
         if !self.has_open() {
             return Ok(());
         }
         let subject = self.open_batch().first_subject.clone();
-        let result = self.send(subject, HeaderMap::new(), Bytes::new(), 3).await;
+        publisher.headers();
+        let result = self.send(publisher, &subject, &[], 3).await;
         let batch = self.open_batch();
         batch.sent -= 1;
         batch.closed = true;
@@ -284,31 +285,30 @@ impl FastBatches {
 
     async fn send(
         &mut self,
-        subject: Subject,
-        headers: HeaderMap,
-        payload: Bytes,
+        publisher: &mut Publisher,
+        subject: &Subject,
+        payload: &[u8],
         operation: u8,
     ) -> Result<(), PublishFailure> {
         let batch = self.open_batch();
         let reply = batch.reply(batch.sent + 1, operation);
-        self.publish(subject, reply, headers, payload).await
+        self.publish(publisher, subject, reply, payload).await
     }
 
     /// Publishes one message of the open batch, answered on `reply`.
     async fn publish(
         &mut self,
-        subject: Subject,
+        publisher: &mut Publisher,
+        subject: &Subject,
         reply: String,
-        headers: HeaderMap,
-        payload: Bytes,
+        payload: &[u8],
     ) -> Result<(), PublishFailure> {
         let timeout = self.timeout;
         let batch = self.open_batch();
         batch.sent += 1;
         batch.deadline = Instant::now() + timeout;
-        let sent = self
-            .client
-            .publish_with_reply_and_headers(subject, Subject::from(reply), headers, payload)
+        let sent = publisher
+            .publish_with_headers(subject.as_str(), Some(&reply), payload)
             .await
             .map_err(acks::publish_failure);
         if sent.is_err() {
@@ -356,9 +356,9 @@ impl FastBatches {
 
     /// Waits until every batch sent has ended or is overdue, then forgets them all: after a
     /// failure nothing sent before may land after walstream re-reads the stream's end.
-    pub async fn settle(&mut self) {
+    pub async fn settle(&mut self, publisher: &mut Publisher) {
         // Ended by the server only if one of its messages failed: ask for its end.
-        let _ = self.close().await;
+        let _ = self.close(publisher).await;
         while !self.batches.is_empty() {
             for batch in &mut self.batches {
                 batch.closed = true;

@@ -35,11 +35,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::header::{
-    HeaderName, NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID,
-};
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream;
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
@@ -50,8 +47,8 @@ use fast_ingest::{FastBatches, Progress};
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, TransactionMode};
 use crate::metrics::Metrics;
-use crate::nats::BatchSettings;
-use crate::nats::{header, message_at};
+use crate::nats::wire::{HeaderBlock, WriteHeaders};
+use crate::nats::{message_at, BatchSettings, Publisher};
 use crate::pipeline::event::{EncodedEvent, Position};
 use crate::pipeline::history::StreamTail;
 
@@ -105,11 +102,13 @@ pub enum SinkError {
     ShuttingDown,
 }
 
-/// Headers of an atomic batch (ADR-50), parsed once: a name given as &str is validated and
-/// copied on every insert.
-const BATCH_ID: HeaderName = HeaderName::from_static("Nats-Batch-Id");
-const BATCH_SEQUENCE: HeaderName = HeaderName::from_static("Nats-Batch-Sequence");
-const BATCH_COMMIT: HeaderName = HeaderName::from_static("Nats-Batch-Commit");
+/// What a publish expects of the stream, checked by JetStream before storing it.
+const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
+const EXPECTED_LAST_MESSAGE_ID: &str = "Nats-Expected-Last-Msg-Id";
+/// Headers of an atomic batch (ADR-50).
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 
 /// How many messages nats-server takes in one atomic batch unless configured otherwise
 /// (`jetstream.limits.batch.max_msgs`).
@@ -118,7 +117,6 @@ pub const SERVER_BATCH_LIMIT: usize = 1000;
 /// The header on every event of a transaction stored in more than one atomic batch
 /// (`nats.transactions = "atomic"`, a transaction larger than a batch may be).
 pub const HEADER_TX_SPLIT: &str = "Walstream-Tx-Split";
-const TX_SPLIT: HeaderName = HeaderName::from_static(HEADER_TX_SPLIT);
 
 /// How the sink keeps walstream's events in WAL order on the stream (see the module's text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +242,8 @@ pub struct StoredEvent {
 
 pub struct Sink {
     js: jetstream::Context,
+    /// walstream's own connection its events go out on.
+    publisher: Publisher,
     stream_name: String,
     window: usize,
     mode: PublishMode,
@@ -301,6 +301,7 @@ impl Sink {
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
         js: jetstream::Context,
+        publisher: Publisher,
         stream_name: String,
         window: usize,
         mode: PublishMode,
@@ -309,14 +310,14 @@ impl Sink {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, SinkError> {
-        let acks = Acks::subscribe(js.client(), ack_timeout)
+        let acks = Acks::subscribe(&js.client(), ack_timeout)
             .await
             .map_err(SinkError::Fatal)?;
         let fast = match mode {
             // Asked to acknowledge a quarter of the window at a time, the server answers
             // twice before the window fills.
             PublishMode::FastIngest { .. } => Some(
-                FastBatches::subscribe(js.client(), (window / 4).max(1) as u64, ack_timeout)
+                FastBatches::subscribe(&js.client(), (window / 4).max(1) as u64, ack_timeout)
                     .await
                     .map_err(SinkError::Fatal)?,
             ),
@@ -331,6 +332,7 @@ impl Sink {
             .to_owned();
         Ok(Self {
             js,
+            publisher,
             stream_name,
             window,
             mode,
@@ -580,40 +582,39 @@ impl Sink {
     /// Does what [`Sink::fast_step`] says until it says nothing.
     async fn pump(&mut self, idle: bool) -> Result<(), PublishFailure> {
         while let Some(step) = self.fast_step(idle) {
+            let fast = self
+                .fast
+                .as_mut()
+                .unwrap_or_else(|| unreachable!("fast-ingest mode has its batches"));
+            if step == FastStep::Close {
+                return fast.close(&mut self.publisher).await;
+            }
             let replicated = matches!(self.mode, PublishMode::FastIngest { replicated: true });
             let index = self.sent;
-            let (subject, headers, payload) = match step {
-                FastStep::Close => {
-                    return self.fast_batches().close().await;
-                }
-                FastStep::Append | FastStep::Single => {
-                    let entry = &self.unacked[index];
-                    let headers = self.expectations(index, !replicated);
-                    (
-                        entry.event.subject.clone(),
-                        headers,
-                        entry.event.payload.clone(),
-                    )
-                }
-            };
+            write_expectations(
+                self.publisher.headers(),
+                &self.unacked,
+                &self.chain,
+                index,
+                !replicated,
+            );
             self.sent += 1;
-            let opens = step == FastStep::Append && !self.fast_batches().has_open();
-            if opens {
+            if step == FastStep::Append && !fast.has_open() {
                 self.metrics.fast_batches.inc();
             }
-            let fast = self.fast_batches();
+            let event = &self.unacked[index].event;
             match step {
-                FastStep::Single => fast.single(subject, headers, payload).await?,
-                _ => fast.append(subject, headers, payload).await?,
+                FastStep::Single => {
+                    fast.single(&mut self.publisher, &event.subject, &event.payload)
+                        .await?
+                }
+                _ => {
+                    fast.append(&mut self.publisher, &event.subject, &event.payload)
+                        .await?
+                }
             }
         }
         Ok(())
-    }
-
-    fn fast_batches(&mut self) -> &mut FastBatches {
-        self.fast
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("fast-ingest mode has its batches"))
     }
 
     /// Sends the oldest unacknowledged events as one atomic batch whose first message expects
@@ -644,13 +645,16 @@ impl Sink {
         }
         if count == 1 {
             let entry = &self.unacked[0];
-            let mut headers = entry.event.headers();
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, header::number(self.end));
+            let headers = self.publisher.headers();
+            entry.event.write_headers(headers);
+            headers.put_number(EXPECTED_LAST_SEQUENCE, self.end);
             if entry.split {
-                headers.insert(TX_SPLIT, "true");
+                headers.put(HEADER_TX_SPLIT, "true");
             }
-            let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
-            self.acks.publish(subject, headers, payload).await?;
+            let event = &entry.event;
+            self.acks
+                .publish(&mut self.publisher, &event.subject, &event.payload)
+                .await?;
             self.sent = 1;
             return Ok(());
         }
@@ -658,15 +662,18 @@ impl Sink {
         let batch_id = format!("{}-{}", self.batch_prefix, self.batches);
         for index in 0..count {
             let entry = &self.unacked[index];
-            let mut headers = batch_headers(&entry.event, &batch_id, index, count, self.end);
+            let headers = self.publisher.headers();
+            write_batch_headers(headers, &entry.event, &batch_id, index, count, self.end);
             if entry.split {
-                headers.insert(TX_SPLIT, "true");
+                headers.put(HEADER_TX_SPLIT, "true");
             }
-            let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
+            let event = &entry.event;
             if index + 1 < count {
-                self.acks.send_unanswered(subject, headers, payload).await?;
+                Acks::send_unanswered(&mut self.publisher, &event.subject, &event.payload).await?;
             } else {
-                self.acks.publish(subject, headers, payload).await?;
+                self.acks
+                    .publish(&mut self.publisher, &event.subject, &event.payload)
+                    .await?;
             }
         }
         self.sent = count;
@@ -789,35 +796,17 @@ impl Sink {
     /// stream's last message its predecessor (by id, so another client's message between them
     /// fails it rather than standing in for the predecessor).
     async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
-        let headers = self.expectations(index, true);
-        let entry = &self.unacked[index];
-        let (subject, payload) = (entry.event.subject.clone(), entry.event.payload.clone());
-        self.acks.publish(subject, headers, payload).await
-    }
-
-    /// The headers of `unacked[index]` with what it expects of the stream: the last sequence
-    /// the one before its own, and, `with_id`, unless it starts a chain, its predecessor's id.
-    fn expectations(&self, index: usize, with_id: bool) -> HeaderMap {
-        let entry = &self.unacked[index];
-        let mut headers = entry.event.headers();
-        headers.insert(
-            NATS_EXPECTED_LAST_SEQUENCE,
-            header::number(entry.sequence - 1),
+        write_expectations(
+            self.publisher.headers(),
+            &self.unacked,
+            &self.chain,
+            index,
+            true,
         );
-        let predecessor = match index {
-            0 => match &self.chain {
-                Chain::After(event) => Some(event),
-                Chain::Start => None,
-            },
-            _ => Some(&self.unacked[index - 1].event),
-        };
-        if let Some(predecessor) = predecessor.filter(|_| with_id) {
-            headers.insert(
-                NATS_EXPECTED_LAST_MESSAGE_ID,
-                predecessor.message_id.as_str(),
-            );
-        }
-        headers
+        let event = &self.unacked[index].event;
+        self.acks
+            .publish(&mut self.publisher, &event.subject, &event.payload)
+            .await
     }
 
     /// Brings the stream and `unacked` back in step after a failure, then re-sends.
@@ -869,7 +858,7 @@ impl Sink {
         loop {
             // Let every outstanding ack resolve so nothing sent earlier lands after the re-sync.
             match &mut self.fast {
-                Some(fast) => fast.settle().await,
+                Some(fast) => fast.settle(&mut self.publisher).await,
                 None => while self.acks.next().await.is_some() {},
             }
             self.sent = 0;
@@ -1157,38 +1146,54 @@ fn batch_of_transactions(
     }
 }
 
-/// An event's headers as message `index` of `count` in batch `batch_id`; the first expects
-/// the stream's last sequence to be `end`.
-fn batch_headers(
+/// Writes the headers of `unacked[index]` with what it expects of the stream: the last
+/// sequence the one before its own, and, `with_id`, unless it starts a chain, its
+/// predecessor's id.
+fn write_expectations(
+    headers: &mut HeaderBlock,
+    unacked: &VecDeque<Unacked>,
+    chain: &Chain,
+    index: usize,
+    with_id: bool,
+) {
+    let entry = &unacked[index];
+    entry.event.write_headers(headers);
+    headers.put_number(EXPECTED_LAST_SEQUENCE, entry.sequence - 1);
+    let predecessor = match index {
+        0 => match chain {
+            Chain::After(event) => Some(event),
+            Chain::Start => None,
+        },
+        _ => Some(&unacked[index - 1].event),
+    };
+    if let Some(predecessor) = predecessor.filter(|_| with_id) {
+        headers.put(EXPECTED_LAST_MESSAGE_ID, &predecessor.message_id);
+    }
+}
+
+/// Writes an event's headers as message `index` of `count` in batch `batch_id`; the first
+/// expects the stream's last sequence to be `end`.
+fn write_batch_headers(
+    headers: &mut HeaderBlock,
     event: &EncodedEvent,
     batch_id: &str,
     index: usize,
     count: usize,
     end: u64,
-) -> HeaderMap {
-    let mut headers = event.headers();
-    headers.insert(BATCH_ID, batch_id);
-    headers.insert(BATCH_SEQUENCE, header::number(index + 1));
+) {
+    event.write_headers(headers);
+    headers.put(BATCH_ID, batch_id);
+    headers.put_number(BATCH_SEQUENCE, index + 1);
     if index == 0 {
-        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, header::number(end));
+        headers.put_number(EXPECTED_LAST_SEQUENCE, end);
     }
     if index + 1 == count {
-        headers.insert(BATCH_COMMIT, "1");
+        headers.put(BATCH_COMMIT, "1");
     }
-    headers
 }
 
 fn headers_len(event: &EncodedEvent) -> usize {
-    event
-        .headers()
-        .iter()
-        .map(|(name, values)| {
-            values
-                .iter()
-                .map(|v| name.to_string().len() + v.as_str().len() + 4)
-                .sum::<usize>()
-        })
-        .sum()
+    event.headers().wire_len()
 }
 
 fn unix_micros_now() -> i64 {
@@ -1379,28 +1384,26 @@ mod tests {
                 last: Position::at(crate::lsn::Lsn(0x100), 0),
             },
         });
-        let header = |headers: &HeaderMap, name: &str| headers.get(name).map(|v| v.to_string());
-        let first = batch_headers(&event, "b-1", 0, 3, 41);
-        assert_eq!(header(&first, BATCH_ID.as_ref()).as_deref(), Some("b-1"));
+        let batch_headers = |index| {
+            let mut headers = HeaderBlock::new();
+            write_batch_headers(&mut headers, &event, "b-1", index, 3, 41);
+            headers
+        };
+        let first = batch_headers(0);
+        assert_eq!(first.get(BATCH_ID), Some("b-1"));
+        assert_eq!(first.get(BATCH_SEQUENCE), Some("1"));
+        assert_eq!(first.get(EXPECTED_LAST_SEQUENCE), Some("41"));
+        assert_eq!(first.get(BATCH_COMMIT), None);
         assert_eq!(
-            header(&first, BATCH_SEQUENCE.as_ref()).as_deref(),
-            Some("1")
+            first.get(NATS_MESSAGE_ID.as_ref()),
+            Some(event.message_id.as_str())
         );
-        assert_eq!(
-            header(&first, NATS_EXPECTED_LAST_SEQUENCE.as_ref()).as_deref(),
-            Some("41")
-        );
-        assert_eq!(header(&first, BATCH_COMMIT.as_ref()), None);
-        assert_eq!(
-            header(&first, NATS_MESSAGE_ID.as_ref()),
-            Some(event.message_id.clone())
-        );
-        let last = batch_headers(&event, "b-1", 2, 3, 41);
-        assert_eq!(header(&last, BATCH_SEQUENCE.as_ref()).as_deref(), Some("3"));
-        assert_eq!(header(&last, BATCH_COMMIT.as_ref()).as_deref(), Some("1"));
-        assert_eq!(header(&last, NATS_EXPECTED_LAST_SEQUENCE.as_ref()), None);
+        let last = batch_headers(2);
+        assert_eq!(last.get(BATCH_SEQUENCE), Some("3"));
+        assert_eq!(last.get(BATCH_COMMIT), Some("1"));
+        assert_eq!(last.get(EXPECTED_LAST_SEQUENCE), None);
         // Never the id chain: a replicated stream checks it only when applying.
-        assert_eq!(header(&last, NATS_EXPECTED_LAST_MESSAGE_ID.as_ref()), None);
+        assert_eq!(last.get(EXPECTED_LAST_MESSAGE_ID), None);
     }
 
     #[test]
