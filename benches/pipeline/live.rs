@@ -2,18 +2,18 @@
 //! floors (slot read, publish, relay); and the helpers the peers share (servers streaming,
 //! the fill procedure, counting what a stream holds).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io::Write as _;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
-use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
-use walstream::pipeline::event::HEADER_COMMIT_TIME;
+use walstream::nats::wire::{HeaderBlock, WriteHeaders as _};
+use walstream::pipeline::event::{HEADER_COMMIT_TIME, HEADER_MESSAGE_ID};
 
 use super::{
     create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE,
@@ -128,18 +128,24 @@ impl EventShape {
         }
     }
 
-    /// The event to publish with `committed` as its commit time and `id` as its message id.
-    fn publish(
+    /// Writes the event's headers with `committed` as its commit time and `id` as its message
+    /// id.
+    fn write_headers(
         &self,
+        block: &mut HeaderBlock,
         committed: OffsetDateTime,
-        id: String,
-    ) -> anyhow::Result<jetstream::message::PublishMessage> {
-        let mut headers = self.headers.clone();
-        headers.insert(HEADER_COMMIT_TIME, committed.format(&Rfc3339)?.as_str());
-        Ok(jetstream::message::PublishMessage::build()
-            .payload(self.payload.clone())
-            .headers(headers)
-            .message_id(id))
+        id: &str,
+    ) -> anyhow::Result<()> {
+        for (name, values) in self.headers.iter() {
+            if AsRef::<str>::as_ref(name) != HEADER_COMMIT_TIME {
+                for value in values {
+                    block.put(name.as_ref(), value.as_str());
+                }
+            }
+        }
+        block.put(HEADER_COMMIT_TIME, &committed.format(&Rfc3339)?);
+        block.put(HEADER_MESSAGE_ID, id);
+        Ok(())
     }
 
     /// Payload and header bytes (names, values, separators) of one message.
@@ -501,6 +507,78 @@ pub async fn steady_raw(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
     Ok(summarize("raw slot read", rate, achieved, latencies, 0.0))
 }
 
+/// What the floors publish with: walstream's own publishing connection, its answers counted on
+/// one inbox with `WINDOW` in flight — the path walstream's events take, less all walstream
+/// does to a change before it.
+struct FloorPublisher {
+    publisher: walstream::nats::Publisher,
+    answers: async_nats::Subscriber,
+    inbox: String,
+    in_flight: usize,
+}
+
+impl FloorPublisher {
+    async fn connect(url: String) -> anyhow::Result<Self> {
+        let client = async_nats::connect(url.clone()).await?;
+        let inbox = client.new_inbox();
+        let answers = client.subscribe(inbox.clone()).await?;
+        client.flush().await?;
+        let config = walstream::config::NatsConfig {
+            url,
+            ..Default::default()
+        };
+        let publisher =
+            walstream::nats::Publisher::connect(&config, Duration::from_secs(10)).await?;
+        Ok(Self {
+            publisher,
+            answers,
+            inbox,
+            in_flight: 0,
+        })
+    }
+
+    /// Publishes `shape` with `committed` as its commit time, after an answer if the window is
+    /// full.
+    async fn publish(
+        &mut self,
+        subject: &str,
+        shape: &EventShape,
+        committed: OffsetDateTime,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        while self.in_flight >= WINDOW {
+            let answer = self.answers.next().await;
+            self.take(answer)?;
+        }
+        shape.write_headers(self.publisher.headers(), committed, id)?;
+        self.publisher
+            .publish_with_headers(subject, Some(&self.inbox), &shape.payload)
+            .await?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Counts one answer of JetStream's; a refusal is an error.
+    fn take(&mut self, answer: Option<async_nats::Message>) -> anyhow::Result<()> {
+        let answer = answer.ok_or_else(|| anyhow::anyhow!("the answers' inbox closed"))?;
+        anyhow::ensure!(
+            !answer.payload.starts_with(b"{\"error\"") && answer.status.is_none(),
+            "JetStream refused a floor's message: {}",
+            String::from_utf8_lossy(&answer.payload)
+        );
+        self.in_flight -= 1;
+        Ok(())
+    }
+
+    async fn answered_all(&mut self) -> anyhow::Result<()> {
+        while self.in_flight > 0 {
+            let answer = self.answers.next().await;
+            self.take(answer)?;
+        }
+        Ok(())
+    }
+}
+
 /// The floor under the combined load: the same writer, the slot read by pgwire-replication and
 /// each commit relayed to JetStream as one message of walstream's event shape with the same
 /// in-flight window — walstream without decoding, encoding or checkpoint. Latency is measured
@@ -518,34 +596,26 @@ pub async fn steady_relay(rate: u64, seconds: u64, shape: &EventShape) -> anyhow
         shape.clone(),
     );
     let (connected, relay) = on_own_thread(move |reading| async move {
-        let js = jetstream::new(async_nats::connect(url).await?);
+        let mut floor = FloorPublisher::connect(url).await?;
         let mut client = pgwire_replication::ReplicationClient::connect(config).await?;
         let _ = reading.send(());
         let started = Instant::now();
-        let mut acks = FuturesOrdered::new();
         let mut relayed = 0u64;
+        let mut id = String::new();
         loop {
             tokio::select! {
-                Some(ack) = acks.next(), if !acks.is_empty() => {
-                    let ack: Result<_, async_nats::jetstream::context::PublishError> = ack;
-                    ack?;
-                }
+                answer = floor.answers.next(), if floor.in_flight > 0 => floor.take(answer)?,
                 commit = next_commit(&mut client, started, seconds) => {
                     let Some(committed) = commit? else { break };
-                    if acks.len() >= WINDOW {
-                        if let Some(ack) = acks.next().await {
-                            ack?;
-                        }
-                    }
-                    let publish = relayed_shape.publish(committed, format!("relay:{relayed}"))?;
-                    acks.push_back(js.send_publish("relay.bench", publish).await?.into_future());
+                    id.clear();
+                    id.push_str("relay:");
+                    id.push_str(itoa::Buffer::new().format(relayed));
+                    floor.publish("relay.bench", &relayed_shape, committed, &id).await?;
                     relayed += 1;
                 }
             }
         }
-        while let Some(ack) = acks.next().await {
-            ack?;
-        }
+        floor.answered_all().await?;
         let _ = client.shutdown().await;
         anyhow::Ok(relayed)
     });
@@ -592,32 +662,28 @@ pub async fn steady_publish(rate: u64, seconds: u64, shape: &EventShape) -> anyh
     let js = jetstream_context(&servers).await?;
     let stream = create_stream(&js, "raw").await?;
     let mut messages = new_messages(&stream).await?;
+    let mut floor = FloorPublisher::connect(servers.nats.url()).await?;
     let started = Instant::now();
     let duration = Duration::from_secs(seconds);
     let mut sent = 0u64;
-    let mut acks = FuturesOrdered::new();
     let mut sent_at = Vec::new();
     while started.elapsed() < duration {
         let due = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
         if sent < due {
-            if acks.len() >= WINDOW {
-                acks.next().await.transpose()?;
-            }
             let published = OffsetDateTime::now_utc();
             sent_at.push(published);
-            let publish = shape.publish(published, format!("raw:{sent}"))?;
-            acks.push_back(js.send_publish("raw.bench", publish).await?.into_future());
+            floor
+                .publish("raw.bench", shape, published, &format!("raw:{sent}"))
+                .await?;
             sent += 1;
         } else {
-            while let Some(Some(ack)) = acks.next().now_or_never() {
-                ack?;
+            while let Some(answer) = floor.answers.next().now_or_never() {
+                floor.take(answer)?;
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
-    while let Some(ack) = acks.next().await {
-        ack?;
-    }
+    floor.answered_all().await?;
     let mut latencies = Vec::with_capacity(sent as usize);
     for published in &sent_at {
         let (_, stored) = next_stored(&mut messages, Duration::from_secs(10)).await?;

@@ -50,19 +50,26 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects to the first of `config`'s servers that answers.
-    pub async fn connect(config: &NatsConfig) -> anyhow::Result<Self> {
+    /// Connects to the first of `config`'s servers that answers, retrying with backoff until
+    /// one does or `give_up_after` passes.
+    pub async fn connect(config: &NatsConfig, give_up_after: Duration) -> anyhow::Result<Self> {
         let mut publisher = Self {
             servers: super::connect::parse_servers(&config.url)?,
             config: config.clone(),
             connection: None,
             scratch: HeaderBlock::new(),
         };
-        publisher
-            .connection()
-            .await
-            .map_err(|e| anyhow::anyhow!("NATS publisher: {e}"))?;
-        Ok(publisher)
+        let mut backoff = crate::backoff::Backoff::new();
+        loop {
+            match publisher.connection().await {
+                Ok(_) => return Ok(publisher),
+                Err(error) if backoff.elapsed() < give_up_after => {
+                    tracing::warn!("NATS publisher: {error}; retrying in {:?}", backoff.peek());
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(error) => anyhow::bail!("NATS publisher: {error}"),
+            }
+        }
     }
 
     /// A header block to fill for the next publish, empty.
@@ -138,7 +145,13 @@ impl Publisher {
         let mut errors = Vec::new();
         for server in &self.servers {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(server, &self.config)).await {
-                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Ok(connection)) => {
+                    tracing::info!(
+                        "NATS publisher connected to {}",
+                        redact_urls(server.as_url_str())
+                    );
+                    return Ok(connection);
+                }
                 Ok(Err(e)) => errors.push(format!("{}: {e}", redact_urls(server.as_url_str()))),
                 Err(_) => errors.push(format!(
                     "{}: no handshake within {HANDSHAKE_TIMEOUT:?}",

@@ -8,23 +8,23 @@ const STATUS_LINE: &[u8] = b"NATS/1.0\r\n";
 /// Something a message's headers can be written into: walstream's own [`HeaderBlock`], or
 /// async-nats' map for the one-shot commands that publish through it.
 pub trait WriteHeaders {
-    fn put(&mut self, name: &'static str, value: &str);
+    fn put(&mut self, name: &str, value: &str);
 
-    fn put_number(&mut self, name: &'static str, value: impl itoa::Integer) {
+    fn put_number(&mut self, name: &str, value: impl itoa::Integer) {
         self.put(name, itoa::Buffer::new().format(value));
     }
 }
 
 impl WriteHeaders for async_nats::HeaderMap {
-    fn put(&mut self, name: &'static str, value: &str) {
+    fn put(&mut self, name: &str, value: &str) {
         self.insert(name, value);
     }
 }
 
 /// A message's header block as the protocol carries it: the status line, then one
-/// `Name: value` line a header. Names are walstream's constants; values are its own text
-/// (numbers, LSNs, ids built from the slot name, which PostgreSQL limits to `a-z0-9_`), so
-/// none holds a line break.
+/// `Name: value` line a header. Names and values are walstream's own text (its constants,
+/// numbers, LSNs, ids built from the slot name, which PostgreSQL limits to `a-z0-9_`), so
+/// none holds a line break or a colon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderBlock {
     text: Vec<u8>,
@@ -83,7 +83,7 @@ impl HeaderBlock {
 }
 
 impl WriteHeaders for HeaderBlock {
-    fn put(&mut self, name: &'static str, value: &str) {
+    fn put(&mut self, name: &str, value: &str) {
         put_line(&mut self.text, name, value);
     }
 }
@@ -93,7 +93,7 @@ impl WriteHeaders for HeaderBlock {
 pub struct HeaderLines(Vec<u8>);
 
 impl WriteHeaders for HeaderLines {
-    fn put(&mut self, name: &'static str, value: &str) {
+    fn put(&mut self, name: &str, value: &str) {
         put_line(&mut self.0, name, value);
     }
 }

@@ -127,7 +127,8 @@ pub async fn run(
         }
     }
     let server_version = nats.server_info().version;
-    // The sink publishes on the client itself (sink::acks); the context serves its requests.
+    // The sink publishes on a connection of its own (nats::publisher); this client carries the
+    // acknowledgements' subscriptions, and the context JetStream's requests.
     let js = jetstream::ContextBuilder::new()
         .timeout(config.ack_timeout())
         .build(nats);
@@ -209,7 +210,7 @@ pub async fn run(
     let checkpoint_timeline = checkpoint.timeline()?;
     let sink = Sink::new(
         js.clone(),
-        crate::nats::Publisher::connect(&config.nats).await?,
+        nats::Publisher::connect(&config.nats, Duration::from_secs(60)).await?,
         stream_name.clone(),
         config.nats.max_inflight,
         mode,

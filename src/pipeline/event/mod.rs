@@ -12,7 +12,8 @@ pub mod value;
 
 pub use encode::{
     format_pg_timestamp, ColumnCountMismatch, EncodedEvent, Encoder, Transaction,
-    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_TIMELINE, HEADER_TX_LAST, HEADER_XID,
+    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_MESSAGE_ID, HEADER_SEQ, HEADER_TIMELINE, HEADER_TX_LAST,
+    HEADER_XID,
 };
 
 use std::collections::HashMap;
