@@ -646,6 +646,60 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
     Ok(())
 }
 
+/// Given one node's URL, walstream follows the servers the cluster announces: with that node
+/// killed, both its connections (async-nats' and its own publisher's) go on through the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn given_one_node_of_a_three_node_cluster_walstream_goes_on_through_the_others_when_it_dies(
+) -> anyhow::Result<()> {
+    let seed = seed();
+    let cluster = Cluster::start().await?;
+    let mut nats = NatsCluster::start(&cluster.dir.path().join("nats-cluster"))?;
+    let js = nats.jetstream().await?;
+    nats.wait_ready(&js)
+        .await
+        .context("the NATS cluster did not form")?;
+    let mut walstream = prepare(
+        &cluster,
+        &cluster.db_url(),
+        &nats.nodes[0].url(),
+        &cluster.dir.path().join("checkpoint"),
+        "[nats.jetstream]\nreplicas = 3",
+    )
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(workload::write(cluster.db_url(), seed, stop.clone()));
+    let other = tokio::spawn(other_publisher::publish(nats.url(), seed, stop.clone()));
+    walstream
+        .supervise_for(Duration::from_secs(5))
+        .await
+        .context("streaming before the fault")?;
+    eprintln!("fault suite: killing n0, the only node walstream was given");
+    nats.nodes[0].kill();
+    walstream
+        .supervise_for(Duration::from_secs(12))
+        .await
+        .context("streaming without the node it was given")?;
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.await.context("the workload's writer")?;
+    let others = other.await.context("the other publisher")?;
+    let (verdict, status) = verify(&cluster, &js, &mut walstream, &written, &others)
+        .await
+        .context("verifying the stream")?;
+    assert!(
+        verdict.passed(),
+        "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
+    );
+    assert!(status.success(), "walstream's final SIGTERM: {status}");
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    let elsewhere = [&nats.nodes[1], &nats.nodes[2]]
+        .map(|node| format!("NATS publisher connected to {}", node.url()));
+    assert!(
+        elsewhere.iter().any(|line| log.contains(line.as_str())),
+        "walstream's publisher never connected to another node: {elsewhere:?}"
+    );
+    Ok(())
+}
+
 /// Copies walstream's log out of the test's temporary directory, which a failed test removes.
 /// The mode the server calls for, not another one passing by luck: fast ingest on 2.14+,
 /// atomic batches for a replicated stream on 2.12.1+ (chained publishes there stop nats-server

@@ -4,8 +4,10 @@
 //! per event than all of walstream's own work (BENCHMARKS.md, session 23); async-nats still
 //! carries everything else, the acknowledgements' subscriptions and JetStream's API included.
 //!
-//! A broken connection fails the publish that finds it so; the next publish connects again.
-//! What was written but not yet acknowledged is the sink's to settle, as after any failure.
+//! A broken connection fails the publish that finds it so; the next publish connects again,
+//! to the configured servers first, then to those the cluster announced (`connect_urls`), as
+//! async-nats does. What was written but not yet acknowledged is the sink's to settle, as after
+//! any failure.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -44,6 +46,8 @@ pub enum PublishError {
 /// A connection for publishing, opened on first use and again after it broke.
 pub struct Publisher {
     servers: Vec<ServerAddr>,
+    /// The servers the cluster announced on the last connection, beyond `servers`.
+    discovered: Vec<ServerAddr>,
     config: NatsConfig,
     connection: Option<Connection>,
     scratch: HeaderBlock,
@@ -55,6 +59,7 @@ impl Publisher {
     pub async fn connect(config: &NatsConfig, give_up_after: Duration) -> anyhow::Result<Self> {
         let mut publisher = Self {
             servers: super::connect::parse_servers(&config.url)?,
+            discovered: Vec::new(),
             config: config.clone(),
             connection: None,
             scratch: HeaderBlock::new(),
@@ -115,7 +120,7 @@ impl Publisher {
             let mut outbox = connection.shared.outbox();
             if let Some(why) = outbox.broken.clone() {
                 drop(outbox);
-                self.connection = None;
+                self.drop_connection();
                 return Err(PublishError::Disconnected(why));
             }
             wire::write_publish(&mut outbox.pending, subject, reply, headers, payload);
@@ -130,7 +135,7 @@ impl Publisher {
 
     async fn connection(&mut self) -> Result<&Connection, PublishError> {
         if self.connection.as_ref().is_some_and(Connection::is_broken) {
-            self.connection = None;
+            self.drop_connection();
         }
         if self.connection.is_none() {
             self.connection = Some(self.open_any().await?);
@@ -141,9 +146,26 @@ impl Publisher {
             .unwrap_or_else(|| unreachable!("opened above")))
     }
 
+    /// Forgets a broken connection, keeping the servers its cluster announced.
+    fn drop_connection(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let announced = connection.shared.announced();
+            self.discovered = announced
+                .iter()
+                .filter_map(|host_port| format!("nats://{host_port}").parse::<ServerAddr>().ok())
+                .filter(|found| {
+                    !self
+                        .servers
+                        .iter()
+                        .any(|known| known.host() == found.host() && known.port() == found.port())
+                })
+                .collect();
+        }
+    }
+
     async fn open_any(&self) -> Result<Connection, PublishError> {
         let mut errors = Vec::new();
-        for server in &self.servers {
+        for server in self.servers.iter().chain(&self.discovered) {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(server, &self.config)).await {
                 Ok(Ok(connection)) => {
                     tracing::info!(
@@ -192,6 +214,8 @@ struct Shared {
     outbox: Mutex<Outbox>,
     wake_writer: Notify,
     drained: Notify,
+    /// `host:port` of the cluster's servers, as its last `INFO` announced them.
+    announced: Mutex<Vec<String>>,
 }
 
 struct Outbox {
@@ -204,6 +228,19 @@ impl Shared {
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
         // A panic while holding the lock leaves only bytes behind: still a buffer.
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn announced(&self) -> Vec<String> {
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn announce(&self, info: ServerInfo) {
+        if !info.connect_urls.is_empty() {
+            *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = info.connect_urls;
+        }
     }
 
     fn break_with(&self, why: String) {
@@ -236,6 +273,8 @@ struct ServerInfo {
     #[serde(default)]
     headers: bool,
     nonce: Option<String>,
+    #[serde(default)]
+    connect_urls: Vec<String>,
 }
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -286,16 +325,18 @@ async fn open(server: &ServerAddr, config: &NatsConfig) -> anyhow::Result<Connec
         }),
         wake_writer: Notify::new(),
         drained: Notify::new(),
+        announced: Mutex::new(Vec::new()),
     });
+    let max_payload = match info.max_payload {
+        0 => 1 << 20,
+        max => max,
+    };
+    shared.announce(info);
     let writing = tokio::spawn(write_loop(writer, shared.clone()));
     let reading = tokio::spawn(read_loop(reader, shared.clone()));
     Ok(Connection {
         shared,
-        max_payload: if info.max_payload > 0 {
-            info.max_payload
-        } else {
-            1 << 20
-        },
+        max_payload,
         tasks: [writing.abort_handle(), reading.abort_handle()],
     })
 }
@@ -494,7 +535,12 @@ async fn read_loop(mut reader: BufReader<Reader>, shared: Arc<Shared>) {
                 tracing::warn!("NATS publisher: the server says {error}");
                 last_error = Some(error);
             }
-            // PONG, +OK, INFO updates: nothing to do. walstream subscribes to nothing here.
+            info if info.starts_with(b"INFO ") => {
+                if let Ok(info) = serde_json::from_slice(&info[5..]) {
+                    shared.announce(info);
+                }
+            }
+            // PONG, +OK: nothing to do. walstream subscribes to nothing here.
             _ => {}
         }
     }
