@@ -550,7 +550,7 @@ impl FloorPublisher {
             let answer = self.answers.next().await;
             self.take(answer)?;
         }
-        shape.write_headers(self.publisher.headers(), committed, id)?;
+        shape.write_headers(self.publisher.next_headers(), committed, id)?;
         self.publisher
             .publish_with_headers(subject, Some(&self.inbox), &shape.payload)
             .await?;

@@ -78,12 +78,12 @@ impl Publisher {
     }
 
     /// A header block to fill for the next publish, empty.
-    pub fn headers(&mut self) -> &mut HeaderBlock {
+    pub fn next_headers(&mut self) -> &mut HeaderBlock {
         self.scratch.clear();
         &mut self.scratch
     }
 
-    /// Publishes `payload` with the headers last filled through [`Publisher::headers`], the
+    /// Publishes `payload` with the headers filled through [`Publisher::next_headers`], the
     /// answer (if any) to go to `reply`. Returns once the message is in the send buffer.
     pub async fn publish_with_headers(
         &mut self,
@@ -105,7 +105,7 @@ impl Publisher {
         headers: Option<&HeaderBlock>,
         payload: &[u8],
     ) -> Result<(), PublishError> {
-        if !wire::valid_publish_subject(subject) {
+        if !wire::fits_protocol_line(subject) {
             return Err(PublishError::InvalidSubject(subject.to_owned()));
         }
         let connection = self.connection().await?;

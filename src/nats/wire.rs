@@ -156,14 +156,15 @@ pub fn write_publish(
     out.put_slice(b"\r\n");
 }
 
-/// A subject the server takes for a publish: not empty, no whitespace or control bytes (which
-/// would end the protocol line early), no wildcards, no empty token.
-pub fn valid_publish_subject(subject: &str) -> bool {
+/// Whether `subject` fits a protocol line: not empty, no whitespace or control bytes, which
+/// would end or split the line. (walstream's subjects are valid beyond that: config checks the
+/// prefix, and each token is made safe where it is made.)
+pub fn fits_protocol_line(subject: &str) -> bool {
+    // Branch-free, so that it runs many bytes a step: it runs for every message.
     !subject.is_empty()
         && subject
             .bytes()
-            .all(|b| b > b' ' && b != 0x7f && b != b'*' && b != b'>')
-        && subject.split('.').all(|token| !token.is_empty())
+            .fold(true, |fits, b| fits & (b > b' ') & (b != 0x7f))
 }
 
 #[cfg(test)]
@@ -220,9 +221,9 @@ mod tests {
 
     #[test]
     fn subjects_that_would_break_the_protocol_line_are_refused() {
-        assert!(valid_publish_subject("cdc.public.tb_order.insert"));
-        for bad in ["", "a b", "a\r\nPUB x 0", "a.*", "a.>", "a..b", ".a", "a."] {
-            assert!(!valid_publish_subject(bad), "{bad:?}");
+        assert!(fits_protocol_line("cdc.public.tb_order.insert"));
+        for bad in ["", "a b", "a\r\nPUB x 0", "a\tb", "a\x7fb", "a\0b"] {
+            assert!(!fits_protocol_line(bad), "{bad:?}");
         }
     }
 }

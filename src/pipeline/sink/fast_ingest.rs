@@ -152,16 +152,15 @@ impl Batch {
 
     /// The reply subject of its message `sequence`, sent as `operation`: one per message, so
     /// written without the formatting machinery.
-    fn reply(&self, sequence: u64, operation: u8) -> String {
-        // Up to 20 digits of sequence, then `.{operation}.$FI`.
-        let mut reply = String::with_capacity(self.reply_prefix.len() + 20 + 6);
+    /// Writes into `reply` the reply subject of message `sequence`, doing `operation`.
+    fn write_reply(&self, reply: &mut String, sequence: u64, operation: u8) {
+        reply.clear();
         reply.push_str(&self.reply_prefix);
         reply.push_str(itoa::Buffer::new().format(sequence));
         reply.push('.');
         debug_assert!(operation <= 4, "ADR-50's operations are 0 to 4");
         reply.push(char::from(b'0' + operation));
         reply.push_str(".$FI");
-        reply
     }
 
     fn awaits_answer(&self) -> bool {
@@ -176,6 +175,8 @@ pub struct FastBatches {
     inbox: String,
     /// The acknowledgement interval asked for.
     flow: u64,
+    /// The last reply subject, its memory kept between publishes.
+    reply: String,
     timeout: Duration,
     next_id: u64,
     /// Oldest first; an open batch is the last.
@@ -192,6 +193,7 @@ impl FastBatches {
             subscriber,
             inbox,
             flow: flow.clamp(1, u64::from(u16::MAX)),
+            reply: String::new(),
             timeout,
             next_id: 0,
             batches: VecDeque::new(),
@@ -242,11 +244,13 @@ impl FastBatches {
     ) -> Result<(), PublishFailure> {
         self.open(subject.clone());
         let id = self.open_batch().id;
-        let mut reply = String::with_capacity(self.inbox.len() + 21);
+        let mut reply = std::mem::take(&mut self.reply);
+        reply.clear();
         reply.push_str(&self.inbox);
         reply.push('.');
         reply.push_str(itoa::Buffer::new().format(id));
-        let sent = self.publish(publisher, subject, reply, payload).await;
+        let sent = self.publish(publisher, subject, &reply, payload).await;
+        self.reply = reply;
         self.open_batch().closed = true;
         sent
     }
@@ -257,7 +261,8 @@ impl FastBatches {
             return Ok(());
         }
         let subject = self.open_batch().first_subject.clone();
-        publisher.headers();
+        // The marker's header block stays empty.
+        publisher.next_headers();
         let result = self.send(publisher, &subject, &[], 3).await;
         let batch = self.open_batch();
         batch.sent -= 1;
@@ -290,9 +295,12 @@ impl FastBatches {
         payload: &[u8],
         operation: u8,
     ) -> Result<(), PublishFailure> {
+        let mut reply = std::mem::take(&mut self.reply);
         let batch = self.open_batch();
-        let reply = batch.reply(batch.sent + 1, operation);
-        self.publish(publisher, subject, reply, payload).await
+        batch.write_reply(&mut reply, batch.sent + 1, operation);
+        let sent = self.publish(publisher, subject, &reply, payload).await;
+        self.reply = reply;
+        sent
     }
 
     /// Publishes one message of the open batch, answered on `reply`.
@@ -300,7 +308,7 @@ impl FastBatches {
         &mut self,
         publisher: &mut Publisher,
         subject: &Subject,
-        reply: String,
+        reply: &str,
         payload: &[u8],
     ) -> Result<(), PublishFailure> {
         let timeout = self.timeout;
@@ -308,7 +316,7 @@ impl FastBatches {
         batch.sent += 1;
         batch.deadline = Instant::now() + timeout;
         let sent = publisher
-            .publish_with_headers(subject.as_str(), Some(&reply), payload)
+            .publish_with_headers(subject.as_str(), Some(reply), payload)
             .await
             .map_err(acks::publish_failure);
         if sent.is_err() {
@@ -488,9 +496,14 @@ mod tests {
     #[test]
     fn reply_subjects_carry_batch_flow_gap_mode_sequence_and_operation() {
         let batch = Batch::new("_INBOX.x", 3, 256, Subject::from("s"), Instant::now());
-        assert_eq!(batch.reply(1, 0), "_INBOX.x.3.256.fail.1.0.$FI");
-        assert_eq!(batch.reply(12_345, 1), "_INBOX.x.3.256.fail.12345.1.$FI");
-        assert_eq!(batch.reply(12_346, 3), "_INBOX.x.3.256.fail.12346.3.$FI");
+        let reply = |sequence, operation| {
+            let mut reply = String::from("left over");
+            batch.write_reply(&mut reply, sequence, operation);
+            reply
+        };
+        assert_eq!(reply(1, 0), "_INBOX.x.3.256.fail.1.0.$FI");
+        assert_eq!(reply(12_345, 1), "_INBOX.x.3.256.fail.12345.1.$FI");
+        assert_eq!(reply(12_346, 3), "_INBOX.x.3.256.fail.12346.3.$FI");
     }
 
     /// The answers nats-server 2.15.1 sent to batches of ours (recorded by hand).

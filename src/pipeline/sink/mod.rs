@@ -592,7 +592,7 @@ impl Sink {
             let replicated = matches!(self.mode, PublishMode::FastIngest { replicated: true });
             let index = self.sent;
             write_expectations(
-                self.publisher.headers(),
+                self.publisher.next_headers(),
                 &self.unacked,
                 &self.chain,
                 index,
@@ -645,7 +645,7 @@ impl Sink {
         }
         if count == 1 {
             let entry = &self.unacked[0];
-            let headers = self.publisher.headers();
+            let headers = self.publisher.next_headers();
             entry.event.write_headers(headers);
             headers.put_number(EXPECTED_LAST_SEQUENCE, self.end);
             if entry.split {
@@ -662,7 +662,7 @@ impl Sink {
         let batch_id = format!("{}-{}", self.batch_prefix, self.batches);
         for index in 0..count {
             let entry = &self.unacked[index];
-            let headers = self.publisher.headers();
+            let headers = self.publisher.next_headers();
             write_batch_headers(headers, &entry.event, &batch_id, index, count, self.end);
             if entry.split {
                 headers.put(HEADER_TX_SPLIT, "true");
@@ -797,7 +797,7 @@ impl Sink {
     /// fails it rather than standing in for the predecessor).
     async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
         write_expectations(
-            self.publisher.headers(),
+            self.publisher.next_headers(),
             &self.unacked,
             &self.chain,
             index,

@@ -178,26 +178,32 @@ fn is_json(text: &[u8]) -> bool {
 /// Appends `text` as a JSON string. Bytes that are not UTF-8 become U+FFFD.
 pub fn write_string(out: &mut Vec<u8>, text: &[u8]) {
     out.push(b'"');
-    match std::str::from_utf8(text) {
-        Ok(valid) => write_escaped(out, valid),
-        Err(_) => write_escaped(out, &String::from_utf8_lossy(text)),
+    let start = out.len();
+    // ASCII is UTF-8: only text with other bytes, which the escaping pass notes, is checked.
+    if write_escaped(out, text) && std::str::from_utf8(text).is_err() {
+        out.truncate(start);
+        write_escaped(out, String::from_utf8_lossy(text).as_bytes());
     }
     out.push(b'"');
 }
 
-fn write_escaped(out: &mut Vec<u8>, text: &str) {
+/// Appends `bytes` with JSON's escapes; tells whether any of them is not ASCII.
+fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = text.as_bytes();
     let mut clean_from = 0;
     let mut index = 0;
+    let mut seen = 0u64;
     while let Some(&byte) = bytes.get(index) {
         // Text rarely needs escaping: eight bytes a step while none does.
         if let Some(word) = bytes[index..].first_chunk::<8>() {
-            if !needs_escape(u64::from_le_bytes(*word)) {
+            let word = u64::from_le_bytes(*word);
+            if !needs_escape(word) {
+                seen |= word;
                 index += 8;
                 continue;
             }
         }
+        seen |= u64::from(byte);
         index += 1;
         let escape: &[u8] = match byte {
             b'"' => b"\\\"",
@@ -221,13 +227,15 @@ fn write_escaped(out: &mut Vec<u8>, text: &str) {
         }
     }
     out.extend_from_slice(&bytes[clean_from..]);
+    seen & HIGH_BITS != 0
 }
+
+const ONES: u64 = u64::from_le_bytes([1; 8]);
+const HIGH_BITS: u64 = ONES * 0x80;
 
 /// Whether any of the eight bytes in `word` is a control character, `"` or `\`: the word
 /// tests of "Bit Twiddling Hacks" (a byte below n; a byte equal to zero), exact as a whole.
 const fn needs_escape(word: u64) -> bool {
-    const ONES: u64 = u64::from_le_bytes([1; 8]);
-    const HIGH_BITS: u64 = ONES * 0x80;
     const fn has_byte_below(word: u64, n: u8) -> bool {
         word.wrapping_sub(ONES * n as u64) & !word & HIGH_BITS != 0
     }
@@ -297,6 +305,20 @@ mod tests {
         let mut out = Vec::new();
         write_string(&mut out, b"a\xffb");
         assert_eq!(String::from_utf8(out).unwrap(), "\"a\u{fffd}b\"");
+        // Anywhere in a word or its tail, beside a byte that needs escaping.
+        for len in 1..20 {
+            for place in 0..len {
+                for bad in [&b"\xff"[..], b"\xc3", b"\xe2\x82"] {
+                    let mut text = vec![b'a'; len];
+                    text.splice(place..place + 1, bad.iter().copied());
+                    text.push(b'"');
+                    let mut out = Vec::new();
+                    write_string(&mut out, &text);
+                    let back: String = serde_json::from_slice(&out).expect("valid JSON");
+                    assert_eq!(back, String::from_utf8_lossy(&text));
+                }
+            }
+        }
     }
 
     /// Every byte that needs escaping, and some that do not, at every place of an eight-byte
