@@ -250,7 +250,7 @@ async fn verify(
     eprintln!("fault suite: walstream's log: {}", evidence(cluster));
     eprintln!("fault suite: {verdict}");
     if !verdict.passed() || std::env::var_os("WALSTREAM_FAULT_KEEP_LOG").is_some() {
-        keep_log(cluster);
+        keep_log(cluster, "verified");
     }
     Ok((verdict, status))
 }
@@ -563,34 +563,100 @@ impl NatsCluster {
     }
 }
 
+/// Three nodes streamed to by walstream (a replicated stream), with the workload and another
+/// publisher running.
+struct ClusterRun {
+    seed: u64,
+    cluster: Cluster,
+    nats: NatsCluster,
+    js: jetstream::Context,
+    walstream: Supervised,
+    stop: Arc<AtomicBool>,
+    writer: tokio::task::JoinHandle<workload::Written>,
+    other: tokio::task::JoinHandle<other_publisher::Published>,
+    verified: bool,
+}
+
+/// A run that failed before its verdict (a node that would not start, a leader never elected,
+/// walstream stopping) keeps walstream's log, as a failed verdict does.
+impl Drop for ClusterRun {
+    fn drop(&mut self) {
+        if !self.verified || std::thread::panicking() {
+            keep_log(&self.cluster, &format!("seed-{}", self.seed));
+        }
+    }
+}
+
+impl ClusterRun {
+    /// Starts it all, walstream given the URLs `given` picks.
+    async fn start(given: impl FnOnce(&NatsCluster) -> String) -> anyhow::Result<Self> {
+        let seed = seed();
+        let cluster = Cluster::start().await?;
+        let nats = NatsCluster::start(&cluster.dir.path().join("nats-cluster"))?;
+        let js = nats.jetstream().await?;
+        nats.wait_ready(&js)
+            .await
+            .context("the NATS cluster did not form")?;
+        let walstream = prepare(
+            &cluster,
+            &cluster.db_url(),
+            &given(&nats),
+            &cluster.dir.path().join("checkpoint"),
+            "[nats.jetstream]\nreplicas = 3",
+        )
+        .await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn(workload::write(cluster.db_url(), seed, stop.clone()));
+        let other = tokio::spawn(other_publisher::publish(nats.url(), seed, stop.clone()));
+        Ok(Self {
+            seed,
+            cluster,
+            nats,
+            js,
+            walstream,
+            stop,
+            writer,
+            other,
+            verified: false,
+        })
+    }
+
+    /// Stops the load and walstream, and checks the stream against what PostgreSQL committed.
+    async fn verify(&mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        let written = (&mut self.writer).await.context("the workload's writer")?;
+        let others = (&mut self.other).await.context("the other publisher")?;
+        let (verdict, status) = verify(
+            &self.cluster,
+            &self.js,
+            &mut self.walstream,
+            &written,
+            &others,
+        )
+        .await
+        .context("verifying the stream")?;
+        assert!(
+            verdict.passed(),
+            "{verdict}\nreplay with WALSTREAM_FAULT_SEED={}",
+            self.seed
+        );
+        assert!(status.success(), "walstream's final SIGTERM: {status}");
+        self.verified = true;
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_loses_nothing(
 ) -> anyhow::Result<()> {
-    let seed = seed();
-    let cluster = Cluster::start().await?;
-    let mut nats = NatsCluster::start(&cluster.dir.path().join("nats-cluster"))?;
-    let js = nats.jetstream().await?;
-    nats.wait_ready(&js)
-        .await
-        .context("the NATS cluster did not form")?;
-    let mut walstream = prepare(
-        &cluster,
-        &cluster.db_url(),
-        &nats.url(),
-        &cluster.dir.path().join("checkpoint"),
-        "[nats.jetstream]\nreplicas = 3",
-    )
-    .await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(workload::write(cluster.db_url(), seed, stop.clone()));
-    let other = tokio::spawn(other_publisher::publish(nats.url(), seed, stop.clone()));
-
+    let mut run = ClusterRun::start(NatsCluster::url).await?;
+    let (nats, js, walstream) = (&mut run.nats, &run.js, &mut run.walstream);
     walstream
         .supervise_for(Duration::from_secs(5))
         .await
         .context("streaming before the faults")?;
     let leader = nats
-        .leader(&js, STREAM)
+        .leader(js, STREAM)
         .await
         .context("finding the stream's leader")?;
     eprintln!(
@@ -622,20 +688,10 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
         .supervise_for(Duration::from_secs(8))
         .await
         .context("streaming after the restarts")?;
-    stop.store(true, Ordering::SeqCst);
-    let written = writer.await.context("the workload's writer")?;
-    let others = other.await.context("the other publisher")?;
-
-    let (verdict, status) = verify(&cluster, &js, &mut walstream, &written, &others)
-        .await
-        .context("verifying the stream")?;
-    assert!(
-        verdict.passed(),
-        "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
-    );
-    assert!(status.success(), "walstream's final SIGTERM: {status}");
-    assert_published_as_the_server_calls_for(&js, &cluster.log_path(), true)?;
-    let replicas = js
+    run.verify().await?;
+    assert_published_as_the_server_calls_for(&run.js, &run.cluster.log_path(), true)?;
+    let replicas = run
+        .js
         .get_stream(STREAM)
         .await?
         .info()
@@ -651,47 +707,20 @@ async fn a_three_node_jetstream_cluster_losing_its_leader_then_a_second_node_los
 #[tokio::test(flavor = "multi_thread")]
 async fn given_one_node_of_a_three_node_cluster_walstream_goes_on_through_the_others_when_it_dies(
 ) -> anyhow::Result<()> {
-    let seed = seed();
-    let cluster = Cluster::start().await?;
-    let mut nats = NatsCluster::start(&cluster.dir.path().join("nats-cluster"))?;
-    let js = nats.jetstream().await?;
-    nats.wait_ready(&js)
-        .await
-        .context("the NATS cluster did not form")?;
-    let mut walstream = prepare(
-        &cluster,
-        &cluster.db_url(),
-        &nats.nodes[0].url(),
-        &cluster.dir.path().join("checkpoint"),
-        "[nats.jetstream]\nreplicas = 3",
-    )
-    .await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(workload::write(cluster.db_url(), seed, stop.clone()));
-    let other = tokio::spawn(other_publisher::publish(nats.url(), seed, stop.clone()));
-    walstream
+    let mut run = ClusterRun::start(|nats| nats.nodes[0].url()).await?;
+    run.walstream
         .supervise_for(Duration::from_secs(5))
         .await
         .context("streaming before the fault")?;
     eprintln!("fault suite: killing n0, the only node walstream was given");
-    nats.nodes[0].kill();
-    walstream
+    run.nats.nodes[0].kill();
+    run.walstream
         .supervise_for(Duration::from_secs(12))
         .await
         .context("streaming without the node it was given")?;
-    stop.store(true, Ordering::SeqCst);
-    let written = writer.await.context("the workload's writer")?;
-    let others = other.await.context("the other publisher")?;
-    let (verdict, status) = verify(&cluster, &js, &mut walstream, &written, &others)
-        .await
-        .context("verifying the stream")?;
-    assert!(
-        verdict.passed(),
-        "{verdict}\nreplay with WALSTREAM_FAULT_SEED={seed}"
-    );
-    assert!(status.success(), "walstream's final SIGTERM: {status}");
-    let log = std::fs::read_to_string(cluster.log_path())?;
-    let elsewhere = [&nats.nodes[1], &nats.nodes[2]]
+    run.verify().await?;
+    let log = std::fs::read_to_string(run.cluster.log_path())?;
+    let elsewhere = [&run.nats.nodes[1], &run.nats.nodes[2]]
         .map(|node| format!("NATS publisher connected to {}", node.url()));
     assert!(
         elsewhere.iter().any(|line| log.contains(line.as_str())),
@@ -728,8 +757,9 @@ fn assert_published_as_the_server_calls_for(
     Ok(())
 }
 
-fn keep_log(cluster: &Cluster) {
-    let kept = std::env::temp_dir().join(format!("walstream-fault-{}.log", std::process::id()));
+fn keep_log(cluster: &Cluster, why: &str) {
+    let kept =
+        std::env::temp_dir().join(format!("walstream-fault-{}-{why}.log", std::process::id()));
     match std::fs::copy(cluster.log_path(), &kept) {
         Ok(_) => eprintln!(
             "fault suite: walstream's whole log is kept in {}",
