@@ -49,50 +49,33 @@ pub struct Transaction {
     message_id_prefix: Option<String>,
 }
 
-/// What every event of a transaction shares: its headers' values (the LSN and timestamp also
-/// go into each envelope), and those headers rendered once as lines every event's block copies.
+/// What every event of a transaction shares: the LSN and timestamp its envelopes carry, and
+/// its headers rendered once as lines every event's block copies.
 #[derive(Debug)]
 struct SharedHeaders {
-    xid: u32,
-    timeline: u32,
     lsn_text: String,
     /// The commit time as RFC 3339; for a standalone message, which has none, the time it was
     /// read, so every event has a `timestamp`.
     timestamp: String,
-    /// Whether `timestamp` is a commit time (`Walstream-Commit-Time`).
-    committed: bool,
-    /// Set while the transaction is delivered again by a replay.
-    replay: Option<Replay>,
+    /// Xid, LSN, commit time (`Walstream-Commit-Time`, when there is one) and timeline.
     lines: HeaderLines,
+    /// Set while the transaction is delivered again by a replay, with its header lines.
+    replay: Option<(Replay, HeaderLines)>,
 }
 
 impl SharedHeaders {
-    /// Renders the header lines from the values.
-    fn rendered(mut self) -> Self {
-        let mut lines = HeaderLines::default();
-        lines.put_number(HEADER_XID, self.xid);
-        lines.put(HEADER_LSN, &self.lsn_text);
-        if self.committed {
-            lines.put(HEADER_COMMIT_TIME, &self.timestamp);
-        }
-        lines.put_number(HEADER_TIMELINE, self.timeline);
-        if let Some(replay) = self.replay {
-            ReplayHeaders { replay, from: None }.write(&mut lines);
-        }
-        self.lines = lines;
-        self
-    }
-
     /// The same values, for events delivered again by `replay` (or, `None`, first deliveries).
     fn with_replay(&self, replay: Option<Replay>) -> Self {
         Self {
             lsn_text: self.lsn_text.clone(),
             timestamp: self.timestamp.clone(),
-            replay,
-            lines: HeaderLines::default(),
-            ..*self
+            lines: self.lines.clone(),
+            replay: replay.map(|replay| {
+                let mut lines = HeaderLines::default();
+                ReplayHeaders { replay, from: None }.write(&mut lines);
+                (replay, lines)
+            }),
         }
-        .rendered()
     }
 }
 
@@ -107,16 +90,21 @@ impl Transaction {
     }
 
     fn new(xid: u32, commit_lsn: Lsn, commit_time_micros: Option<i64>, timeline: u32) -> Self {
-        let shared = SharedHeaders {
-            xid,
-            timeline,
-            lsn_text: lsn_text(commit_lsn),
-            timestamp: commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp),
-            committed: commit_time_micros.is_some(),
-            replay: None,
-            lines: HeaderLines::default(),
+        let lsn_text = lsn_text(commit_lsn);
+        let timestamp = commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp);
+        let mut lines = HeaderLines::default();
+        lines.put_number(HEADER_XID, xid);
+        lines.put(HEADER_LSN, &lsn_text);
+        if commit_time_micros.is_some() {
+            lines.put(HEADER_COMMIT_TIME, &timestamp);
         }
-        .rendered();
+        lines.put_number(HEADER_TIMELINE, timeline);
+        let shared = SharedHeaders {
+            lsn_text,
+            timestamp,
+            lines,
+            replay: None,
+        };
         Self {
             xid,
             commit_lsn,
@@ -131,13 +119,13 @@ impl Transaction {
     /// Marks the transaction's next events as delivered again by `replay`, or, with `None`,
     /// as first deliveries.
     pub fn set_replay(&mut self, replay: Option<Replay>) {
-        if self.shared.replay != replay {
+        if self.replay() != replay {
             self.shared = Arc::new(self.shared.with_replay(replay));
         }
     }
 
     pub fn replay(&self) -> Option<Replay> {
-        self.shared.replay
+        self.shared.replay.as_ref().map(|(replay, _)| *replay)
     }
 
     /// The position the next change of this transaction will take.
@@ -207,7 +195,12 @@ impl EncodedEvent {
     /// the transaction.
     pub fn write_headers(&self, block: &mut HeaderBlock) {
         match &self.base_headers {
-            BaseHeaders::Transaction(shared) => block.put_lines(&shared.lines),
+            BaseHeaders::Transaction(shared) => {
+                block.put_lines(&shared.lines);
+                if let Some((_, replay)) = &shared.replay {
+                    block.put_lines(replay);
+                }
+            }
             BaseHeaders::Own(lines) => block.put_lines(lines),
         }
         block.put(HEADER_MESSAGE_ID, &self.message_id);
