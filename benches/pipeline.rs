@@ -459,7 +459,10 @@ async fn raw_fast_publish(servers: &Servers, changes: u64, size: usize) -> anyho
     let mut batch = js.fast_publish().flow(u16::MAX).build()?;
     for n in 0..changes {
         let mut headers = nats::HeaderMap::new();
-        headers.insert(nats::header::NATS_MESSAGE_ID, format!("raw:{n}").as_str());
+        headers.insert(
+            walstream::nats::wire::MESSAGE_ID,
+            format!("raw:{n}").as_str(),
+        );
         batch
             .add_message(nats::jetstream::message::OutboundMessage {
                 subject: "raw_fast.bench".into(),

@@ -103,8 +103,9 @@ pub fn encode_value_checked(data: &[u8]) {
     assert_valid_json(&out, "value");
 }
 
+/// Read as a strict consumer reads it: into values, so UTF-8 and escapes are checked too.
 fn assert_valid_json(bytes: &[u8], what: &str) {
-    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+    if let Err(error) = serde_json::from_slice::<serde_json::Value>(bytes) {
         panic!(
             "{what} is not valid JSON ({error}): {}",
             String::from_utf8_lossy(bytes)

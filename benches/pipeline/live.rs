@@ -12,8 +12,8 @@ use futures::{FutureExt, StreamExt};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
-use walstream::nats::wire::{HeaderBlock, WriteHeaders as _};
-use walstream::pipeline::event::{HEADER_COMMIT_TIME, HEADER_MESSAGE_ID};
+use walstream::nats::wire::{HeaderBlock, WriteHeaders as _, MESSAGE_ID};
+use walstream::pipeline::event::HEADER_COMMIT_TIME;
 
 use super::{
     create_stream, peak_rss_mb, spawn_walstream, start_servers, stop, Servers, DATABASE,
@@ -144,7 +144,7 @@ impl EventShape {
             }
         }
         block.put(HEADER_COMMIT_TIME, &committed.format(&Rfc3339)?);
-        block.put(HEADER_MESSAGE_ID, id);
+        block.put(MESSAGE_ID, id);
         Ok(())
     }
 
@@ -512,6 +512,7 @@ pub async fn steady_raw(rate: u64, seconds: u64) -> anyhow::Result<Steady> {
 /// does to a change before it.
 struct FloorPublisher {
     publisher: walstream::nats::Publisher,
+    headers: HeaderBlock,
     answers: async_nats::Subscriber,
     inbox: String,
     in_flight: usize,
@@ -531,6 +532,7 @@ impl FloorPublisher {
             walstream::nats::Publisher::connect(&config, Duration::from_secs(10)).await?;
         Ok(Self {
             publisher,
+            headers: HeaderBlock::new(),
             answers,
             inbox,
             in_flight: 0,
@@ -550,9 +552,15 @@ impl FloorPublisher {
             let answer = self.answers.next().await;
             self.take(answer)?;
         }
-        shape.write_headers(self.publisher.next_headers(), committed, id)?;
+        self.headers.clear();
+        shape.write_headers(&mut self.headers, committed, id)?;
         self.publisher
-            .publish_with_headers(subject, Some(&self.inbox), &shape.payload)
+            .publish(
+                subject,
+                Some(&self.inbox),
+                Some(&self.headers),
+                &shape.payload,
+            )
             .await?;
         self.in_flight += 1;
         Ok(())

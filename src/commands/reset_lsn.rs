@@ -100,7 +100,7 @@ pub async fn request(config: &Config, from: Lsn) -> anyhow::Result<ReplayRequest
     let mut headers = HeaderMap::new();
     marker.write(&mut headers);
     headers.insert(
-        async_nats::header::NATS_MESSAGE_ID,
+        crate::nats::wire::MESSAGE_ID,
         format!("{slot_name}:replay:{id}"),
     );
     let payload = serde_json::json!({

@@ -181,7 +181,7 @@ mod tests {
 
     fn event_headers() -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", "walstream:771:0/16B3748:0");
+        headers.insert(crate::nats::wire::MESSAGE_ID, "walstream:771:0/16B3748:0");
         headers.insert("Walstream-Xid", "771");
         headers.insert("Walstream-Lsn", "0/16B3748");
         headers.insert("Walstream-Seq", "0");
@@ -213,7 +213,7 @@ mod tests {
     #[test]
     fn another_clients_message_is_shown_as_such() {
         let mut headers = event_headers();
-        headers.insert("Nats-Msg-Id", "outbox:9");
+        headers.insert(crate::nats::wire::MESSAGE_ID, "outbox:9");
         let shown = Shown::new(
             13,
             "events.order.shipped",

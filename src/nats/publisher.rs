@@ -50,7 +50,6 @@ pub struct Publisher {
     discovered: Vec<ServerAddr>,
     config: NatsConfig,
     connection: Option<Connection>,
-    scratch: HeaderBlock,
 }
 
 impl Publisher {
@@ -62,7 +61,6 @@ impl Publisher {
             discovered: Vec::new(),
             config: config.clone(),
             connection: None,
-            scratch: HeaderBlock::new(),
         };
         let mut backoff = crate::backoff::Backoff::new();
         loop {
@@ -77,27 +75,8 @@ impl Publisher {
         }
     }
 
-    /// A header block to fill for the next publish, empty.
-    pub fn next_headers(&mut self) -> &mut HeaderBlock {
-        self.scratch.clear();
-        &mut self.scratch
-    }
-
-    /// Publishes `payload` with the headers filled through [`Publisher::next_headers`], the
-    /// answer (if any) to go to `reply`. Returns once the message is in the send buffer.
-    pub async fn publish_with_headers(
-        &mut self,
-        subject: &str,
-        reply: Option<&str>,
-        payload: &[u8],
-    ) -> Result<(), PublishError> {
-        let headers = std::mem::take(&mut self.scratch);
-        let sent = self.publish(subject, reply, Some(&headers), payload).await;
-        self.scratch = headers;
-        sent
-    }
-
     /// Publishes `payload`, optionally with `headers`, the answer (if any) to go to `reply`.
+    /// Returns once the message is in the send buffer.
     pub async fn publish(
         &mut self,
         subject: &str,
@@ -133,10 +112,9 @@ impl Publisher {
         Ok(())
     }
 
+    /// The open connection, or a new one. One that broke is found so, and forgotten, by the
+    /// publish that writes to it, under the lock it writes with.
     async fn connection(&mut self) -> Result<&Connection, PublishError> {
-        if self.connection.as_ref().is_some_and(Connection::is_broken) {
-            self.drop_connection();
-        }
         if self.connection.is_none() {
             self.connection = Some(self.open_any().await?);
         }
@@ -194,12 +172,6 @@ struct Connection {
     shared: Arc<Shared>,
     max_payload: usize,
     tasks: [AbortHandle; 2],
-}
-
-impl Connection {
-    fn is_broken(&self) -> bool {
-        self.shared.outbox().broken.is_some()
-    }
 }
 
 impl Drop for Connection {

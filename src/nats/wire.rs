@@ -5,6 +5,9 @@ use bytes::{BufMut, BytesMut};
 
 const STATUS_LINE: &[u8] = b"NATS/1.0\r\n";
 
+/// JetStream's duplicate-detection header: the id a message is stored under once per window.
+pub const MESSAGE_ID: &str = "Nats-Msg-Id";
+
 /// Something a message's headers can be written into: walstream's own [`HeaderBlock`], or
 /// async-nats' map for the one-shot commands that publish through it.
 pub trait WriteHeaders {
@@ -93,6 +96,13 @@ impl WriteHeaders for HeaderBlock {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderLines(Vec<u8>);
 
+impl HeaderLines {
+    /// Room for `bytes` of lines, so that a few puts do not grow it again and again.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self(Vec::with_capacity(bytes))
+    }
+}
+
 impl WriteHeaders for HeaderLines {
     fn put(&mut self, name: &str, value: &str) {
         put_line(&mut self.0, name, value);
@@ -169,7 +179,7 @@ mod tests {
     #[test]
     fn a_publish_with_headers_is_an_hpub_frame_with_both_sizes() {
         let mut headers = HeaderBlock::new();
-        headers.put("Nats-Msg-Id", "slot:7:0/16B3748:0");
+        headers.put(MESSAGE_ID, "slot:7:0/16B3748:0");
         headers.put_number("Walstream-Seq", 12u64);
         let mut out = BytesMut::new();
         write_publish(&mut out, "cdc.t", Some("_INBOX.x.1"), Some(&headers), b"{}");

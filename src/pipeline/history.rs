@@ -6,8 +6,9 @@ use async_nats::jetstream;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::lsn::parse_lsn;
+use crate::lsn::{lsn_text, parse_lsn};
 use crate::nats::message_at;
+use crate::nats::wire::MESSAGE_ID;
 use crate::pipeline::event::failover::{FailoverMarker, Phantoms};
 use crate::pipeline::event::replay::ReplayHeaders;
 use crate::pipeline::event::{message_id_from_prefix, message_id_prefix, Position};
@@ -107,7 +108,7 @@ pub fn own_message(
     sequence: u64,
     slot: &str,
 ) -> Option<OwnMessage> {
-    let id = headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+    let id = headers.get(MESSAGE_ID)?;
     let id = id.as_str();
     let local = id.strip_prefix(slot)?.strip_prefix(':')?;
     let header = |name: &str| headers.get(name).map(|v| v.as_str());
@@ -134,7 +135,7 @@ pub fn own_message(
     let xid = header(HEADER_XID)?.parse().ok()?;
     let commit_lsn = parse_lsn(header(HEADER_LSN)?).ok()?;
     let seq = header(HEADER_SEQ)?.parse().ok()?;
-    let prefix = message_id_prefix(slot, xid, commit_lsn);
+    let prefix = message_id_prefix(slot, xid, &lsn_text(commit_lsn));
     let expected = message_id_from_prefix(&prefix, seq, replay.map(|r| r.replay.id));
     (expected == id).then_some(OwnMessage {
         sequence,

@@ -9,15 +9,13 @@ use bytes::Bytes;
 use super::failover::FailoverMarker;
 use super::identity::{self, write_entity_id, write_uuid};
 use super::replay::{Replay, ReplayHeaders};
-use super::value::{write_binary, write_string, write_value};
-use super::{message_id_from_prefix, Naming, Position, RelationInfo};
+use super::value::{is_json, write_binary, write_string, write_value};
+use super::{message_id_from_prefix, message_id_prefix, Naming, Position, RelationInfo};
 use crate::lsn::{lsn_text, Lsn};
-use crate::nats::wire::{HeaderBlock, HeaderLines, WriteHeaders};
+use crate::nats::wire::{HeaderBlock, HeaderLines, WriteHeaders, MESSAGE_ID};
 use crate::op::{Op, CUSTOM_EVENT_TYPE};
 use crate::pipeline::pgoutput::{ColumnValue, LogicalMessage, OldKind, TupleData};
 
-/// JetStream's duplicate detection id.
-pub const HEADER_MESSAGE_ID: &str = "Nats-Msg-Id";
 pub const HEADER_XID: &str = "Walstream-Xid";
 pub const HEADER_LSN: &str = "Walstream-Lsn";
 pub const HEADER_SEQ: &str = "Walstream-Seq";
@@ -49,14 +47,16 @@ pub struct Transaction {
     message_id_prefix: Option<String>,
 }
 
-/// What every event of a transaction shares: the LSN and timestamp its envelopes carry, and
-/// its headers rendered once as lines every event's block copies.
+/// What every event of a transaction shares, rendered once: the start of its envelopes'
+/// transaction fields, and its header lines every event's block copies.
 #[derive(Debug)]
 struct SharedHeaders {
+    /// The commit LSN as PostgreSQL prints it, which its message ids carry.
     lsn_text: String,
-    /// The commit time as RFC 3339; for a standalone message, which has none, the time it was
-    /// read, so every event has a `timestamp`.
-    timestamp: String,
+    /// `,"timestamp":…,"lsn":…,"xid":…,"seq":`, ready for each event's place. The timestamp is
+    /// the commit time; for a standalone message, which has none, the time it was read, so
+    /// every event has one.
+    envelope_fields: Vec<u8>,
     /// Xid, LSN, commit time (`Walstream-Commit-Time`, when there is one) and timeline.
     lines: HeaderLines,
     /// Set while the transaction is delivered again by a replay, with its header lines.
@@ -68,7 +68,7 @@ impl SharedHeaders {
     fn with_replay(&self, replay: Option<Replay>) -> Self {
         Self {
             lsn_text: self.lsn_text.clone(),
-            timestamp: self.timestamp.clone(),
+            envelope_fields: self.envelope_fields.clone(),
             lines: self.lines.clone(),
             replay: replay.map(|replay| {
                 let mut lines = HeaderLines::default();
@@ -92,7 +92,15 @@ impl Transaction {
     fn new(xid: u32, commit_lsn: Lsn, commit_time_micros: Option<i64>, timeline: u32) -> Self {
         let lsn_text = lsn_text(commit_lsn);
         let timestamp = commit_time_micros.map_or_else(now_timestamp, format_pg_timestamp);
-        let mut lines = HeaderLines::default();
+        let mut envelope_fields = Vec::with_capacity(96);
+        envelope_fields.extend_from_slice(b",\"timestamp\":");
+        write_string(&mut envelope_fields, timestamp.as_bytes());
+        envelope_fields.extend_from_slice(b",\"lsn\":\"");
+        envelope_fields.extend_from_slice(lsn_text.as_bytes());
+        envelope_fields.extend_from_slice(b"\",\"xid\":");
+        envelope_fields.extend_from_slice(itoa::Buffer::new().format(xid).as_bytes());
+        envelope_fields.extend_from_slice(b",\"seq\":");
+        let mut lines = HeaderLines::with_capacity(160);
         lines.put_number(HEADER_XID, xid);
         lines.put(HEADER_LSN, &lsn_text);
         if commit_time_micros.is_some() {
@@ -101,7 +109,7 @@ impl Transaction {
         lines.put_number(HEADER_TIMELINE, timeline);
         let shared = SharedHeaders {
             lsn_text,
-            timestamp,
+            envelope_fields,
             lines,
             replay: None,
         };
@@ -203,7 +211,7 @@ impl EncodedEvent {
             }
             BaseHeaders::Own(lines) => block.put_lines(lines),
         }
-        block.put(HEADER_MESSAGE_ID, &self.message_id);
+        block.put(MESSAGE_ID, &self.message_id);
         if self.in_transaction {
             block.put_number(HEADER_SEQ, self.position.seq);
         }
@@ -413,7 +421,7 @@ impl Encoder {
             Ok(text) => {
                 write_string(&mut out, text.as_bytes());
                 out.extend_from_slice(b",\"data\":");
-                if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                if is_json(text.as_bytes()) {
                     out.extend_from_slice(text.as_bytes());
                 } else {
                     out.extend_from_slice(b"null");
@@ -441,15 +449,8 @@ impl Encoder {
     /// next position and naming the event's message.
     fn write_tx_fields(&self, out: &mut Vec<u8>, tx: &mut Transaction) -> Started {
         let position = tx.take_position();
-        out.extend_from_slice(b",\"timestamp\":");
-        write_string(out, tx.shared.timestamp.as_bytes());
-        out.extend_from_slice(b",\"lsn\":\"");
-        out.extend_from_slice(tx.shared.lsn_text.as_bytes());
-        let mut number = itoa::Buffer::new();
-        out.extend_from_slice(b"\",\"xid\":");
-        out.extend_from_slice(number.format(tx.xid).as_bytes());
-        out.extend_from_slice(b",\"seq\":");
-        out.extend_from_slice(number.format(position.seq).as_bytes());
+        out.extend_from_slice(&tx.shared.envelope_fields);
+        out.extend_from_slice(itoa::Buffer::new().format(position.seq).as_bytes());
         if tx.replay().is_some() {
             out.extend_from_slice(b",\"replay\":true");
         }
@@ -525,10 +526,10 @@ impl Encoder {
 
     /// The change's `Nats-Msg-Id`, with the part the transaction's events share formatted once.
     fn message_id(&self, tx: &mut Transaction, seq: u64, replay_id: Option<u64>) -> String {
-        let (xid, lsn) = (tx.xid, tx.commit_lsn);
+        let (xid, shared) = (tx.xid, &tx.shared);
         let prefix = tx
             .message_id_prefix
-            .get_or_insert_with(|| self.naming.message_id_prefix(xid, lsn));
+            .get_or_insert_with(|| message_id_prefix(self.naming.slot(), xid, &shared.lsn_text));
         message_id_from_prefix(prefix, seq, replay_id)
     }
 }
@@ -742,7 +743,7 @@ mod tests {
             if let Some(event) = event {
                 let headers = event.headers();
                 assert_eq!(
-                    headers.get(HEADER_MESSAGE_ID).unwrap(),
+                    headers.get(MESSAGE_ID).unwrap(),
                     format!(
                         "{}:{}:{}:{}",
                         naming.slot(),
@@ -810,7 +811,7 @@ mod tests {
         let mut tx = Transaction::begin(42, Lsn(0x300), 0, 1);
         tx.set_replay(Some(replay));
         let again = encoder.logical_message(&mut tx, &message);
-        let id = |event: &EncodedEvent| event.headers().get(HEADER_MESSAGE_ID).unwrap().to_string();
+        let id = |event: &EncodedEvent| event.headers().get(MESSAGE_ID).unwrap().to_string();
         assert_eq!(id(&again), format!("{}:r7", id(&first)));
         assert_eq!(
             again.message_id,

@@ -51,10 +51,10 @@ pub fn event_id(message_id: &str) -> Uuid {
 
 /// Writes a UUID as a JSON string.
 pub fn write_uuid(out: &mut Vec<u8>, uuid: Uuid) {
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    out.push(b'"');
-    out.extend_from_slice(uuid.hyphenated().encode_lower(&mut text).as_bytes());
-    out.push(b'"');
+    const LENGTH: usize = uuid::fmt::Hyphenated::LENGTH;
+    let mut quoted = [b'"'; LENGTH + 2];
+    uuid.hyphenated().encode_lower(&mut quoted[1..=LENGTH]);
+    out.extend_from_slice(&quoted);
 }
 
 /// Writes the entity's UUID: the row's `uuid` column named `id` when the tuple has its value;

@@ -12,8 +12,7 @@ pub mod value;
 
 pub use encode::{
     format_pg_timestamp, ColumnCountMismatch, EncodedEvent, Encoder, Transaction,
-    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_MESSAGE_ID, HEADER_SEQ, HEADER_TIMELINE, HEADER_TX_LAST,
-    HEADER_XID,
+    HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_TIMELINE, HEADER_TX_LAST, HEADER_XID,
 };
 
 use std::collections::HashMap;
@@ -21,7 +20,7 @@ use std::collections::HashMap;
 use async_nats::Subject;
 
 use crate::config::Config;
-use crate::lsn::{push_lsn, Lsn};
+use crate::lsn::Lsn;
 use crate::op::Op;
 use crate::pipeline::pgoutput::{Relation, ReplicaIdentity};
 use value::ValueKind;
@@ -126,22 +125,17 @@ impl Naming {
         subjects.sort();
         subjects
     }
-
-    /// `{slot}:{xid}:{commit lsn}:`, what the `Nats-Msg-Id`s of a transaction's changes share
-    /// (see [`message_id_from_prefix`]).
-    pub fn message_id_prefix(&self, xid: u32, commit_lsn: Lsn) -> String {
-        message_id_prefix(&self.slot, xid, commit_lsn)
-    }
 }
 
-/// `{slot}:{xid}:{commit lsn}:`, the start of every `Nats-Msg-Id` of a transaction's changes.
-pub fn message_id_prefix(slot: &str, xid: u32, commit_lsn: Lsn) -> String {
-    let mut prefix = String::with_capacity(slot.len() + 30);
+/// `{slot}:{xid}:{commit lsn}:`, the start of every `Nats-Msg-Id` of a transaction's changes
+/// (see [`message_id_from_prefix`]), the LSN given as PostgreSQL prints it.
+pub fn message_id_prefix(slot: &str, xid: u32, commit_lsn: &str) -> String {
+    let mut prefix = String::with_capacity(slot.len() + commit_lsn.len() + 12);
     prefix.push_str(slot);
     prefix.push(':');
     prefix.push_str(itoa::Buffer::new().format(xid));
     prefix.push(':');
-    push_lsn(&mut prefix, commit_lsn);
+    prefix.push_str(commit_lsn);
     prefix.push(':');
     prefix
 }
@@ -303,16 +297,17 @@ impl RelationInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lsn::lsn_text;
 
     #[test]
     fn message_ids_read_slot_xid_commit_lsn_and_place() {
-        let prefix = message_id_prefix("walstream", 771, Lsn(0x16B3748));
+        let prefix = message_id_prefix("walstream", 771, &lsn_text(Lsn(0x16B3748)));
         assert_eq!(prefix, "walstream:771:0/16B3748:");
         assert_eq!(
             message_id_from_prefix(&prefix, 0, None),
             "walstream:771:0/16B3748:0"
         );
-        let prefix = message_id_prefix("s", u32::MAX, Lsn(0x1A_0000_0000));
+        let prefix = message_id_prefix("s", u32::MAX, &lsn_text(Lsn(0x1A_0000_0000)));
         assert_eq!(
             message_id_from_prefix(&prefix, 12, Some(3)),
             "s:4294967295:1A/0:12:r3"

@@ -45,7 +45,7 @@ impl<'a> TupleData<'a> {
     pub fn iter(&self) -> TupleIter<'a> {
         TupleIter {
             remaining: self.column_count,
-            reader: Reader::new(self.columns),
+            columns: self.columns,
         }
     }
 
@@ -92,19 +92,34 @@ pub fn encode_tuple<'v>(
 
 pub struct TupleIter<'a> {
     remaining: usize,
-    reader: Reader<'a>,
+    columns: &'a [u8],
 }
 
 impl<'a> Iterator for TupleIter<'a> {
     type Item = ColumnValue<'a>;
 
+    /// Reads the next column without the checks and error context of decoding: every row is
+    /// read two or three times per event, and was validated when decoded.
     fn next(&mut self) -> Option<Self::Item> {
-        if self.remaining == 0 {
-            return None;
-        }
-        self.remaining -= 1;
-        // The tuple was validated when decoded, so this read cannot fail.
-        read_column(&mut self.reader).ok()
+        self.remaining = self.remaining.checked_sub(1)?;
+        let (&kind, rest) = self.columns.split_first()?;
+        let (value, rest) = match kind {
+            b'n' => (ColumnValue::Null, rest),
+            b'u' => (ColumnValue::UnchangedToast, rest),
+            _ => {
+                let (len, rest) = rest.split_first_chunk::<4>()?;
+                let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+                let (value, rest) = rest.split_at_checked(len)?;
+                let value = if kind == b'b' {
+                    ColumnValue::Binary(value)
+                } else {
+                    ColumnValue::Text(value)
+                };
+                (value, rest)
+            }
+        };
+        self.columns = rest;
+        Some(value)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

@@ -14,6 +14,7 @@ use async_nats::{Client, Message, StatusCode, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use tokio::time::{Instant, Sleep};
 
+use crate::nats::wire::HeaderBlock;
 use crate::nats::{PublishError, Publisher};
 
 /// JetStream stored the message at `sequence` (`duplicate`: it already held its id); for a
@@ -153,12 +154,13 @@ impl Acks {
         })
     }
 
-    /// Publishes to JetStream with the headers filled in `publisher`; its answer comes from
-    /// [`Acks::next`] after those of every earlier publish.
+    /// Publishes to JetStream; its answer comes from [`Acks::next`] after those of every
+    /// earlier publish.
     pub async fn publish(
         &mut self,
         publisher: &mut Publisher,
         subject: &str,
+        headers: &HeaderBlock,
         payload: &[u8],
     ) -> Result<(), PublishFailure> {
         let token = self.next_token;
@@ -166,7 +168,7 @@ impl Acks {
         self.reply.push_str(&self.prefix);
         self.reply.push_str(itoa::Buffer::new().format(token));
         publisher
-            .publish_with_headers(subject, Some(&self.reply), payload)
+            .publish(subject, Some(&self.reply), Some(headers), payload)
             .await
             .map_err(publish_failure)?;
         self.next_token += 1;
@@ -178,15 +180,16 @@ impl Acks {
         Ok(())
     }
 
-    /// Sends a message with the headers filled in `publisher` and no answer asked for: a
-    /// batch's messages before its commit, whose fate the commit's answer tells.
+    /// Sends a message with no answer asked for: a batch's messages before its commit, whose
+    /// fate the commit's answer tells.
     pub async fn send_unanswered(
         publisher: &mut Publisher,
         subject: &str,
+        headers: &HeaderBlock,
         payload: &[u8],
     ) -> Result<(), PublishFailure> {
         publisher
-            .publish_with_headers(subject, None, payload)
+            .publish(subject, None, Some(headers), payload)
             .await
             .map_err(publish_failure)
     }

@@ -20,6 +20,7 @@ use futures::{FutureExt as _, StreamExt};
 use tokio::time::Instant;
 
 use super::acks::{self, PublishFailure};
+use crate::nats::wire::HeaderBlock;
 use crate::nats::Publisher;
 
 /// How many acknowledgement intervals may be outstanding before appending waits (ADR-50's
@@ -177,6 +178,8 @@ pub struct FastBatches {
     flow: u64,
     /// The last reply subject, its memory kept between publishes.
     reply: String,
+    /// The header block of a batch's closing marker, which carries none.
+    no_headers: HeaderBlock,
     timeout: Duration,
     next_id: u64,
     /// Oldest first; an open batch is the last.
@@ -194,6 +197,7 @@ impl FastBatches {
             inbox,
             flow: flow.clamp(1, u64::from(u16::MAX)),
             reply: String::new(),
+            no_headers: HeaderBlock::new(),
             timeout,
             next_id: 0,
             batches: VecDeque::new(),
@@ -217,22 +221,23 @@ impl FastBatches {
         self.batches.iter().filter(|b| b.awaits_answer()).count()
     }
 
-    /// Adds a message, with the headers filled in `publisher`, to the open batch, opening one
-    /// if none is.
+    /// Adds a message to the open batch, opening one if none is.
     pub async fn append(
         &mut self,
         publisher: &mut Publisher,
         subject: &Subject,
+        headers: &HeaderBlock,
         payload: &[u8],
     ) -> Result<(), PublishFailure> {
         if !self.has_open() {
             self.open(subject.clone());
         }
         let operation = if self.open_batch().sent == 0 { 0 } else { 1 };
-        self.send(publisher, subject, payload, operation).await
+        self.send(publisher, subject, headers, payload, operation)
+            .await
     }
 
-    /// Sends one message, with the headers filled in `publisher`, as a plain publish, answered
+    /// Sends one message as a plain publish, answered
     /// in turn with the batches: a batch of one costs the server more than a plain publish,
     /// and made a steady trickle of changes wait tens of milliseconds at the 99th percentile
     /// on nats-server 2.15.1 (the bench).
@@ -240,6 +245,7 @@ impl FastBatches {
         &mut self,
         publisher: &mut Publisher,
         subject: &Subject,
+        headers: &HeaderBlock,
         payload: &[u8],
     ) -> Result<(), PublishFailure> {
         self.open(subject.clone());
@@ -249,7 +255,9 @@ impl FastBatches {
         reply.push_str(&self.inbox);
         reply.push('.');
         reply.push_str(itoa::Buffer::new().format(id));
-        let sent = self.publish(publisher, subject, &reply, payload).await;
+        let sent = self
+            .publish(publisher, subject, &reply, headers, payload)
+            .await;
         self.reply = reply;
         self.open_batch().closed = true;
         sent
@@ -261,9 +269,9 @@ impl FastBatches {
             return Ok(());
         }
         let subject = self.open_batch().first_subject.clone();
-        // The marker's header block stays empty.
-        publisher.next_headers();
-        let result = self.send(publisher, &subject, &[], 3).await;
+        let no_headers = std::mem::take(&mut self.no_headers);
+        let result = self.send(publisher, &subject, &no_headers, &[], 3).await;
+        self.no_headers = no_headers;
         let batch = self.open_batch();
         batch.sent -= 1;
         batch.closed = true;
@@ -292,13 +300,16 @@ impl FastBatches {
         &mut self,
         publisher: &mut Publisher,
         subject: &Subject,
+        headers: &HeaderBlock,
         payload: &[u8],
         operation: u8,
     ) -> Result<(), PublishFailure> {
         let mut reply = std::mem::take(&mut self.reply);
         let batch = self.open_batch();
         batch.write_reply(&mut reply, batch.sent + 1, operation);
-        let sent = self.publish(publisher, subject, &reply, payload).await;
+        let sent = self
+            .publish(publisher, subject, &reply, headers, payload)
+            .await;
         self.reply = reply;
         sent
     }
@@ -309,6 +320,7 @@ impl FastBatches {
         publisher: &mut Publisher,
         subject: &Subject,
         reply: &str,
+        headers: &HeaderBlock,
         payload: &[u8],
     ) -> Result<(), PublishFailure> {
         let timeout = self.timeout;
@@ -316,7 +328,7 @@ impl FastBatches {
         batch.sent += 1;
         batch.deadline = Instant::now() + timeout;
         let sent = publisher
-            .publish_with_headers(subject.as_str(), Some(reply), payload)
+            .publish(subject.as_str(), Some(reply), Some(headers), payload)
             .await
             .map_err(acks::publish_failure);
         if sent.is_err() {

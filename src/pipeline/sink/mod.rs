@@ -35,7 +35,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream;
 use bytes::Bytes;
 use prometheus::IntCounter;
@@ -47,7 +46,7 @@ use fast_ingest::{FastBatches, Progress};
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, TransactionMode};
 use crate::metrics::Metrics;
-use crate::nats::wire::{HeaderBlock, WriteHeaders};
+use crate::nats::wire::{HeaderBlock, WriteHeaders, MESSAGE_ID};
 use crate::nats::{message_at, BatchSettings, Publisher};
 use crate::pipeline::event::{EncodedEvent, Position};
 use crate::pipeline::history::StreamTail;
@@ -244,6 +243,8 @@ pub struct Sink {
     js: jetstream::Context,
     /// walstream's own connection its events go out on.
     publisher: Publisher,
+    /// The header block of the message being sent, its memory kept between messages.
+    headers: HeaderBlock,
     stream_name: String,
     window: usize,
     mode: PublishMode,
@@ -333,6 +334,7 @@ impl Sink {
         Ok(Self {
             js,
             publisher,
+            headers: HeaderBlock::new(),
             stream_name,
             window,
             mode,
@@ -591,8 +593,9 @@ impl Sink {
             }
             let replicated = matches!(self.mode, PublishMode::FastIngest { replicated: true });
             let index = self.sent;
+            self.headers.clear();
             write_expectations(
-                self.publisher.next_headers(),
+                &mut self.headers,
                 &self.unacked,
                 &self.chain,
                 index,
@@ -605,12 +608,22 @@ impl Sink {
             let event = &self.unacked[index].event;
             match step {
                 FastStep::Single => {
-                    fast.single(&mut self.publisher, &event.subject, &event.payload)
-                        .await?
+                    fast.single(
+                        &mut self.publisher,
+                        &event.subject,
+                        &self.headers,
+                        &event.payload,
+                    )
+                    .await?
                 }
                 _ => {
-                    fast.append(&mut self.publisher, &event.subject, &event.payload)
-                        .await?
+                    fast.append(
+                        &mut self.publisher,
+                        &event.subject,
+                        &self.headers,
+                        &event.payload,
+                    )
+                    .await?
                 }
             }
         }
@@ -645,7 +658,8 @@ impl Sink {
         }
         if count == 1 {
             let entry = &self.unacked[0];
-            let headers = self.publisher.next_headers();
+            let headers = &mut self.headers;
+            headers.clear();
             entry.event.write_headers(headers);
             headers.put_number(EXPECTED_LAST_SEQUENCE, self.end);
             if entry.split {
@@ -653,7 +667,7 @@ impl Sink {
             }
             let event = &entry.event;
             self.acks
-                .publish(&mut self.publisher, &event.subject, &event.payload)
+                .publish(&mut self.publisher, &event.subject, headers, &event.payload)
                 .await?;
             self.sent = 1;
             return Ok(());
@@ -662,17 +676,19 @@ impl Sink {
         let batch_id = format!("{}-{}", self.batch_prefix, self.batches);
         for index in 0..count {
             let entry = &self.unacked[index];
-            let headers = self.publisher.next_headers();
+            let headers = &mut self.headers;
+            headers.clear();
             write_batch_headers(headers, &entry.event, &batch_id, index, count, self.end);
             if entry.split {
                 headers.put(HEADER_TX_SPLIT, "true");
             }
             let event = &entry.event;
             if index + 1 < count {
-                Acks::send_unanswered(&mut self.publisher, &event.subject, &event.payload).await?;
+                Acks::send_unanswered(&mut self.publisher, &event.subject, headers, &event.payload)
+                    .await?;
             } else {
                 self.acks
-                    .publish(&mut self.publisher, &event.subject, &event.payload)
+                    .publish(&mut self.publisher, &event.subject, headers, &event.payload)
                     .await?;
             }
         }
@@ -796,16 +812,16 @@ impl Sink {
     /// stream's last message its predecessor (by id, so another client's message between them
     /// fails it rather than standing in for the predecessor).
     async fn send(&mut self, index: usize) -> Result<(), PublishFailure> {
-        write_expectations(
-            self.publisher.next_headers(),
-            &self.unacked,
-            &self.chain,
-            index,
-            true,
-        );
+        self.headers.clear();
+        write_expectations(&mut self.headers, &self.unacked, &self.chain, index, true);
         let event = &self.unacked[index].event;
         self.acks
-            .publish(&mut self.publisher, &event.subject, &event.payload)
+            .publish(
+                &mut self.publisher,
+                &event.subject,
+                &self.headers,
+                &event.payload,
+            )
             .await
     }
 
@@ -1097,11 +1113,7 @@ async fn id_at(
     let message = message_at(stream, sequence)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(message.and_then(|m| {
-        m.headers
-            .get(NATS_MESSAGE_ID)
-            .map(|v| v.as_str().to_owned())
-    }))
+    Ok(message.and_then(|m| m.headers.get(MESSAGE_ID).map(|v| v.as_str().to_owned())))
 }
 
 /// What the next publish after the acknowledged events is chained to.
@@ -1394,10 +1406,7 @@ mod tests {
         assert_eq!(first.get(BATCH_SEQUENCE), Some("1"));
         assert_eq!(first.get(EXPECTED_LAST_SEQUENCE), Some("41"));
         assert_eq!(first.get(BATCH_COMMIT), None);
-        assert_eq!(
-            first.get(NATS_MESSAGE_ID.as_ref()),
-            Some(event.message_id.as_str())
-        );
+        assert_eq!(first.get(MESSAGE_ID), Some(event.message_id.as_str()));
         let last = batch_headers(2);
         assert_eq!(last.get(BATCH_SEQUENCE), Some("3"));
         assert_eq!(last.get(BATCH_COMMIT), Some("1"));

@@ -5,6 +5,9 @@
 //! output is always valid JSON and never loses the original text.
 
 mod array;
+mod json;
+
+pub use json::is_json;
 
 /// Builtin type OIDs (`pg_type.oid`), stable across PostgreSQL versions.
 pub mod oid {
@@ -143,36 +146,37 @@ pub fn write_binary(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// True when `text` is a number by JSON's grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
 pub fn is_json_number(text: &[u8]) -> bool {
-    let mut rest = text.strip_prefix(b"-").unwrap_or(text);
-    let digits = |s: &[u8]| s.iter().take_while(|b| b.is_ascii_digit()).count();
-    let int_len = digits(rest);
-    if int_len == 0 || (int_len > 1 && rest[0] == b'0') {
-        return false;
-    }
-    rest = &rest[int_len..];
-    if let Some(after_dot) = rest.strip_prefix(b".") {
-        let frac_len = digits(after_dot);
-        if frac_len == 0 {
-            return false;
-        }
-        rest = &after_dot[frac_len..];
-    }
-    if let Some(after_e) = rest.strip_prefix(b"e").or_else(|| rest.strip_prefix(b"E")) {
-        let after_sign = after_e
-            .strip_prefix(b"+")
-            .or_else(|| after_e.strip_prefix(b"-"))
-            .unwrap_or(after_e);
-        let exp_len = digits(after_sign);
-        if exp_len == 0 {
-            return false;
-        }
-        rest = &after_sign[exp_len..];
-    }
-    rest.is_empty()
+    number_len(text) == Some(text.len())
 }
 
-fn is_json(text: &[u8]) -> bool {
-    serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok()
+/// The length of the JSON number `text` starts with, or `None` when it starts with none.
+fn number_len(text: &[u8]) -> Option<usize> {
+    let digits = |at: usize| text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let mut at = usize::from(text.first() == Some(&b'-'));
+    let int_len = digits(at);
+    if int_len == 0 || (int_len > 1 && text[at] == b'0') {
+        return None;
+    }
+    at += int_len;
+    if text.get(at) == Some(&b'.') {
+        let frac_len = digits(at + 1);
+        if frac_len == 0 {
+            return None;
+        }
+        at += 1 + frac_len;
+    }
+    if matches!(text.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(text.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        let exp_len = digits(at);
+        if exp_len == 0 {
+            return None;
+        }
+        at += exp_len;
+    }
+    Some(at)
 }
 
 /// Appends `text` as a JSON string. Bytes that are not UTF-8 become U+FFFD.
