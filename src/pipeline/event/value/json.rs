@@ -5,7 +5,7 @@
 //! reads strings as Unicode refuses). serde_json, skipping a value, checks neither of the last
 //! two and costs three to four times this single pass.
 
-use super::{needs_escape, number_len, HIGH_BITS};
+use super::{clean_prefix, number_len, HIGH_BITS};
 
 /// Containers nested deeper than this are refused, as serde_json refuses them.
 const MAX_DEPTH: u32 = 127;
@@ -122,18 +122,22 @@ impl Checker<'_> {
         self.objects >>= 1;
     }
 
-    /// The rest of a string whose opening quote was read.
+    /// The rest of a string whose opening quote was read. Inlined: most strings are short
+    /// keys, for which the call itself cost as much as the reading (callgrind).
+    #[inline(always)]
     fn string(&mut self) -> Option<()> {
         let start = self.at;
         let mut seen = 0u64;
         loop {
-            // Most text needs no escape: eight bytes a step while none does.
-            if let Some(word) = self.text[self.at..].first_chunk::<8>() {
+            // Most text needs no escape: eight bytes a step, up to the first byte that does.
+            // (Bytes past the string may be seen too, costing at most a needless UTF-8 check.)
+            while let Some(word) = self.text.get(self.at..).and_then(<[u8]>::first_chunk::<8>) {
                 let word = u64::from_le_bytes(*word);
-                if !needs_escape(word) {
-                    seen |= word;
-                    self.at += 8;
-                    continue;
+                seen |= word;
+                let clean = clean_prefix(word);
+                self.at += clean;
+                if clean < 8 {
+                    break;
                 }
             }
             let byte = self.next()?;

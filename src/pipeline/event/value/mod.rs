@@ -151,30 +151,34 @@ pub fn is_json_number(text: &[u8]) -> bool {
 
 /// The length of the JSON number `text` starts with, or `None` when it starts with none.
 fn number_len(text: &[u8]) -> Option<usize> {
-    let digits = |at: usize| text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    let mut at = usize::from(text.first() == Some(&b'-'));
-    let int_len = digits(at);
-    if int_len == 0 || (int_len > 1 && text[at] == b'0') {
+    let digits_end = |mut at: usize| {
+        while text.get(at).is_some_and(u8::is_ascii_digit) {
+            at += 1;
+        }
+        at
+    };
+    let start = usize::from(text.first() == Some(&b'-'));
+    let mut at = digits_end(start);
+    if at == start || (at - start > 1 && text[start] == b'0') {
         return None;
     }
-    at += int_len;
     if text.get(at) == Some(&b'.') {
-        let frac_len = digits(at + 1);
-        if frac_len == 0 {
+        let end = digits_end(at + 1);
+        if end == at + 1 {
             return None;
         }
-        at += 1 + frac_len;
+        at = end;
     }
     if matches!(text.get(at), Some(b'e' | b'E')) {
         at += 1;
         if matches!(text.get(at), Some(b'+' | b'-')) {
             at += 1;
         }
-        let exp_len = digits(at);
-        if exp_len == 0 {
+        let end = digits_end(at);
+        if end == at {
             return None;
         }
-        at += exp_len;
+        at = end;
     }
     Some(at)
 }
@@ -197,16 +201,20 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
     let mut clean_from = 0;
     let mut index = 0;
     let mut seen = 0u64;
-    while let Some(&byte) = bytes.get(index) {
-        // Text rarely needs escaping: eight bytes a step while none does.
-        if let Some(word) = bytes[index..].first_chunk::<8>() {
+    loop {
+        // Text rarely needs escaping: eight bytes a step, up to the first byte that does.
+        while let Some(word) = bytes.get(index..).and_then(<[u8]>::first_chunk::<8>) {
             let word = u64::from_le_bytes(*word);
-            if !needs_escape(word) {
-                seen |= word;
-                index += 8;
-                continue;
+            seen |= word;
+            let clean = clean_prefix(word);
+            index += clean;
+            if clean < 8 {
+                break;
             }
         }
+        let Some(&byte) = bytes.get(index) else {
+            break;
+        };
         seen |= u64::from(byte);
         index += 1;
         let escape: &[u8] = match byte {
@@ -237,15 +245,19 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
 const ONES: u64 = u64::from_le_bytes([1; 8]);
 const HIGH_BITS: u64 = ONES * 0x80;
 
-/// Whether any of the eight bytes in `word` is a control character, `"` or `\`: the word
-/// tests of "Bit Twiddling Hacks" (a byte below n; a byte equal to zero), exact as a whole.
-const fn needs_escape(word: u64) -> bool {
-    const fn has_byte_below(word: u64, n: u8) -> bool {
-        word.wrapping_sub(ONES * n as u64) & !word & HIGH_BITS != 0
+/// How many of the eight bytes in `word` (read little-endian) come before the first control
+/// character, `"` or `\\`: 8 when there is none. The word tests of "Bit Twiddling Hacks" (a
+/// byte below n; a byte equal to zero) mark such bytes by their high bit. A borrow carries
+/// only upward, so a byte after a marked one may be marked wrongly, but the first mark is
+/// exact.
+const fn clean_prefix(word: u64) -> usize {
+    const fn below(word: u64, n: u8) -> u64 {
+        word.wrapping_sub(ONES * n as u64) & !word & HIGH_BITS
     }
-    has_byte_below(word, 0x20)
-        || has_byte_below(word ^ (ONES * b'"' as u64), 1)
-        || has_byte_below(word ^ (ONES * b'\\' as u64), 1)
+    let marks = below(word, 0x20)
+        | below(word ^ (ONES * b'"' as u64), 1)
+        | below(word ^ (ONES * b'\\' as u64), 1);
+    (marks.trailing_zeros() / 8) as usize
 }
 
 #[cfg(test)]
@@ -351,14 +363,22 @@ mod tests {
         }
     }
 
+    /// Every byte at every place, before and after another that needs escaping: the clean
+    /// prefix ends exactly at the first byte that needs it.
     #[test]
-    fn no_word_without_an_escape_is_taken_for_one() {
+    fn the_clean_prefix_ends_at_the_first_byte_to_escape() {
+        let escaped = |byte: u8| byte < 0x20 || byte == b'"' || byte == b'\\';
         for byte in 0u8..=255 {
             for place in 0..8 {
-                let mut word = *b"abcdefgh";
-                word[place] = byte;
-                let escaped = byte < 0x20 || byte == b'"' || byte == b'\\';
-                assert_eq!(needs_escape(u64::from_le_bytes(word)), escaped, "{word:?}");
+                for (second, other) in [(None, 0), (Some(0), 0x01), (Some(7), b'"'), (Some(3), 0)] {
+                    let mut word = *b"abcdefgh";
+                    word[place] = byte;
+                    if let Some(second) = second.filter(|&s| s != place) {
+                        word[second] = other;
+                    }
+                    let first = word.iter().position(|&b| escaped(b)).unwrap_or(8);
+                    assert_eq!(clean_prefix(u64::from_le_bytes(word)), first, "{word:?}");
+                }
             }
         }
     }
