@@ -28,8 +28,9 @@ pub const HEADER_TIMELINE: &str = "Walstream-Timeline";
 /// transaction without counting them.
 pub const HEADER_TX_LAST: &str = "Walstream-Tx-Last";
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i128 = 946_684_800_000_000;
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), which commit times
+/// count from.
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// The transaction being decoded: what every one of its events shares, formatted once.
 #[derive(Debug, Clone)]
@@ -159,7 +160,7 @@ impl Transaction {
 
 /// PostgreSQL commit time (µs since 2000-01-01 UTC) as RFC 3339 UTC.
 pub fn format_pg_timestamp(micros: i64) -> String {
-    let nanos = (i128::from(micros) + PG_EPOCH_OFFSET_MICROS) * 1000;
+    let nanos = (i128::from(micros) + i128::from(PG_EPOCH_UNIX_MICROS)) * 1000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
         .and_then(|t| {

@@ -48,7 +48,7 @@ use crate::config::{NatsConfig, TransactionMode};
 use crate::metrics::Metrics;
 use crate::nats::wire::{HeaderBlock, WriteHeaders, MESSAGE_ID};
 use crate::nats::{message_at, BatchSettings, Publisher};
-use crate::pipeline::event::{EncodedEvent, Position};
+use crate::pipeline::event::{EncodedEvent, Position, PG_EPOCH_UNIX_MICROS};
 use crate::pipeline::history::StreamTail;
 
 /// How long a stream may report an end before what JetStream acknowledged. A replica elected
@@ -471,9 +471,10 @@ impl Sink {
             .ok_or_else(|| SinkError::Fatal("an ack arrived with nothing unacknowledged".into()))?;
         match result {
             Ok(ack) if ack.sequence == expected && ack.batch_count.unwrap_or(1) == count => {
+                let acked_at = pg_micros_now();
                 for _ in 0..count {
                     let sequence = self.unacked.front().map_or(expected, |u| u.sequence);
-                    self.acknowledge_front(sequence);
+                    self.acknowledge_front(sequence, acked_at);
                 }
                 if let Err(failure) = self.send_waiting(false).await {
                     self.recover(failure).await?;
@@ -482,7 +483,7 @@ impl Sink {
             // A duplicate of a message stored before the end walstream knows: the event was
             // published already (by an earlier run), and JetStream says where.
             Ok(ack) if count == 1 && ack.duplicate && ack.sequence <= self.end => {
-                self.acknowledge_front(ack.sequence);
+                self.acknowledge_front(ack.sequence, pg_micros_now());
                 if let Err(failure) = self.send_waiting(false).await {
                     self.recover(failure).await?;
                 }
@@ -504,9 +505,10 @@ impl Sink {
     async fn handle_progress(&mut self, progress: Progress) -> Result<(), SinkError> {
         match progress {
             Progress::Stored(count) => {
+                let acked_at = pg_micros_now();
                 for _ in 0..count {
                     let sequence = self.unacked.front().map_or(self.end, |u| u.sequence);
-                    self.acknowledge_front(sequence);
+                    self.acknowledge_front(sequence, acked_at);
                 }
                 self.sent = self.sent.saturating_sub(count as usize);
                 self.fast_acknowledged += count;
@@ -529,9 +531,10 @@ impl Sink {
                     );
                     return self.recover(PublishFailure::Unexpected(error)).await;
                 }
+                let acked_at = pg_micros_now();
                 for _ in 0..rest {
                     let sequence = self.unacked.front().map_or(self.end, |u| u.sequence);
-                    self.acknowledge_front(sequence);
+                    self.acknowledge_front(sequence, acked_at);
                 }
                 self.sent = self.sent.saturating_sub(rest);
             }
@@ -772,15 +775,15 @@ impl Sink {
     }
 
     /// Counts the oldest unacknowledged event as stored at `sequence`: where it was sent to
-    /// go, or earlier (a duplicate of an earlier run's message).
-    fn acknowledge_front(&mut self, sequence: u64) {
+    /// go, or earlier (a duplicate of an earlier run's message). `acked_at` (PostgreSQL's
+    /// epoch, µs) is read once for all the events an answer acknowledges.
+    fn acknowledge_front(&mut self, sequence: u64, acked_at: i64) {
         let Some(done) = self.unacked.pop_front() else {
             return;
         };
         done.published.inc();
         if let Some(commit_micros) = done.event.commit_time_micros {
-            let now_micros = unix_micros_now() - 946_684_800_000_000;
-            let latency = (now_micros - commit_micros).max(0) as f64 / 1e6;
+            let latency = (acked_at - commit_micros).max(0) as f64 / 1e6;
             self.metrics.commit_to_ack_seconds.observe(latency);
         }
         self.last_position = Some(done.event.position);
@@ -972,12 +975,13 @@ impl Sink {
             unacked = self.unacked.len(),
             "re-sync counted walstream's events in the stream"
         );
+        let acked_at = pg_micros_now();
         for _ in 0..stored {
             let sequence = self.end + 1;
             if let Some(front) = self.unacked.front_mut() {
                 front.sequence = sequence;
             }
-            self.acknowledge_front(sequence);
+            self.acknowledge_front(sequence, acked_at);
         }
         let others = last - self.end;
         if others > 0 {
@@ -1208,11 +1212,11 @@ fn headers_len(event: &EncodedEvent) -> usize {
     event.headers().wire_len()
 }
 
-fn unix_micros_now() -> i64 {
+/// Now, in microseconds since PostgreSQL's epoch (2000-01-01), as commit times are given.
+fn pg_micros_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_micros() as i64 - PG_EPOCH_UNIX_MICROS)
 }
 
 #[cfg(test)]
