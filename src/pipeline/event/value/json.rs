@@ -70,25 +70,8 @@ impl Checker<'_> {
     fn value(&mut self) -> Option<Read> {
         self.skip_whitespace();
         match self.next()? {
-            b'{' => {
-                self.skip_whitespace();
-                if self.peek() == Some(b'}') && self.depth < MAX_DEPTH {
-                    self.at += 1;
-                    return Some(Read::Whole);
-                }
-                self.open(true)?;
-                self.key()?;
-                return Some(Read::Opened);
-            }
-            b'[' => {
-                self.skip_whitespace();
-                if self.peek() == Some(b']') && self.depth < MAX_DEPTH {
-                    self.at += 1;
-                    return Some(Read::Whole);
-                }
-                self.open(false)?;
-                return Some(Read::Opened);
-            }
+            b'{' => return self.container(b'}', true),
+            b'[' => return self.container(b']', false),
             b'"' => self.string()?,
             b't' => self.literal(b"rue")?,
             b'f' => self.literal(b"alse")?,
@@ -97,6 +80,21 @@ impl Checker<'_> {
             _ => return None,
         }
         Some(Read::Whole)
+    }
+
+    /// A container whose opening bracket was read: whole when empty, else opened (with its
+    /// first key, for an object).
+    fn container(&mut self, close: u8, object: bool) -> Option<Read> {
+        self.skip_whitespace();
+        if self.peek() == Some(close) && self.depth < MAX_DEPTH {
+            self.at += 1;
+            return Some(Read::Whole);
+        }
+        self.open(object)?;
+        if object {
+            self.key()?;
+        }
+        Some(Read::Opened)
     }
 
     /// An object's key and its colon.
