@@ -82,21 +82,23 @@ struct Scenario {
     mean_event_bytes: f64,
     /// CPU per change during walstream's drain, µs: the three processes share two cores, so
     /// their sum bounds the rate.
-    cpu_us_per_change: CpuPerChange,
+    cpu_us_per_change: DrainCpu,
     /// How walstream published in the main drain (`fast ingest` on nats-server 2.14+).
     publishing: &'static str,
     events_per_fast_batch: Option<f64>,
     /// The same drain with `nats.transactions = "atomic"` (nats-server 2.12.1+).
     atomic_per_sec: Option<f64>,
-    atomic_cpu_us_per_change: Option<CpuPerChange>,
+    atomic_cpu_us_per_change: Option<DrainCpu>,
     /// The same drain with `nats.fast_ingest = false` (nats-server 2.14+): every message
     /// acknowledged.
     classic_per_sec: Option<f64>,
-    classic_cpu_us_per_change: Option<CpuPerChange>,
+    classic_cpu_us_per_change: Option<DrainCpu>,
 }
 
+/// The CPU a drain took: each process's per change (µs), and the share of the cores left idle
+/// (the report's `cpu_us_per_change` keys, kept for the results already written).
 #[derive(Debug, serde::Serialize)]
-struct CpuPerChange {
+struct DrainCpu {
     walstream: f64,
     /// Of `walstream`, the time in the kernel (system calls, mostly socket reads and writes):
     /// what a leaner encoder or sink cannot reduce.
@@ -260,7 +262,7 @@ struct Drain {
     per_sec: f64,
     peak_rss_mb: f64,
     mean_bytes: f64,
-    cpu: CpuPerChange,
+    cpu: DrainCpu,
     /// Events per fast-ingest batch (`walstream_fast_batches_total`), when it published so.
     per_fast_batch: Option<f64>,
 }
@@ -321,7 +323,7 @@ async fn run_walstream(servers: &Servers, changes: u64, mode: Mode) -> anyhow::R
     let per_change = |seconds: f64| seconds * 1e6 / changes as f64;
     let busy = machine_after.0.saturating_sub(machine_before.0) as f64;
     let idle = machine_after.1.saturating_sub(machine_before.1) as f64;
-    let cpu = CpuPerChange {
+    let cpu = DrainCpu {
         walstream: per_change(cpu::cpu_seconds(child.id())?),
         walstream_kernel: per_change(cpu::system_seconds(child.id())?),
         nats_server: per_change(nats_after - nats_before),
