@@ -6,6 +6,7 @@
 const OWN: [usize; 2] = [11, 12];
 const SYSTEM: [usize; 1] = [12];
 const OWN_AND_REAPED: [usize; 4] = [11, 12, 13, 14];
+const REAPED: [usize; 2] = [13, 14];
 
 /// User plus system CPU seconds a process has used so far.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -40,12 +41,25 @@ pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
 
 /// CPU seconds of a process and its children, live and exited: PostgreSQL's postmaster and
 /// backends.
+///
+/// A child reaped while its siblings are being read would be in neither the live children
+/// nor the reaped time, and then, whole, in the next reading's reaped time: a walsender that
+/// exits as a drain starts (the previous reader's, having decoded the same backlog) would add
+/// its whole life to the drain. So the reading is taken again until no child was reaped
+/// during it.
 pub fn tree_cpu_seconds(root: u32) -> anyhow::Result<f64> {
-    let mut total = seconds(root, &OWN_AND_REAPED)?;
-    for pid in walstream::local::child_pids(root) {
-        total += cpu_seconds(pid).unwrap_or(0.0);
+    for _ in 0..100 {
+        let reaped_before = seconds(root, &REAPED)?;
+        let children: f64 = walstream::local::child_pids(root)
+            .into_iter()
+            .map(|pid| cpu_seconds(pid).unwrap_or(0.0))
+            .sum();
+        let own_and_reaped = seconds(root, &OWN_AND_REAPED)?;
+        if seconds(root, &REAPED)? == reaped_before {
+            return Ok(own_and_reaped + children);
+        }
     }
-    Ok(total)
+    anyhow::bail!("process {root} kept reaping children while its tree's CPU was read")
 }
 
 /// The sum of `fields` of the process's stat line, in seconds (the kernel counts USER_HZ, 100
