@@ -40,7 +40,6 @@ use futures::{FutureExt as _, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use stats::env_count;
 use walstream::local::{free_port, LocalNats, LocalPostgres};
-use walstream::lsn::Lsn;
 
 const DATABASE: &str = "bench";
 const WINDOW: usize = 1024;
@@ -390,7 +389,7 @@ async fn raw_slot_read(
         }
     }
     let elapsed = started.elapsed();
-    client.update_applied_lsn(Lsn(u64::MAX >> 1));
+    client.update_applied_lsn(pgwire_replication::Lsn(u64::MAX >> 1));
     let _ = client.shutdown().await;
     Ok(changes as f64 / elapsed.as_secs_f64())
 }

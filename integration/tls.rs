@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::*;
+use walstream::config::Config;
 
 /// A CA, a server certificate it signed for `names` and a client certificate it signed for
 /// the user `postgres`, as PEM files in `dir`.
@@ -62,6 +63,8 @@ enum ClientAuth {
     Trust,
     /// A client certificate signed by the test CA, for the user its common name names.
     Certificate,
+    /// SCRAM-SHA-256, which over TLS the server also offers with channel binding.
+    Scram,
 }
 
 /// Turns TLS on and every plaintext connection away, then restarts PostgreSQL.
@@ -92,6 +95,7 @@ fn require_tls(cluster: &Cluster, pki: &Pki, auth: ClientAuth) -> anyhow::Result
     let method = match auth {
         ClientAuth::Trust => "trust",
         ClientAuth::Certificate => "cert",
+        ClientAuth::Scram => "scram-sha-256",
     };
     std::fs::write(
         data.join("pg_hba.conf"),
@@ -105,6 +109,52 @@ fn require_tls(cluster: &Cluster, pki: &Pki, auth: ClientAuth) -> anyhow::Result
     )?;
     cluster.postgres.stop("fast")?;
     cluster.postgres.start()
+}
+
+/// Replaces the server's pg_hba.conf by `lines` (after a line trusting the local socket), has
+/// it read again through `client`, and waits until `url` logs in: the reload is asynchronous.
+async fn set_hba(
+    cluster: &Cluster,
+    client: &tokio_postgres::Client,
+    lines: &str,
+    url: &str,
+) -> anyhow::Result<()> {
+    let hba = format!("local all all trust\n{lines}");
+    std::fs::write(cluster.postgres.data_dir.join("pg_hba.conf"), hba)?;
+    client.execute("SELECT pg_reload_conf()", &[]).await?;
+    eventually(Duration::from_secs(10), "the new pg_hba.conf", || async {
+        walstream::postgres::connect(url).await.is_ok()
+    })
+    .await
+}
+
+/// Once walstream's slot is active, a row with `id` and `note` reaches the stream, as its
+/// `count`th message.
+async fn row_reaches_the_stream(
+    client: &tokio_postgres::Client,
+    js: &async_nats::jetstream::Context,
+    id: i32,
+    note: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(30), "walstream streaming", || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    client
+        .execute("INSERT INTO t_tls VALUES ($1, $2)", &[&id, &note])
+        .await?;
+    wait_for_messages(js, count, Duration::from_secs(30)).await?;
+    let messages = read_stream(js).await?;
+    assert_eq!(messages.len() as u64, count);
+    assert_eq!(messages[count as usize - 1].body["data"]["note"], note);
+    Ok(())
 }
 
 /// For a test against a TLS nats-server: the crypto provider installed, and a temporary
@@ -271,6 +321,93 @@ async fn postgres_over_verified_tls_streams_and_plaintext_or_a_wrong_name_or_ca_
     )?;
     let (ok, report) = check(&config)?;
     assert!(ok, "{report}");
+    Ok(())
+}
+
+/// walstream logs its replication connection in by each way PostgreSQL asks for a password
+/// (SCRAM, md5, a plain password, SCRAM over TLS where the server offers channel binding), and
+/// a wrong password is refused with the server's reason in the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn password_logins_stream_by_scram_md5_and_password_and_a_wrong_one_is_named(
+) -> anyhow::Result<()> {
+    const PASSWORD: &str = "Pa55-w0rd";
+    let cluster = Cluster::start().await?;
+    cluster
+        .sql("CREATE TABLE t_tls (id INT PRIMARY KEY, note TEXT)")
+        .await?;
+    let port = cluster.postgres.port;
+    let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/{DATABASE}");
+    let plain = cluster.config(&["public.t_tls"], "")?;
+    let config = with_url(&cluster, &plain, &url, "password.toml")?;
+    let js = cluster.jetstream().await?;
+    let mut count = 0;
+    // Each step connects by the method the step before set up.
+    for (method, stored) in [
+        ("scram-sha-256", "scram-sha-256"),
+        ("md5", "md5"),
+        ("password", "scram-sha-256"),
+    ] {
+        let client = walstream::postgres::connect(&url).await?;
+        client
+            .batch_execute(&format!(
+                "SET password_encryption = '{stored}'; \
+                 ALTER USER postgres PASSWORD '{PASSWORD}'"
+            ))
+            .await?;
+        set_hba(
+            &cluster,
+            &client,
+            // A logical replication connection names its database: `all` covers it, the
+            // `replication` keyword (physical replication) does not.
+            &format!("host all all 127.0.0.1/32 {method}\n"),
+            &url,
+        )
+        .await?;
+        let mut streamer = start_checked(&cluster, &config)?;
+        count += 1;
+        row_reaches_the_stream(&client, &js, count as i32, method, count).await?;
+        streamer.terminate(Duration::from_secs(30))?;
+    }
+
+    // A wrong password: the replication login says what the server said.
+    let wrong = with_url(
+        &cluster,
+        &plain,
+        &url.replace(PASSWORD, "not-it"),
+        "wrong.toml",
+    )?;
+    let target =
+        walstream::pipeline::source::ReplicationTarget::from_config(&Config::load(&wrong)?)?;
+    let refusal = match target.find_primary().await {
+        Ok(_) => anyhow::bail!("a wrong password logged in"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        refusal.contains("password authentication failed for user \"postgres\"")
+            && refusal.contains("28P01"),
+        "{refusal}"
+    );
+    let client = walstream::postgres::connect(&url).await?;
+
+    // Over TLS the server offers SCRAM with channel binding too; walstream verifies the server
+    // by its certificate and logs in without it.
+    let pki = pki(&cluster.dir.path().join("pki"), &["localhost"])?;
+    client
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; ALTER USER postgres PASSWORD 'Pa55-w0rd'",
+        )
+        .await?;
+    drop(client);
+    require_tls(&cluster, &pki, ClientAuth::Scram)?;
+    let tls_url = format!(
+        "postgres://postgres:{PASSWORD}@localhost:{port}/{DATABASE}?sslmode=verify-full&sslrootcert={}",
+        pki.ca.display()
+    );
+    let config = with_url(&cluster, &plain, &tls_url, "scram-tls.toml")?;
+    let mut streamer = start_checked(&cluster, &config)?;
+    let client = walstream::postgres::connect(&tls_url).await?;
+    row_reaches_the_stream(&client, &js, 4, "scram over tls", 4).await?;
+    streamer.terminate(Duration::from_secs(30))?;
     Ok(())
 }
 

@@ -756,8 +756,8 @@ pub fn parse_qualified_table(name: &str) -> Result<(&str, &str), String> {
     }
 }
 
-/// Slot and publication names: pgwire-replication sends them unquoted, so PostgreSQL would
-/// fold anything but lower-case letters, digits and `_`.
+/// Slot and publication names: PostgreSQL allows only these in a slot's name, and reads the
+/// publication names of START_REPLICATION as unquoted identifiers, folding upper case.
 fn check_identifier(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 63

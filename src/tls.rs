@@ -160,7 +160,8 @@ impl PostgresTls {
         self.mode != Mode::Disable
     }
 
-    /// The rustls client configuration of the normal connections.
+    /// The rustls client configuration of the normal connections and the replication
+    /// connection.
     pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let roots = Arc::new(self.roots()?);
@@ -188,19 +189,6 @@ impl PostgresTls {
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
             self.client_config()?,
         ))
-    }
-
-    /// The same settings for pgwire-replication.
-    pub fn replication(&self) -> pgwire_replication::TlsConfig {
-        let tls = match self.mode {
-            Mode::Disable => return pgwire_replication::TlsConfig::disabled(),
-            Mode::VerifyCa => pgwire_replication::TlsConfig::verify_ca(self.root_cert.clone()),
-            Mode::VerifyFull => pgwire_replication::TlsConfig::verify_full(self.root_cert.clone()),
-        };
-        match &self.client_cert {
-            Some((cert, key)) => tls.with_client_cert(cert, key),
-            None => tls,
-        }
     }
 
     fn roots(&self) -> anyhow::Result<RootCertStore> {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream;
 use futures::FutureExt;
-use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use prometheus::IntCounter;
 use tokio::sync::{broadcast, watch};
 
@@ -31,7 +30,7 @@ use crate::pipeline::history;
 use crate::pipeline::pgoutput::{self, Message, TupleData};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::sink::{PublishMode, Sink, StoredEvent, StreamFacts};
-use crate::pipeline::source::ReplicationTarget;
+use crate::pipeline::source::{ReplicationStream, ReplicationTarget, SessionError, WalMessage};
 use crate::pipeline::timeline::History;
 use crate::postgres::{self, HEARTBEAT_PREFIX};
 
@@ -87,15 +86,6 @@ fn report_other_publishers(tail: &history::StreamTail, stream_name: &str, metric
              stored before them (a duplicate, never a loss)"
         );
     }
-}
-
-/// pgwire-replication parses transaction boundaries and logical messages itself and hands them
-/// over as their own events; one passed through undecoded means the two disagree.
-fn undecoded(kind: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "pgwire-replication passed a {kind} message through undecoded; this walstream was built \
-         against a pgwire-replication that parses them itself"
-    )
 }
 
 /// Why walstream stops when its slot is gone, and what the operator can do.
@@ -420,12 +410,11 @@ impl Pipeline {
                     match end {
                         Ok(SessionEnd::Shutdown) => return self.drain_and_stop(Some(client)).await,
                         Ok(SessionEnd::Lost(reason)) => {
-                            client.abort();
+                            drop(client);
                             self.lost(format!("replication connection lost: {reason}"));
                         }
                         Err(error) => {
                             self.salvage(&client).await;
-                            client.abort();
                             return Err(error);
                         }
                     }
@@ -451,7 +440,7 @@ impl Pipeline {
     async fn open_session(
         &mut self,
         target: &ReplicationTarget,
-    ) -> anyhow::Result<Result<ReplicationClient, String>> {
+    ) -> anyhow::Result<Result<ReplicationStream, String>> {
         let primary = match target.find_primary().await {
             Ok(primary) => primary,
             Err(error) => {
@@ -624,7 +613,7 @@ impl Pipeline {
     }
 
     /// Reads the replication stream until shutdown or a lost connection.
-    async fn stream(&mut self, client: &mut ReplicationClient) -> anyhow::Result<SessionEnd> {
+    async fn stream(&mut self, client: &mut ReplicationStream) -> anyhow::Result<SessionEnd> {
         let mut last_received = Instant::now();
         let mut tick = tokio::time::interval(PERSIST_INTERVAL);
         // PostgreSQL had nothing ready at the last look.
@@ -672,8 +661,7 @@ impl Pipeline {
                 _ = tick.tick() => {}
                 // Last: only when PostgreSQL has nothing ready, so a fast-ingest batch ends
                 // with the burst that filled it, not before. Nothing ready may only mean the
-                // replication client's task has not read the socket yet: it gets one turn
-                // first.
+                // stream's reader task has not read the socket yet: it gets one turn first.
                 () = std::future::ready(()), if self.outlet.sink.burst_open() => {
                     if std::mem::replace(&mut quiet, true) {
                         self.outlet.sink.end_burst().await?;
@@ -690,14 +678,19 @@ impl Pipeline {
     /// stop.
     async fn receive(
         &mut self,
-        received: Result<Option<ReplicationEvent>, PgWireError>,
+        received: Result<Option<WalMessage>, SessionError>,
     ) -> anyhow::Result<Option<SessionEnd>> {
         match received {
-            Ok(Some(event)) => self.handle(event).await,
-            Ok(None) => Ok(Some(SessionEnd::Lost("the server ended the stream".into()))),
-            Err(error) if error.is_auth() => {
-                anyhow::bail!("PostgreSQL refused the replication login: {error}")
+            Ok(Some(WalMessage::Data(data))) => {
+                self.handle_pgoutput(&data).await?;
+                Ok(None)
             }
+            Ok(Some(WalMessage::KeepAlive { wal_end, .. })) => {
+                self.metrics.set_server_wal_end(wal_end.0);
+                self.idle_progress(wal_end);
+                Ok(None)
+            }
+            Ok(None) => Ok(Some(SessionEnd::Lost("the server ended the stream".into()))),
             Err(error) => Ok(Some(SessionEnd::Lost(error.to_string()))),
         }
     }
@@ -733,50 +726,6 @@ impl Pipeline {
             )),
             Err(_) => Some("receive watchdog: PostgreSQL did not answer within 10 s".into()),
         }
-    }
-
-    /// Handles one replication event; returns an end when the session must stop.
-    async fn handle(&mut self, event: ReplicationEvent) -> anyhow::Result<Option<SessionEnd>> {
-        match event {
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                self.metrics.set_server_wal_end(wal_end.0);
-                self.idle_progress(wal_end);
-            }
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid,
-                commit_time_micros,
-            } => {
-                self.tx = Some(Transaction::begin(
-                    xid,
-                    final_lsn,
-                    commit_time_micros,
-                    self.timeline(),
-                ))
-            }
-            ReplicationEvent::XLogData { data, .. } => self.handle_pgoutput(&data).await?,
-            ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn).await?,
-            ReplicationEvent::Message {
-                transactional,
-                lsn,
-                prefix,
-                content,
-            } => {
-                let message = pgoutput::LogicalMessage {
-                    transactional,
-                    lsn,
-                    prefix: &prefix,
-                    content: &content,
-                };
-                self.logical_message(&message).await?;
-            }
-            ReplicationEvent::StoppedAt { reached } => {
-                return Ok(Some(SessionEnd::Lost(format!(
-                    "stream stopped at {reached}"
-                ))))
-            }
-        }
-        Ok(None)
     }
 
     async fn commit(&mut self, end_lsn: Lsn) -> anyhow::Result<()> {
@@ -858,10 +807,17 @@ impl Pipeline {
                     .await?;
                 }
             }
+            Message::Begin(begin) => {
+                self.tx = Some(Transaction::begin(
+                    begin.xid,
+                    begin.final_lsn,
+                    begin.commit_time_micros,
+                    self.timeline(),
+                ))
+            }
+            Message::Commit(commit) => self.commit(commit.end_lsn).await?,
+            Message::LogicalMessage(message) => self.logical_message(&message).await?,
             Message::Origin(_) => {}
-            Message::Begin(_) => return Err(undecoded("Begin")),
-            Message::Commit(_) => return Err(undecoded("Commit")),
-            Message::LogicalMessage(_) => return Err(undecoded("logical")),
         }
         Ok(())
     }
@@ -1018,10 +974,10 @@ impl Pipeline {
 
     /// Starts writing acknowledged progress to RocksDB, and once a write has landed reports
     /// it to PostgreSQL.
-    fn persist_progress(&mut self, client: &ReplicationClient) -> anyhow::Result<()> {
+    fn persist_progress(&mut self, client: &ReplicationStream) -> anyhow::Result<()> {
         self.outlet.count_acks();
         if self.write_landed()? {
-            client.update_applied_lsn(self.confirmable());
+            client.confirm(self.confirmable());
         }
         // Before reading the clock: this runs after every turn of the stream's loop.
         if self.checkpoint_write.is_some() {
@@ -1039,7 +995,7 @@ impl Pipeline {
     }
 
     /// Writes every acknowledged position now, after the write under way; for stopping.
-    async fn persist_now(&mut self, client: Option<&ReplicationClient>) -> anyhow::Result<()> {
+    async fn persist_now(&mut self, client: Option<&ReplicationStream>) -> anyhow::Result<()> {
         if let Some(write) = self.checkpoint_write.take() {
             write
                 .await
@@ -1053,7 +1009,7 @@ impl Pipeline {
             self.mark_written();
         }
         if let Some(client) = client {
-            client.update_applied_lsn(self.confirmable());
+            client.confirm_now(self.confirmable());
         }
         Ok(())
     }
@@ -1094,7 +1050,7 @@ impl Pipeline {
 
     /// Before stopping on a fatal error: settle what is already in flight, so the checkpoint
     /// ends right before the event that failed.
-    async fn salvage(&mut self, client: &ReplicationClient) {
+    async fn salvage(&mut self, client: &ReplicationStream) {
         if tokio::time::timeout(Duration::from_secs(10), self.outlet.sink.flush())
             .await
             .is_ok()
@@ -1106,7 +1062,7 @@ impl Pipeline {
     }
 
     /// Graceful stop: drain acks, checkpoint, confirm to PostgreSQL, close the stream.
-    async fn drain_and_stop(&mut self, client: Option<ReplicationClient>) -> anyhow::Result<()> {
+    async fn drain_and_stop(&mut self, client: Option<ReplicationStream>) -> anyhow::Result<()> {
         tracing::info!(
             in_flight = self.outlet.sink.in_flight(),
             "stopping: draining outstanding acks"
@@ -1120,12 +1076,12 @@ impl Pipeline {
                 "acks still outstanding after {DRAIN_TIMEOUT:?}; unconfirmed events are re-sent at the next start"
             ),
         }
-        let Some(mut client) = client else {
+        let Some(client) = client else {
             return self.persist_now(None).await;
         };
         self.persist_now(Some(&client)).await?;
         self.wait_for_confirmation().await;
-        if let Err(error) = client.shutdown().await {
+        if let Err(error) = client.close().await {
             tracing::debug!("closing the replication stream: {error}");
         }
         tracing::info!(checkpoint = %self.outlet.progress.durable(), "stopped");

@@ -32,6 +32,14 @@ pub const HEADER_TX_LAST: &str = "Walstream-Tx-Last";
 /// count from.
 pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
+/// Now, in microseconds since PostgreSQL's epoch, as commit times and the replication
+/// protocol's clocks are given.
+pub fn pg_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64 - PG_EPOCH_UNIX_MICROS)
+}
+
 /// The transaction being decoded: what every one of its events shares, formatted once.
 #[derive(Debug, Clone)]
 pub struct Transaction {

@@ -11,7 +11,7 @@ pub mod replay;
 pub mod value;
 
 pub use encode::{
-    format_pg_timestamp, ColumnCountMismatch, EncodedEvent, Encoder, Transaction,
+    format_pg_timestamp, pg_micros_now, ColumnCountMismatch, EncodedEvent, Encoder, Transaction,
     HEADER_COMMIT_TIME, HEADER_LSN, HEADER_SEQ, HEADER_TIMELINE, HEADER_TX_LAST, HEADER_XID,
     PG_EPOCH_UNIX_MICROS,
 };

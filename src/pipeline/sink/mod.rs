@@ -48,7 +48,7 @@ use crate::config::{NatsConfig, TransactionMode};
 use crate::metrics::Metrics;
 use crate::nats::wire::{HeaderBlock, WriteHeaders, MESSAGE_ID};
 use crate::nats::{message_at, BatchSettings, Publisher};
-use crate::pipeline::event::{EncodedEvent, Position, PG_EPOCH_UNIX_MICROS};
+use crate::pipeline::event::{pg_micros_now, EncodedEvent, Position};
 use crate::pipeline::history::StreamTail;
 
 /// How long a stream may report an end before what JetStream acknowledged. A replica elected
@@ -1210,13 +1210,6 @@ fn write_batch_headers(
 
 fn headers_len(event: &EncodedEvent) -> usize {
     event.headers().wire_len()
-}
-
-/// Now, in microseconds since PostgreSQL's epoch (2000-01-01), as commit times are given.
-fn pg_micros_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64 - PG_EPOCH_UNIX_MICROS)
 }
 
 #[cfg(test)]

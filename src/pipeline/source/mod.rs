@@ -1,15 +1,25 @@
 //! The replication source: finds the primary among database.url's hosts, reads its timeline
-//! history, and opens the slot's stream over pgwire-replication with the session settings that
-//! make values decode the same way everywhere.
+//! history, and opens the slot's stream with the session settings that make values decode the
+//! same way everywhere.
 
+mod protocol;
+mod session;
+mod stream;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::pipeline::timeline::History;
+
+pub use protocol::WalMessage;
+pub use session::SessionError;
+pub use stream::ReplicationStream;
+
+use session::{Login, Row, Session};
 
 /// Pins how the walsender renders values: UTC, ISO dates and intervals, hex bytea, shortest
 /// exact floats. pgoutput formats text values with these session settings.
@@ -25,11 +35,11 @@ pub const SESSION_SETTINGS_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'I
 /// names, of which walstream streams from the one that is a primary.
 #[derive(Clone)]
 pub struct ReplicationTarget {
-    /// The session settings; its host and port are those of the host being tried.
-    config: ReplicationConfig,
+    login: Login,
     hosts: Vec<(String, u16)>,
-    user: String,
-    database: String,
+    slot: String,
+    publication: String,
+    status_interval: Duration,
     /// Make the slot a failover slot where it is not one yet.
     failover: bool,
 }
@@ -79,27 +89,24 @@ impl ReplicationTarget {
             .get_dbname()
             .map(str::to_owned)
             .unwrap_or_else(|| user.clone());
+        let tls = match tls.enabled() {
+            true => Some(Arc::new(tls.client_config()?)),
+            false => None,
+        };
         let repl = &config.replication;
-        let replication = ReplicationConfig::new(
-            hosts[0].0.clone(),
-            user.clone(),
-            password,
-            database.clone(),
-            repl.slot.clone(),
-            repl.publication.clone(),
-        )
-        .with_port(hosts[0].1)
-        .with_tls(tls.replication())
-        .with_options(SESSION_OPTIONS)
-        .with_application_name(format!("walstream:{}", repl.slot))
-        .with_status_interval(Duration::from_secs(repl.status_interval_secs))
-        .with_wakeup_interval(Duration::from_secs(repl.status_interval_secs.max(1)))
-        .with_buffer_size(8192);
         Ok(Self {
-            config: replication,
+            login: Login {
+                user,
+                password,
+                database,
+                application_name: format!("walstream:{}", repl.slot),
+                options: SESSION_OPTIONS,
+                tls,
+            },
             hosts,
-            user,
-            database,
+            slot: repl.slot.clone(),
+            publication: repl.publication.clone(),
+            status_interval: Duration::from_secs(repl.status_interval_secs),
             failover: repl.failover,
         })
     }
@@ -127,40 +134,45 @@ impl ReplicationTarget {
     /// The host's history when it is a primary, `None` when it is a standby.
     async fn probe(&self, host: usize) -> anyhow::Result<Option<History>> {
         let probe = async {
-            let mut client = ReplicationClient::connect_gated(self.for_host(host)).await?;
-            if first_value(client.simple_query("SELECT pg_is_in_recovery()").await?) == "t" {
-                return Ok(None);
-            }
-            let system = client.identify_system().await?;
-            let history = match system.timeline {
-                1 => History::first(1),
-                timeline => {
-                    let file = client.timeline_history(timeline).await?;
-                    History::parse(timeline, &String::from_utf8_lossy(&file.content))?
-                }
-            };
-            if self.failover {
-                self.make_failover_slot(&mut client).await?;
-            }
-            Ok::<_, anyhow::Error>(Some(history))
+            let mut session = self.connect(host).await?;
+            let answer = self.identify_primary(&mut session).await;
+            session.close().await;
+            answer
         };
         tokio::time::timeout(CONNECT_TIMEOUT, probe)
             .await
             .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?
     }
 
+    async fn identify_primary(&self, session: &mut Session) -> anyhow::Result<Option<History>> {
+        if first_value(session.simple_query("SELECT pg_is_in_recovery()").await?) == "t" {
+            return Ok(None);
+        }
+        let history = match session.timeline().await? {
+            1 => History::first(1),
+            timeline => {
+                let file = session.timeline_history(timeline).await?;
+                History::parse(timeline, &file)?
+            }
+        };
+        if self.failover {
+            self.make_failover_slot(session).await?;
+        }
+        Ok(Some(history))
+    }
+
     /// A slot created before `replication.failover` was turned on does not follow a failover
     /// until it is altered; the replication command does that (the slot must not be in use).
-    async fn make_failover_slot(&self, client: &mut ReplicationClient) -> anyhow::Result<()> {
-        let slot = &self.config.slot;
+    async fn make_failover_slot(&self, session: &mut Session) -> anyhow::Result<()> {
+        let slot = &self.slot;
         let query = format!(
             "SELECT failover FROM pg_replication_slots WHERE slot_name = {}",
             escape_literal(slot)
         );
-        if first_value(client.simple_query(&query).await?) != "f" {
+        if first_value(session.simple_query(&query).await?) != "f" {
             return Ok(());
         }
-        client
+        session
             .simple_query(&format!(
                 "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
                 escape_identifier(slot)
@@ -179,30 +191,25 @@ impl ReplicationTarget {
         primary: &Primary,
         start: Lsn,
         durable: Lsn,
-    ) -> anyhow::Result<ReplicationClient> {
-        let config = self
-            .for_host(primary.host)
-            .with_start_lsn(start)
-            .with_ack_lsn(durable);
+    ) -> anyhow::Result<ReplicationStream> {
         let display = self.display(primary.host);
         let connect = async {
-            let mut client = ReplicationClient::connect_gated(config).await?;
-            let timeline = client.identify_system().await?.timeline;
+            let mut session = self.connect(primary.host).await?;
+            let timeline = session.timeline().await?;
             if timeline != primary.history.current {
                 anyhow::bail!(
                     "the server moved from timeline {} to {timeline} while walstream connected",
                     primary.history.current
                 );
             }
-            client.start().await?;
-            client.wait_started().await?;
-            Ok(client)
+            let command = self.start_command(start);
+            Ok(ReplicationStream::start(session, &command, durable, self.status_interval).await?)
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(client)) => Ok(client),
+            Ok(Ok(stream)) => Ok(stream),
             Ok(Err(error)) => Err(anyhow::anyhow!(
                 "cannot start replication on {display} (slot {}): {error:#}",
-                self.config.slot
+                self.slot
             )),
             Err(_) => Err(anyhow::anyhow!(
                 "starting replication on {display} timed out after {CONNECT_TIMEOUT:?}"
@@ -210,15 +217,25 @@ impl ReplicationTarget {
         }
     }
 
-    fn for_host(&self, host: usize) -> ReplicationConfig {
-        let mut config = self.config.clone();
-        (config.host, config.port) = self.hosts[host].clone();
-        config
+    /// START_REPLICATION of the slot from `start`, with the messages that pgoutput's protocol
+    /// version 1 carries, logical messages included.
+    fn start_command(&self, start: Lsn) -> String {
+        format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', \
+             publication_names '{}', messages 'true')",
+            escape_identifier(&self.slot),
+            self.publication.replace('\'', "''"),
+        )
+    }
+
+    async fn connect(&self, host: usize) -> Result<Session, SessionError> {
+        let (name, port) = &self.hosts[host];
+        Session::connect(&self.login, name, *port).await
     }
 
     fn display(&self, host: usize) -> String {
         let (name, port) = &self.hosts[host];
-        format!("{}@{name}:{port}/{}", self.user, self.database)
+        format!("{}@{name}:{port}/{}", self.login.user, self.login.database)
     }
 
     /// Every host, for the log.
@@ -239,10 +256,9 @@ impl ReplicationTarget {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first column of the first row, as text (empty when there is none).
-fn first_value(rows: Vec<pgwire_replication::client::QueryRow>) -> String {
+fn first_value(rows: Vec<Row>) -> String {
     rows.into_iter()
         .next()
         .and_then(|row| row.into_iter().next().flatten())
-        .map(|value| String::from_utf8_lossy(&value).into_owned())
         .unwrap_or_default()
 }
