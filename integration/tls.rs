@@ -128,15 +128,8 @@ async fn set_hba(
     .await
 }
 
-/// Once walstream's slot is active, a row with `id` and `note` reaches the stream, as its
-/// `count`th message.
-async fn row_reaches_the_stream(
-    client: &tokio_postgres::Client,
-    js: &async_nats::jetstream::Context,
-    id: i32,
-    note: &str,
-    count: u64,
-) -> anyhow::Result<()> {
+/// Waits until walstream streams its slot, seen through `client`.
+async fn slot_active(client: &tokio_postgres::Client) -> anyhow::Result<()> {
     eventually(Duration::from_secs(30), "walstream streaming", || async {
         client
             .query_one(
@@ -146,7 +139,19 @@ async fn row_reaches_the_stream(
             .await
             .is_ok_and(|row| row.get::<_, i64>(0) == 1)
     })
-    .await?;
+    .await
+}
+
+/// Once walstream's slot is active, a row with `id` and `note` reaches the stream, as its
+/// `count`th message.
+async fn row_reaches_the_stream(
+    client: &tokio_postgres::Client,
+    js: &async_nats::jetstream::Context,
+    id: i32,
+    note: &str,
+    count: u64,
+) -> anyhow::Result<()> {
+    slot_active(client).await?;
     client
         .execute("INSERT INTO t_tls VALUES ($1, $2)", &[&id, &note])
         .await?;
@@ -175,16 +180,7 @@ async fn three_rows_reach_the_stream(
     js: &async_nats::jetstream::Context,
     note: &str,
 ) -> anyhow::Result<()> {
-    eventually(Duration::from_secs(30), "walstream streaming", || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walstream' AND active",
-                &[],
-            )
-            .await
-            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
-    })
-    .await?;
+    slot_active(client).await?;
     client
         .execute(
             "INSERT INTO t_tls SELECT g, $1 FROM generate_series(1, 3) g",
