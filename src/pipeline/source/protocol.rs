@@ -206,7 +206,35 @@ impl fmt::Display for ServerError {
 }
 
 #[cfg(test)]
+pub(super) mod capture {
+    //! Real bytes of a replication stream, for the tests of this module and of the reader.
+    use bytes::Bytes;
+
+    /// What PostgreSQL 18.4's walsender sent after CopyBothResponse for one committed INSERT
+    /// (`INSERT INTO t VALUES (1, 'real bytes')`), read off the socket of pg_recvlogical with
+    /// strace: a keepalive, XLogData holding Begin, Relation, Insert and Commit, a keepalive.
+    pub const CAPTURED: [&str; 6] = [
+        "64000000166b0000000001787cd80003050c7595603000",
+        "6400000032770000000001787cd80000000001787cd80003050c759561fc420000000001787dc00003050c759484af000002f3",
+        "640000004877000000000000000000000000000000000003050c75956252520000400a7075626c69630074006400020169640000000017ffffffff006e6f74650000000019ffffffff",
+        "640000003a770000000001787cd80000000001787cd80003050c7595626a490000400a4e0002740000000131740000000a7265616c206279746573",
+        "6400000037770000000001787df00000000001787df00003050c7595626e43000000000001787dc00000000001787df00003050c759484af",
+        "64000000166b0000000001787df00003050c7595628100",
+    ];
+
+    pub fn captured() -> Bytes {
+        let hex: String = CAPTURED.concat();
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect::<Vec<u8>>();
+        Bytes::from(bytes)
+    }
+}
+
+#[cfg(test)]
 mod tests {
+    use super::capture::captured;
     use super::*;
 
     /// The bytes of a backend message: tag, length word, body.
@@ -243,47 +271,80 @@ mod tests {
         ));
     }
 
-    /// An XLogData (holding a Begin) and a keepalive laid out as the streaming replication
-    /// protocol's documentation gives them; the integration suites read the real ones.
-    const XLOG_DATA: &[u8] = &[
-        b'w', 0, 0, 0, 0, 1, 0x6b, 0x37, 0x48, 0, 0, 0, 0, 1, 0x6b, 0x37, 0x48, 0, 2, 0xd4, 0x5e,
-        0x8a, 0x1c, 0x33, 0x10, b'B', 0, 0, 0, 0, 1, 0x6b, 0x38, 0x20, 0, 2, 0xd4, 0x5e, 0x8a,
-        0x1b, 0xf0, 0x01, 0, 0, 0x02, 0xe5,
-    ];
-    const KEEPALIVE: &[u8] = &[
-        b'k', 0, 0, 0, 0, 1, 0x6b, 0x38, 0x58, 0, 2, 0xd4, 0x5e, 0x8a, 0x1c, 0x40, 0x00, 1,
-    ];
-
-    #[test]
-    fn xlog_data_carries_the_pgoutput_message() {
-        let WalMessage::Data(data) = decode_copy_data(Bytes::from_static(XLOG_DATA)).unwrap()
-        else {
-            panic!("not data");
-        };
-        assert_eq!(data[0], b'B');
-        assert_eq!(data.len(), XLOG_DATA.len() - XLOG_DATA_HEADER);
+    /// Every message of the capture, in order, decoded.
+    fn decoded_capture() -> Vec<WalMessage> {
+        let mut stream = captured();
+        let mut messages = Vec::new();
+        while let Some(frame) = Frame::peek(&stream).unwrap() {
+            assert_eq!(frame.tag, tag::COPY_DATA);
+            messages.push(decode_copy_data(frame.take_body(&mut stream)).unwrap());
+        }
+        assert!(stream.is_empty());
+        messages
     }
 
     #[test]
-    fn keepalives_tell_the_wal_end_and_whether_to_answer() {
-        let decoded = decode_copy_data(Bytes::from_static(KEEPALIVE)).unwrap();
+    fn a_captured_stream_decodes_into_keepalives_and_pgoutput_messages() {
+        use crate::pipeline::pgoutput::{self, Message};
+        let messages = decoded_capture();
+        assert_eq!(messages.len(), 6);
         assert_eq!(
-            decoded,
+            messages[0],
             WalMessage::KeepAlive {
-                wal_end: Lsn(0x16B3858),
-                reply_requested: true
+                wal_end: Lsn(0x1787CD8),
+                reply_requested: false
             }
         );
-        assert!(wants_reply(KEEPALIVE));
-        let mut quiet = KEEPALIVE.to_vec();
-        quiet[17] = 0;
-        assert!(!wants_reply(&quiet));
-        assert!(!wants_reply(XLOG_DATA));
+        let data: Vec<&Bytes> = messages[1..5]
+            .iter()
+            .map(|m| match m {
+                WalMessage::Data(data) => data,
+                other => panic!("not data: {other:?}"),
+            })
+            .collect();
+        let Message::Begin(begin) = pgoutput::decode(data[0]).unwrap() else {
+            panic!("not a Begin");
+        };
+        assert_eq!((begin.final_lsn, begin.xid), (Lsn(0x1787DC0), 755));
+        assert!(matches!(
+            pgoutput::decode(data[1]).unwrap(),
+            Message::Relation(_)
+        ));
+        assert!(matches!(
+            pgoutput::decode(data[2]).unwrap(),
+            Message::Insert(_)
+        ));
+        assert!(data[2].ends_with(b"real bytes"));
+        let Message::Commit(commit) = pgoutput::decode(data[3]).unwrap() else {
+            panic!("not a Commit");
+        };
+        assert_eq!(commit.end_lsn, Lsn(0x1787DF0));
+        assert_eq!(
+            messages[5],
+            WalMessage::KeepAlive {
+                wal_end: Lsn(0x1787DF0),
+                reply_requested: false
+            }
+        );
+    }
+
+    #[test]
+    fn only_a_keepalive_that_asks_wants_a_reply() {
+        let stream = captured();
+        let keepalive = &stream[HEADER_LEN..23];
+        assert!(!wants_reply(keepalive));
+        let mut asking = keepalive.to_vec();
+        asking[17] = 1;
+        assert!(wants_reply(&asking));
+        let begin = &stream[23 + HEADER_LEN..23 + 51];
+        assert!(!wants_reply(begin));
     }
 
     #[test]
     fn short_and_unknown_messages_are_errors() {
-        for body in [&XLOG_DATA[..10], &KEEPALIVE[..17], b"", b"x123"] {
+        let stream = captured();
+        let (keepalive, xlog_data) = (&stream[HEADER_LEN..23], &stream[23 + HEADER_LEN..23 + 51]);
+        for body in [&xlog_data[..10], &keepalive[..17], b"", b"x123"] {
             assert!(
                 decode_copy_data(Bytes::copy_from_slice(body)).is_err(),
                 "{body:?}"

@@ -52,6 +52,22 @@ impl ReplicationStream {
         status_interval: Duration,
     ) -> Result<ReplicationStream, SessionError> {
         session.start_replication(command).await?;
+        Ok(Self::over(
+            session.link,
+            session.input,
+            confirmed,
+            status_interval,
+        ))
+    }
+
+    /// Streams over `link`, once the server streams on it; `input` holds what was read of it
+    /// already.
+    fn over(
+        link: Box<dyn Link>,
+        input: BytesMut,
+        confirmed: Lsn,
+        status_interval: Duration,
+    ) -> ReplicationStream {
         let shared = Arc::new(Shared {
             confirmed: AtomicU64::new(confirmed.0),
             report_now: Notify::new(),
@@ -59,20 +75,20 @@ impl ReplicationStream {
         let (handed, reads) = mpsc::channel(READS_IN_FLIGHT);
         let (stop, stopped) = oneshot::channel();
         let reader = Reader {
-            link: session.link,
-            input: session.input,
+            link,
+            input,
             output: BytesMut::new(),
             shared: shared.clone(),
             status_interval,
             handed,
         };
-        Ok(ReplicationStream {
+        ReplicationStream {
             reads,
             pending: Bytes::new(),
             shared,
             stop: Some(stop),
             reader: tokio::spawn(reader.run(stopped)),
-        })
+        }
     }
 
     /// The walsender's next message; `None` once the reader has stopped. Cancel-safe: a
@@ -302,5 +318,109 @@ impl Reader {
         self.link.flush().await?;
         self.output.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::pipeline::source::protocol::capture::captured;
+
+    /// The next status update the reader wrote: the position it confirms.
+    async fn next_status_update(server: &mut DuplexStream) -> Lsn {
+        let mut frame = [0; 39];
+        let read = tokio::time::timeout(Duration::from_secs(10), server.read_exact(&mut frame));
+        read.await.expect("a status update within 10 s").unwrap();
+        assert_eq!(&frame[..6], &[b'd', 0, 0, 0, 38, b'r']);
+        Lsn(u64::from_be_bytes(frame[6..14].try_into().unwrap()))
+    }
+
+    /// The captured stream, written in pieces cut anywhere (inside headers too), arrives as
+    /// the same messages; keepalives asking for it get a status update at once, with what the
+    /// driver confirmed; closing confirms, ends the stream and terminates the session.
+    #[tokio::test]
+    async fn messages_cut_anywhere_arrive_whole_and_keepalives_are_answered() {
+        let bytes = captured();
+        let expected = {
+            let mut all = bytes.clone();
+            let mut messages = Vec::new();
+            while let Some(frame) = Frame::peek(&all).unwrap() {
+                messages.push(protocol::decode_copy_data(frame.take_body(&mut all)).unwrap());
+            }
+            messages
+        };
+        for cut in [1, 2, 3, 5, 7, 64, bytes.len()] {
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            let mut stream = ReplicationStream::over(
+                Box::new(client),
+                BytesMut::new(),
+                Lsn(7),
+                Duration::from_secs(3600),
+            );
+            // A standby's first status update goes out at once.
+            assert_eq!(next_status_update(&mut server).await, Lsn(7));
+            // The reader takes each piece before the next is written: a read that ends
+            // inside a message.
+            for piece in bytes.chunks(cut) {
+                server.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            let mut received = Vec::new();
+            while received.len() < expected.len() {
+                received.push(stream.recv().await.unwrap().unwrap());
+            }
+            assert_eq!(received, expected, "cut every {cut} bytes");
+
+            stream.confirm(Lsn(0x1787DF0));
+            let mut asking = bytes[..23].to_vec();
+            asking[22] = 1;
+            server.write_all(&asking).await.unwrap();
+            assert_eq!(next_status_update(&mut server).await, Lsn(0x1787DF0));
+            assert!(matches!(
+                stream.recv().await.unwrap(),
+                Some(WalMessage::KeepAlive {
+                    reply_requested: true,
+                    ..
+                })
+            ));
+
+            stream.close().await.unwrap();
+            assert_eq!(next_status_update(&mut server).await, Lsn(0x1787DF0));
+            let mut ending = Vec::new();
+            server.read_to_end(&mut ending).await.unwrap();
+            assert_eq!(ending, [b'c', 0, 0, 0, 4, b'X', 0, 0, 0, 4]);
+        }
+    }
+
+    /// An ErrorResponse ends the stream with the server's words, after the messages before it.
+    #[tokio::test]
+    async fn a_server_error_ends_the_stream_with_its_words() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut stream = ReplicationStream::over(
+            Box::new(client),
+            BytesMut::new(),
+            Lsn(0),
+            Duration::from_secs(3600),
+        );
+        let mut bytes = captured()[..23].to_vec();
+        let body =
+            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
+        bytes.push(b'E');
+        bytes.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        bytes.extend_from_slice(body);
+        server.write_all(&bytes).await.unwrap();
+        let error = loop {
+            match stream.recv().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("ended without the error"),
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(
+            error.to_string(),
+            "FATAL: terminating connection due to administrator command (SQLSTATE 57P01)"
+        );
     }
 }
