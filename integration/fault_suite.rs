@@ -263,8 +263,10 @@ fn seed() -> u64 {
 
 /// The servers, the two cuttable links, walstream's checkpoint disk, and walstream.
 struct Chaos {
-    cluster: Cluster,
+    /// First, as fields drop in order: unmounted before the cluster's directory is removed,
+    /// which fails on a mounted disk and then leaves the whole directory behind.
     disk: Option<Tmpfs>,
+    cluster: Cluster,
     postgres_link: Blackhole,
     nats_link: Blackhole,
     walstream: Supervised,
