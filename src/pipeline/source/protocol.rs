@@ -83,6 +83,8 @@ pub enum WalMessage {
 const XLOG_DATA_HEADER: usize = 1 + 8 + 8 + 8;
 /// Primary keepalive: `k`, the WAL's end, the server's clock, the reply flag.
 const KEEPALIVE_LEN: usize = 1 + 8 + 8 + 1;
+/// Where a keepalive's reply flag is.
+const REPLY_FLAG: usize = KEEPALIVE_LEN - 1;
 
 /// Decodes a CopyData body of the replication stream.
 pub fn decode_copy_data(mut body: Bytes) -> Result<WalMessage, ProtocolError> {
@@ -93,7 +95,7 @@ pub fn decode_copy_data(mut body: Bytes) -> Result<WalMessage, ProtocolError> {
         }
         Some(b'k') if body.len() >= KEEPALIVE_LEN => Ok(WalMessage::KeepAlive {
             wal_end: Lsn(u64::from_be_bytes(word(&body[1..9]))),
-            reply_requested: body[17] != 0,
+            reply_requested: body[REPLY_FLAG] != 0,
         }),
         Some(b'w') => Err(truncated("XLogData", &body)),
         Some(b'k') => Err(truncated("keepalive", &body)),
@@ -104,7 +106,7 @@ pub fn decode_copy_data(mut body: Bytes) -> Result<WalMessage, ProtocolError> {
 
 /// Whether a CopyData body is a keepalive that asks for an answer at once.
 pub fn wants_reply(body: &[u8]) -> bool {
-    body.len() >= KEEPALIVE_LEN && body[0] == b'k' && body[17] != 0
+    body.len() >= KEEPALIVE_LEN && body[0] == b'k' && body[REPLY_FLAG] != 0
 }
 
 fn truncated(kind: &'static str, body: &[u8]) -> ProtocolError {

@@ -294,8 +294,7 @@ impl Reader {
 
     /// A standby status update with what the driver confirmed.
     async fn report(&mut self, next_status: &mut Instant) -> Result<(), SessionError> {
-        let confirmed = Lsn(self.shared.confirmed.load(Ordering::Relaxed));
-        protocol::status_update(confirmed, pg_micros_now(), &mut self.output);
+        self.queue_status_update();
         self.send().await?;
         *next_status = Instant::now() + self.status_interval;
         Ok(())
@@ -303,14 +302,18 @@ impl Reader {
 
     /// Stopping: the last status update, CopyDone, Terminate.
     async fn finish(&mut self) {
-        let confirmed = Lsn(self.shared.confirmed.load(Ordering::Relaxed));
-        protocol::status_update(confirmed, pg_micros_now(), &mut self.output);
+        self.queue_status_update();
         protocol::copy_done(&mut self.output);
         frontend::terminate(&mut self.output);
         if let Err(error) = self.send().await {
             tracing::debug!("closing the replication stream: {error}");
         }
         let _ = self.link.shutdown().await;
+    }
+
+    fn queue_status_update(&mut self) {
+        let confirmed = Lsn(self.shared.confirmed.load(Ordering::Relaxed));
+        protocol::status_update(confirmed, pg_micros_now(), &mut self.output);
     }
 
     async fn send(&mut self) -> Result<(), SessionError> {
@@ -327,6 +330,18 @@ mod tests {
 
     use super::*;
     use crate::pipeline::source::protocol::capture::captured;
+
+    /// A stream over an in-memory link confirming `confirmed`, and the server's end of it.
+    fn over_memory(confirmed: Lsn) -> (ReplicationStream, DuplexStream) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let stream = ReplicationStream::over(
+            Box::new(client),
+            BytesMut::new(),
+            confirmed,
+            Duration::from_secs(3600),
+        );
+        (stream, server)
+    }
 
     /// The next status update the reader wrote: the position it confirms.
     async fn next_status_update(server: &mut DuplexStream) -> Lsn {
@@ -352,13 +367,7 @@ mod tests {
             messages
         };
         for cut in [1, 2, 3, 5, 7, 64, bytes.len()] {
-            let (client, mut server) = tokio::io::duplex(1 << 16);
-            let mut stream = ReplicationStream::over(
-                Box::new(client),
-                BytesMut::new(),
-                Lsn(7),
-                Duration::from_secs(3600),
-            );
+            let (mut stream, mut server) = over_memory(Lsn(7));
             // A standby's first status update goes out at once.
             assert_eq!(next_status_update(&mut server).await, Lsn(7));
             // The reader takes each piece before the next is written: a read that ends
@@ -397,13 +406,7 @@ mod tests {
     /// An ErrorResponse ends the stream with the server's words, after the messages before it.
     #[tokio::test]
     async fn a_server_error_ends_the_stream_with_its_words() {
-        let (client, mut server) = tokio::io::duplex(1 << 16);
-        let mut stream = ReplicationStream::over(
-            Box::new(client),
-            BytesMut::new(),
-            Lsn(0),
-            Duration::from_secs(3600),
-        );
+        let (mut stream, mut server) = over_memory(Lsn(0));
         let mut bytes = captured()[..23].to_vec();
         let body =
             b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
