@@ -302,25 +302,99 @@ impl Stored {
     }
 }
 
-/// Reads every message of the stream in order. A consumer that goes quiet before the end (a
-/// JetStream cluster moving its leader) is recreated from the next sequence, a few times.
+/// Reads every message of the stream in order. When a consumer goes quiet before the end (a
+/// JetStream cluster whose nodes just came back, still electing or catching up), the next
+/// messages are read one by one from the stream leader, then a consumer is tried again, until
+/// [`READ_PATIENCE`] has passed; each stall is reported with what the stream said of its
+/// cluster then.
 pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>> {
-    let (stream, last) = open_stream(js).await?;
+    let (mut stream, last) = open_stream(js).await?;
+    let deadline = Instant::now() + READ_PATIENCE;
     let mut out = Vec::new();
     let mut next = 1;
-    let mut attempts = 0;
+    let mut stalled = false;
     while next <= last {
-        attempts += 1;
-        match read_from(&stream, next, last, &mut out).await {
-            Ok(()) => break,
-            Err(error) if attempts < 4 => {
-                eprintln!("reading the stream from {next} again: {error:#}");
-                next = out.last().map_or(1, |m: &Stored| m.sequence + 1);
+        let by_sequence_to = last.min(next + BY_SEQUENCE - 1);
+        let read = if stalled {
+            read_by_sequence(&stream, next, by_sequence_to, &mut out).await
+        } else {
+            read_from(&stream, next, last, &mut out).await
+        };
+        let reached = out.last().map_or(1, |m: &Stored| m.sequence + 1);
+        let read = match read {
+            Ok(()) if reached == next && !stalled => {
+                Err(anyhow::anyhow!("the consumer ended without a message"))
             }
-            Err(error) => return Err(error),
+            read => read,
+        };
+        match read {
+            // Past the messages read by sequence even where the stream holds none.
+            Ok(()) if stalled => {
+                stalled = false;
+                next = by_sequence_to + 1;
+                continue;
+            }
+            Ok(()) => {}
+            Err(error) if Instant::now() < deadline => {
+                eprintln!(
+                    "reading the stream from {next} again: {error:#}; {}",
+                    cluster_state(&mut stream).await
+                );
+                stalled = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => {
+                let state = cluster_state(&mut stream).await;
+                return Err(error.context(format!(
+                    "reading from sequence {next} of {last} for {READ_PATIENCE:?}; {state}"
+                )));
+            }
         }
+        next = reached.max(next);
     }
     Ok(out)
+}
+
+/// How many messages are read one by one after a consumer stalled, before a consumer is
+/// tried again.
+const BY_SEQUENCE: u64 = 2_000;
+
+/// How long [`read_stream`] keeps recreating a consumer that stalls. A three-node cluster
+/// that lost its quorum and got it back took over 40 s to deliver from its stream again in
+/// one CI run (nats-server 2.9).
+const READ_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The stream's end and its cluster's leader and replicas as the stream reports them now.
+async fn cluster_state(stream: &mut jetstream::stream::Stream) -> String {
+    match stream.info().await {
+        Ok(info) => {
+            let cluster = info.cluster.as_ref().map_or_else(
+                || "no cluster".to_owned(),
+                |cluster| {
+                    let replicas: Vec<String> = cluster
+                        .replicas
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "{} (current: {}, lag {:?}, offline: {})",
+                                r.name, r.current, r.lag, r.offline
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "leader {:?}, replicas [{}]",
+                        cluster.leader,
+                        replicas.join(", ")
+                    )
+                },
+            );
+            format!(
+                "the stream holds {} messages up to sequence {}, {cluster}",
+                info.state.messages, info.state.last_sequence
+            )
+        }
+        Err(error) => format!("the stream's info: {error}"),
+    }
 }
 
 /// The stream and its last sequence, retried for a while: a JetStream cluster whose nodes just
@@ -366,32 +440,76 @@ async fn read_from(
         .context("timed out reading the stream")?
     {
         let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let sequence = info.stream_sequence;
+        let sequence = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
         let headers = message.headers.clone().unwrap_or_default();
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        out.push(Stored {
+        out.push(stored(
             sequence,
-            subject: message.subject.to_string(),
-            message_id: header("Nats-Msg-Id"),
-            lsn: header("Walstream-Lsn"),
-            seq: header("Walstream-Seq").parse().unwrap_or(u64::MAX),
-            commit_time: header("Walstream-Commit-Time"),
-            xid: header("Walstream-Xid"),
-            body: serde_json::from_slice(&message.payload)
-                .with_context(|| format!("message {sequence} is not JSON"))?,
+            &message.subject,
             headers,
-        });
+            &message.payload,
+        )?);
         if sequence >= last {
             break;
         }
     }
     Ok(())
+}
+
+/// Appends the messages from `first` through `last` to `out`, each asked of the stream leader
+/// by its sequence; a sequence the stream does not hold is passed over.
+async fn read_by_sequence(
+    stream: &jetstream::stream::Stream,
+    first: u64,
+    last: u64,
+    out: &mut Vec<Stored>,
+) -> anyhow::Result<()> {
+    for sequence in first..=last {
+        let message = tokio::time::timeout(
+            Duration::from_secs(5),
+            walstream::nats::message_at(stream, sequence),
+        )
+        .await
+        .with_context(|| format!("timed out reading message {sequence}"))??;
+        if let Some(message) = message {
+            out.push(stored(
+                sequence,
+                &message.subject,
+                message.headers,
+                &message.payload,
+            )?);
+        }
+    }
+    Ok(())
+}
+
+/// One message as the tests look at it.
+fn stored(
+    sequence: u64,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    payload: &[u8],
+) -> anyhow::Result<Stored> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    Ok(Stored {
+        sequence,
+        subject: subject.to_owned(),
+        message_id: header("Nats-Msg-Id"),
+        lsn: header("Walstream-Lsn"),
+        seq: header("Walstream-Seq").parse().unwrap_or(u64::MAX),
+        commit_time: header("Walstream-Commit-Time"),
+        xid: header("Walstream-Xid"),
+        body: serde_json::from_slice(payload)
+            .with_context(|| format!("message {sequence} is not JSON"))?,
+        headers,
+    })
 }
 
 /// Waits until the stream holds at least `count` messages.
