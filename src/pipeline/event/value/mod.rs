@@ -197,49 +197,71 @@ pub fn write_string(out: &mut Vec<u8>, text: &[u8]) {
 
 /// Appends `bytes` with JSON's escapes; tells whether any of them is not ASCII.
 fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut clean_from = 0;
-    let mut index = 0;
     let mut seen = 0u64;
+    let mut clean_from = 0;
     loop {
-        // Text rarely needs escaping: eight bytes a step, up to the first byte that does.
-        while let Some(word) = bytes.get(index..).and_then(<[u8]>::first_chunk::<8>) {
-            let word = u64::from_le_bytes(*word);
-            seen |= word;
-            let clean = clean_prefix(word);
-            index += clean;
-            if clean < 8 {
-                break;
-            }
+        let end = clean_from + clean_run(&bytes[clean_from..], &mut seen);
+        out.extend_from_slice(&bytes[clean_from..end]);
+        let Some(&byte) = bytes.get(end) else {
+            // Every byte that needs escaping is ASCII, so the words read saw all the others.
+            return seen & HIGH_BITS != 0;
+        };
+        write_escape(out, byte);
+        clean_from = end + 1;
+    }
+}
+
+/// How many bytes `bytes` starts with that need no escaping, read eight at a time; every
+/// byte read is ORed into `seen`. Text rarely needs escaping, and a byte at a time was most of
+/// the cost of short values, so the last step reads the last eight bytes again (or, in a text
+/// shorter than eight, a copy padded with spaces).
+fn clean_run(bytes: &[u8], seen: &mut u64) -> usize {
+    let mut index = 0;
+    while let Some(word) = bytes.get(index..).and_then(<[u8]>::first_chunk::<8>) {
+        let word = u64::from_le_bytes(*word);
+        *seen |= word;
+        let clean = clean_prefix(word);
+        if clean < 8 {
+            return index + clean;
         }
-        let Some(&byte) = bytes.get(index) else {
-            break;
-        };
-        seen |= u64::from(byte);
-        index += 1;
-        let escape: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[clean_from..index - 1]);
-        clean_from = index;
-        if escape.is_empty() {
+        index += 8;
+    }
+    if index == bytes.len() {
+        return index;
+    }
+    // The bytes before the tail are clean, so the first mark of the last word is in it.
+    let (word, from) = match bytes.last_chunk::<8>() {
+        Some(last) => (u64::from_le_bytes(*last), bytes.len() - 8),
+        None => {
+            let mut padded = [b' '; 8];
+            padded[..bytes.len()].copy_from_slice(bytes);
+            (u64::from_le_bytes(padded), 0)
+        }
+    };
+    *seen |= word;
+    (from + clean_prefix(word)).min(bytes.len())
+}
+
+/// Appends JSON's escape for `byte`, one of those [`clean_prefix`] stops at.
+#[cold]
+fn write_escape(out: &mut Vec<u8>, byte: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let escape: &[u8] = match byte {
+        b'"' => b"\\\"",
+        b'\\' => b"\\\\",
+        b'\n' => b"\\n",
+        b'\r' => b"\\r",
+        b'\t' => b"\\t",
+        0x08 => b"\\b",
+        0x0c => b"\\f",
+        _ => {
             out.extend_from_slice(b"\\u00");
             out.push(HEX[usize::from(byte >> 4)]);
             out.push(HEX[usize::from(byte & 0xf)]);
-        } else {
-            out.extend_from_slice(escape);
+            return;
         }
-    }
-    out.extend_from_slice(&bytes[clean_from..]);
-    seen & HIGH_BITS != 0
+    };
+    out.extend_from_slice(escape);
 }
 
 const ONES: u64 = u64::from_le_bytes([1; 8]);
