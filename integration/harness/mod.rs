@@ -359,9 +359,9 @@ pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>>
 /// tried again.
 const BY_SEQUENCE: u64 = 2_000;
 
-/// How long [`read_stream`] keeps recreating a consumer that stalls. A three-node cluster
-/// that lost its quorum and got it back took over 40 s to deliver from its stream again in
-/// one CI run (nats-server 2.9).
+/// How long [`read_stream`] goes on past consumers that stall. After a three-node cluster
+/// lost its quorum and got it back, four consumers in a row delivered nothing for 10 s each in
+/// one CI run (nats-server 2.9), some with every replica current.
 const READ_PATIENCE: Duration = Duration::from_secs(120);
 
 /// The stream's end and its cluster's leader and replicas as the stream reports them now.
