@@ -321,12 +321,6 @@ pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<Vec<Stored>>
             read_from(&stream, next, last, &mut out).await
         };
         let reached = out.last().map_or(1, |m: &Stored| m.sequence + 1);
-        let read = match read {
-            Ok(()) if reached == next && !stalled => {
-                Err(anyhow::anyhow!("the consumer ended without a message"))
-            }
-            read => read,
-        };
         match read {
             // Past the messages read by sequence even where the stream holds none.
             Ok(()) if stalled => {
@@ -419,7 +413,8 @@ async fn open_stream(js: &jetstream::Context) -> anyhow::Result<(jetstream::stre
     }
 }
 
-/// Appends the stream's messages from `first` through `last` to `out`.
+/// Appends the stream's messages from `first` through `last` to `out`; an error unless it
+/// reached `last`.
 async fn read_from(
     stream: &jetstream::stream::Stream,
     first: u64,
@@ -452,10 +447,10 @@ async fn read_from(
             &message.payload,
         )?);
         if sequence >= last {
-            break;
+            return Ok(());
         }
     }
-    Ok(())
+    bail!("the consumer ended before sequence {last}")
 }
 
 /// Appends the messages from `first` through `last` to `out`, each asked of the stream leader

@@ -84,7 +84,7 @@ const XLOG_DATA_HEADER: usize = 1 + 8 + 8 + 8;
 /// Primary keepalive: `k`, the WAL's end, the server's clock, the reply flag.
 const KEEPALIVE_LEN: usize = 1 + 8 + 8 + 1;
 /// Where a keepalive's reply flag is.
-const REPLY_FLAG: usize = KEEPALIVE_LEN - 1;
+pub(super) const REPLY_FLAG: usize = KEEPALIVE_LEN - 1;
 
 /// Decodes a CopyData body of the replication stream.
 pub fn decode_copy_data(mut body: Bytes) -> Result<WalMessage, ProtocolError> {
@@ -224,6 +224,8 @@ pub(super) mod capture {
         "64000000166b0000000001787df00003050c7595628100",
     ];
 
+    use super::{decode_copy_data, tag, Frame, WalMessage};
+
     pub fn captured() -> Bytes {
         let hex: String = CAPTURED.concat();
         let bytes = (0..hex.len())
@@ -232,11 +234,35 @@ pub(super) mod capture {
             .collect::<Vec<u8>>();
         Bytes::from(bytes)
     }
+
+    /// The capture's CopyData bodies, in order: a keepalive, four XLogData, a keepalive.
+    pub fn bodies() -> Vec<Bytes> {
+        let mut stream = captured();
+        let mut bodies = Vec::new();
+        while let Some(frame) = Frame::peek(&stream).unwrap() {
+            assert_eq!(frame.tag, tag::COPY_DATA);
+            bodies.push(frame.take_body(&mut stream));
+        }
+        assert!(stream.is_empty());
+        bodies
+    }
+
+    /// The capture's first message, a keepalive, framed as it came.
+    pub fn first_message() -> Bytes {
+        captured().slice(..super::HEADER_LEN + bodies()[0].len())
+    }
+
+    /// Every message of the capture, in order, decoded.
+    pub fn messages() -> Vec<WalMessage> {
+        bodies()
+            .into_iter()
+            .map(|body| decode_copy_data(body).unwrap())
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::capture::captured;
     use super::*;
 
     /// The bytes of a backend message: tag, length word, body.
@@ -273,22 +299,10 @@ mod tests {
         ));
     }
 
-    /// Every message of the capture, in order, decoded.
-    fn decoded_capture() -> Vec<WalMessage> {
-        let mut stream = captured();
-        let mut messages = Vec::new();
-        while let Some(frame) = Frame::peek(&stream).unwrap() {
-            assert_eq!(frame.tag, tag::COPY_DATA);
-            messages.push(decode_copy_data(frame.take_body(&mut stream)).unwrap());
-        }
-        assert!(stream.is_empty());
-        messages
-    }
-
     #[test]
     fn a_captured_stream_decodes_into_keepalives_and_pgoutput_messages() {
         use crate::pipeline::pgoutput::{self, Message};
-        let messages = decoded_capture();
+        let messages = capture::messages();
         assert_eq!(messages.len(), 6);
         assert_eq!(
             messages[0],
@@ -332,20 +346,19 @@ mod tests {
 
     #[test]
     fn only_a_keepalive_that_asks_wants_a_reply() {
-        let stream = captured();
-        let keepalive = &stream[HEADER_LEN..23];
+        let bodies = capture::bodies();
+        let (keepalive, begin) = (&bodies[0], &bodies[1]);
         assert!(!wants_reply(keepalive));
         let mut asking = keepalive.to_vec();
-        asking[17] = 1;
+        asking[REPLY_FLAG] = 1;
         assert!(wants_reply(&asking));
-        let begin = &stream[23 + HEADER_LEN..23 + 51];
         assert!(!wants_reply(begin));
     }
 
     #[test]
     fn short_and_unknown_messages_are_errors() {
-        let stream = captured();
-        let (keepalive, xlog_data) = (&stream[HEADER_LEN..23], &stream[23 + HEADER_LEN..23 + 51]);
+        let bodies = capture::bodies();
+        let (keepalive, xlog_data) = (&bodies[0], &bodies[1]);
         for body in [&xlog_data[..10], &keepalive[..17], b"", b"x123"] {
             assert!(
                 decode_copy_data(Bytes::copy_from_slice(body)).is_err(),

@@ -329,7 +329,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
-    use crate::pipeline::source::protocol::capture::captured;
+    use crate::pipeline::source::protocol::capture;
 
     /// A stream over an in-memory link confirming `confirmed`, and the server's end of it.
     fn over_memory(confirmed: Lsn) -> (ReplicationStream, DuplexStream) {
@@ -357,15 +357,8 @@ mod tests {
     /// driver confirmed; closing confirms, ends the stream and terminates the session.
     #[tokio::test]
     async fn messages_cut_anywhere_arrive_whole_and_keepalives_are_answered() {
-        let bytes = captured();
-        let expected = {
-            let mut all = bytes.clone();
-            let mut messages = Vec::new();
-            while let Some(frame) = Frame::peek(&all).unwrap() {
-                messages.push(protocol::decode_copy_data(frame.take_body(&mut all)).unwrap());
-            }
-            messages
-        };
+        let bytes = capture::captured();
+        let expected = capture::messages();
         for cut in [1, 2, 3, 5, 7, 64, bytes.len()] {
             let (mut stream, mut server) = over_memory(Lsn(7));
             // A standby's first status update goes out at once.
@@ -383,8 +376,8 @@ mod tests {
             assert_eq!(received, expected, "cut every {cut} bytes");
 
             stream.confirm(Lsn(0x1787DF0));
-            let mut asking = bytes[..23].to_vec();
-            asking[22] = 1;
+            let mut asking = capture::first_message().to_vec();
+            asking[HEADER_LEN + protocol::REPLY_FLAG] = 1;
             server.write_all(&asking).await.unwrap();
             assert_eq!(next_status_update(&mut server).await, Lsn(0x1787DF0));
             assert!(matches!(
@@ -407,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn a_server_error_ends_the_stream_with_its_words() {
         let (mut stream, mut server) = over_memory(Lsn(0));
-        let mut bytes = captured()[..23].to_vec();
+        let mut bytes = capture::first_message().to_vec();
         let body =
             b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
         bytes.push(b'E');
