@@ -46,8 +46,24 @@ fn config_mistakes_are_named_and_never_panic() -> anyhow::Result<()> {
         );
         assert!(!all.contains("panicked"), "{config:?}: {all}");
     }
-    let missing = walstream(&["check"], &dir.path().join("nope.toml"))?;
-    assert!(text(&missing).contains("cannot read config file"));
+    let missing_path = dir.path().join("nope.toml");
+    let missing = text(&walstream(&["check"], &missing_path)?);
+    assert!(missing.contains("cannot read config file"), "{missing}");
+    // The reason the OS gave, once: the message carries it, so it is not also its source.
+    assert_eq!(
+        missing.matches("No such file or directory").count(),
+        1,
+        "{missing}"
+    );
+    // Where stderr cannot take the message (a full disk behind a log file), the exit is still
+    // the error's, not a panic's 101.
+    let unwritable = std::process::Command::new(walstream_binary())
+        .args(["check", "--config"])
+        .arg(&missing_path)
+        .env_remove("WALSTREAM_CONFIG")
+        .stderr(std::fs::OpenOptions::new().write(true).open("/dev/full")?)
+        .status()?;
+    assert_eq!(unwritable.code(), Some(1), "{unwritable}");
     Ok(())
 }
 

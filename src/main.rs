@@ -137,7 +137,7 @@ fn main() -> ExitCode {
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("walstream: cannot start the async runtime: {error}");
+            report(format_args!("cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
@@ -145,10 +145,18 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("walstream: {error:#}");
+            report(format_args!("{error:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints why walstream stops. Where stderr cannot take it (a full disk behind a log file, a
+/// closed pipe) the message is lost, but the exit stays the error's: `eprintln!` would panic
+/// and turn it into a crash (seen when a full disk stopped the checkpoint).
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "walstream: {message}");
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {

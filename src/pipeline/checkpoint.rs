@@ -12,21 +12,21 @@ const KEY_TIMELINE: &[u8] = b"timeline";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot open the checkpoint store at {path}: {source}. {hint}")]
+    #[error("cannot open the checkpoint store at {path}: {error}. {hint}")]
     Open {
         path: PathBuf,
-        source: rocksdb::Error,
+        error: rocksdb::Error,
         hint: &'static str,
     },
-    #[error("cannot read the checkpoint at {path}: {source}")]
+    #[error("cannot read the checkpoint at {path}: {error}")]
     Read {
         path: PathBuf,
-        source: rocksdb::Error,
+        error: rocksdb::Error,
     },
-    #[error("cannot write the checkpoint at {path}: {source} (is the disk full?)")]
+    #[error("cannot write the checkpoint at {path}: {error} (is the disk full?)")]
     Write {
         path: PathBuf,
-        source: rocksdb::Error,
+        error: rocksdb::Error,
     },
     #[error(
         "the checkpoint at {path} is corrupt: key `{key}` holds {len} bytes, expected {expected}"
@@ -53,10 +53,10 @@ impl Checkpoint {
         options.set_max_open_files(64);
         options.set_keep_log_file_num(2);
         options.set_write_buffer_size(1 << 20);
-        let db = rocksdb::DB::open(&options, path).map_err(|source| CheckpointError::Open {
+        let db = rocksdb::DB::open(&options, path).map_err(|error| CheckpointError::Open {
             path: path.to_owned(),
-            hint: open_hint(&source),
-            source,
+            hint: open_hint(&error),
+            error,
         })?;
         Ok(Self {
             db,
@@ -71,10 +71,10 @@ impl Checkpoint {
             return Ok(None);
         }
         let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), path, false)
-            .map_err(|source| CheckpointError::Open {
+            .map_err(|error| CheckpointError::Open {
                 path: path.to_owned(),
-                hint: open_hint(&source),
-                source,
+                hint: open_hint(&error),
+                error,
             })?;
         Ok(Some(Self {
             db,
@@ -115,9 +115,9 @@ impl Checkpoint {
         key: &[u8],
         name: &'static str,
     ) -> Result<Option<[u8; N]>, CheckpointError> {
-        let value = self.db.get(key).map_err(|source| CheckpointError::Read {
+        let value = self.db.get(key).map_err(|error| CheckpointError::Read {
             path: self.path.clone(),
-            source,
+            error,
         })?;
         value
             .map(|bytes| {
@@ -157,9 +157,9 @@ impl Checkpoint {
         write_options.set_sync(true);
         self.db
             .write_opt(batch, &write_options)
-            .map_err(|source| CheckpointError::Write {
+            .map_err(|error| CheckpointError::Write {
                 path: self.path.clone(),
-                source,
+                error,
             })
     }
 }
