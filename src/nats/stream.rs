@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
+use async_nats::jetstream::{self, stream, ErrorCode};
 
 use crate::config::{JetStreamConfig, StorageKind};
 
@@ -79,8 +80,8 @@ pub async fn ensure_stream(
             );
             js.update_stream(&wanted).await.map_err(|e| {
                 anyhow::anyhow!(
-                    "cannot update stream {name} to the configured settings: {e}. If its \
-                     subjects overlap another stream's, change nats.subject_prefix or routes"
+                    "cannot update stream {name} to the configured settings: {e}. {}",
+                    refusal_hint(refusal_code(&e), settings)
                 )
             })
         }
@@ -91,14 +92,48 @@ pub async fn ensure_stream(
                 .map(|s| s.cached_info().clone())
                 .map_err(|e| {
                     anyhow::anyhow!(
-                    "cannot create stream {name}: {e}. If its subjects overlap another stream's, \
-                     change nats.subject_prefix or routes; is JetStream enabled (nats-server -js)?"
-                )
+                        "cannot create stream {name}: {e}. {}",
+                        refusal_hint(refusal_code(&e), settings)
+                    )
                 })
         }
         Err(error) => Err(anyhow::anyhow!(
             "cannot look up stream {name}: {error}; is JetStream enabled (nats-server -js)?"
         )),
+    }
+}
+
+/// The JetStream error code of the server's refusal, when it gave one.
+fn refusal_code(error: &CreateStreamError) -> Option<ErrorCode> {
+    match error.kind() {
+        CreateStreamErrorKind::JetStream(error) => Some(error.error_code()),
+        _ => None,
+    }
+}
+
+/// What to do about the server refusing the stream, by its error code.
+fn refusal_hint(code: Option<ErrorCode>, settings: &JetStreamConfig) -> String {
+    let server_limit = match settings.storage {
+        StorageKind::File => "max_file_store, by default three quarters of the disk space free",
+        StorageKind::Memory => "max_memory_store, by default three quarters of the memory",
+    };
+    match code {
+        Some(ErrorCode::STORAGE_RESOURCES_EXCEEDED | ErrorCode::INSUFFICIENT_RESOURCES) => {
+            let wanted = match settings.max_bytes {
+                bytes if bytes > 0 => format!("nats.jetstream.max_bytes ({bytes} bytes)"),
+                _ => "the stream".to_owned(),
+            };
+            format!(
+                "The server's JetStream has no room for {wanted}: lower max_bytes, or give \
+                 the server more ({server_limit} when it started)"
+            )
+        }
+        Some(ErrorCode::STREAM_SUBJECT_OVERLAP) => {
+            "Its subjects overlap another stream's: change nats.subject_prefix or routes".to_owned()
+        }
+        _ => "If its subjects overlap another stream's, change nats.subject_prefix or routes; \
+              is JetStream enabled (nats-server -js)?"
+            .to_owned(),
     }
 }
 
@@ -143,5 +178,44 @@ fn is_no_message(error: &jetstream::stream::RawMessageError) -> bool {
             inner.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal as the server sends it (nats-server 2.9 on a disk with less free space than
+    /// three quarters of the stream's default max_bytes, seen in a test run).
+    fn refusal(err_code: u64, description: &str) -> CreateStreamError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 500, "err_code": err_code, "description": description
+        }))
+        .expect("the server's error object");
+        CreateStreamError::new(CreateStreamErrorKind::JetStream(error))
+    }
+
+    #[test]
+    fn a_server_without_room_for_the_stream_is_told_apart_from_an_overlap() {
+        let settings = JetStreamConfig::default();
+        let no_room = refusal(10047, "insufficient storage resources available");
+        let hint = refusal_hint(refusal_code(&no_room), &settings);
+        assert!(hint.contains("max_bytes (10737418240 bytes)"), "{hint}");
+        assert!(hint.contains("max_file_store"), "{hint}");
+        assert!(!hint.contains("overlap"), "{hint}");
+
+        let overlap = refusal(10065, "subjects overlap with an existing stream");
+        let hint = refusal_hint(refusal_code(&overlap), &settings);
+        assert!(hint.contains("nats.subject_prefix"), "{hint}");
+        assert!(!hint.contains("max_bytes"), "{hint}");
+
+        let unlimited = JetStreamConfig {
+            max_bytes: -1,
+            storage: StorageKind::Memory,
+            ..JetStreamConfig::default()
+        };
+        let hint = refusal_hint(refusal_code(&no_room), &unlimited);
+        assert!(hint.contains("no room for the stream"), "{hint}");
+        assert!(hint.contains("max_memory_store"), "{hint}");
     }
 }
