@@ -9,10 +9,14 @@ needs() {
 }
 
 # walstream_binary [PATH]: sets `binary` to the walstream build to profile (default: this
-# checkout's release build), and stops when there is none.
+# checkout's, built as `cargo bench` builds it, with the shipped build's settings, into the
+# release directory), and stops when there is none.
 walstream_binary() {
+  if [ -z "${1:-}" ]; then
+    cargo bench --locked --quiet --bench pipeline --no-run >&2
+  fi
   binary="$(realpath -m "${1:-${CARGO_TARGET_DIR:-target}/release/walstream}")"
-  [ -x "$binary" ] || { echo "$script: no walstream at $binary (cargo build --release, or name one)" >&2; exit 2; }
+  [ -x "$binary" ] || { echo "$script: no walstream at $binary (cargo bench --no-run, or name one)" >&2; exit 2; }
 }
 
 # work_dir [KEEP]: sets `work` to the directory for the run's files: KEEP when given (created,
