@@ -57,10 +57,7 @@ fn config_mistakes_are_named_and_never_panic() -> anyhow::Result<()> {
     );
     // Where stderr cannot take the message (a full disk behind a log file), the exit is still
     // the error's, not a panic's 101.
-    let unwritable = std::process::Command::new(walstream_binary())
-        .args(["check", "--config"])
-        .arg(&missing_path)
-        .env_remove("WALSTREAM_CONFIG")
+    let unwritable = walstream_command(&["check"], &missing_path)
         .stderr(std::fs::OpenOptions::new().write(true).open("/dev/full")?)
         .status()?;
     assert_eq!(unwritable.code(), Some(1), "{unwritable}");

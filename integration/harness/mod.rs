@@ -160,12 +160,18 @@ impl Drop for Cluster {
 
 /// Runs `walstream <args> --config <config>` to completion (a one-shot command).
 pub fn walstream(args: &[&str], config: &Path) -> anyhow::Result<std::process::Output> {
-    Ok(Command::new(walstream_binary())
+    Ok(walstream_command(args, config).output()?)
+}
+
+/// `walstream <args> --config <config>`, to be run as the test needs.
+pub fn walstream_command(args: &[&str], config: &Path) -> Command {
+    let mut command = Command::new(walstream_binary());
+    command
         .args(args)
         .arg("--config")
         .arg(config)
-        .env_remove("WALSTREAM_CONFIG")
-        .output()?)
+        .env_remove("WALSTREAM_CONFIG");
+    command
 }
 
 /// `walstream setup`: the publication and the slot.
